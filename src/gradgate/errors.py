@@ -1,0 +1,94 @@
+"""One exception family: every gradgate error is a ``GradgateError``.
+
+Each subclass also derives from the builtin exception a user would already
+catch, so ``except LookupError`` keeps working around a selector that matches
+nothing.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FingerprintMismatch",
+    "FrozenTensorChanged",
+    "GradgateError",
+    "InvalidArgumentError",
+    "NoMatchError",
+    "SharedParameterError",
+    "StaleWrapperError",
+]
+
+
+class GradgateError(Exception):
+    """Base class of every error raised by gradgate.
+
+    Example:
+        >>> import gradgate as gg
+        >>> issubclass(gg.NoMatchError, gg.GradgateError)
+        True
+    """
+
+
+class InvalidArgumentError(GradgateError, ValueError):
+    """An argument has a value outside the documented set.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> try:
+        ...     gg.freeze(torch.nn.Linear(2, 2), mode="evel")
+        ... except gg.InvalidArgumentError as e:
+        ...     print(e)
+        mode must be one of 'eval', 'keep'; got 'evel'
+    """
+
+
+class NoMatchError(GradgateError, LookupError):
+    """A selector matched no module or parameter of the model.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> try:
+        ...     gg.select(torch.nn.Sequential(torch.nn.Linear(2, 2)), "1")
+        ... except LookupError as e:
+        ...     print(type(e).__name__)
+        NoMatchError
+    """
+
+
+class SharedParameterError(GradgateError, ValueError):
+    """A parameter is shared by a module that would be frozen and one that would train.
+
+    Example:
+        >>> import gradgate as gg
+        >>> issubclass(gg.SharedParameterError, ValueError)
+        True
+    """
+
+
+class FrozenTensorChanged(GradgateError, RuntimeError):
+    """A tensor that ``guard`` watches as frozen changed.
+
+    Example:
+        >>> import gradgate as gg
+        >>> issubclass(gg.FrozenTensorChanged, RuntimeError)
+        True
+    """
+
+
+class FingerprintMismatch(GradgateError, ValueError):
+    """A checkpoint or cache was made for a different frozen base.
+
+    Example:
+        >>> import gradgate as gg
+        >>> issubclass(gg.FingerprintMismatch, ValueError)
+        True
+    """
+
+
+class StaleWrapperError(GradgateError, RuntimeError):
+    """A distributed wrapper was built for a trainable set that has since changed.
+
+    Example:
+        >>> import gradgate as gg
+        >>> issubclass(gg.StaleWrapperError, RuntimeError)
+        True
+    """

@@ -1,0 +1,476 @@
+"""freeze / unfreeze / train_only, sticky inference mode, and the undo handle."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+from torch import nn
+
+from .errors import GradgateError, InvalidArgumentError, SharedParameterError
+from .select import (
+    ModelIndex,
+    Selection,
+    Selector,
+    _owner,
+    _prefixes,
+    describe_selectors,
+    is_float,
+    resolve,
+)
+
+__all__ = [
+    "Freezing",
+    "freeze",
+    "is_sticky",
+    "named_trainable_parameters",
+    "train_only",
+    "trainable_parameters",
+    "unfreeze",
+]
+
+
+class Mode(enum.Enum):
+    """What happens to the train/eval mode of frozen modules."""
+
+    EVAL = "eval"
+    KEEP = "keep"
+
+
+class Shared(enum.Enum):
+    """Which side wins for a parameter shared by a frozen and a trainable module."""
+
+    FREEZE = "freeze"
+    TRAIN = "train"
+
+
+def _choice(kind: type[enum.Enum], name: str, value: object) -> Any:
+    """Turn a string option into its enum at once, naming the valid values."""
+    if isinstance(value, kind):
+        return value
+    for member in kind:
+        if member.value == value:
+            return member
+    valid = ", ".join(repr(m.value) for m in kind)
+    raise InvalidArgumentError(f"{name} must be one of {valid}; got {value!r}")
+
+
+class _StickyEval:
+    """Replaces a frozen module's ``train`` so that it stays in inference mode.
+
+    Stored on the module instance itself (the model is the only registry), so
+    it survives ``copy.deepcopy`` and ``torch.save``; children still receive
+    the requested mode and decide for themselves.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        module = self.module
+        module.training = False
+        for child in module.children():
+            child.train(mode)
+        return module
+
+
+def is_sticky(module: nn.Module) -> bool:
+    """Whether ``module`` is held in inference mode by a freeze.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> bn = torch.nn.BatchNorm1d(3)
+        >>> _ = gg.freeze(bn)
+        >>> gg.is_sticky(bn), bn.train().training
+        (True, False)
+    """
+    return isinstance(module.__dict__.get("train"), _StickyEval)
+
+
+def _set_sticky(module: nn.Module) -> None:
+    # Plain attribute writes: nn.Module.__setattr__ is slow on large trees.
+    module.__dict__["train"] = _StickyEval(module)
+    module.__dict__["training"] = False
+
+
+def _release(module: nn.Module) -> None:
+    module.__dict__.pop("train", None)
+
+
+class Freezing:
+    """The record of one freeze, unfreeze or train_only call.
+
+    Called plainly the change persists; ``undo()`` or leaving a ``with``
+    block restores the exact prior ``requires_grad`` of every parameter and
+    ``training`` (and stickiness) of every module, also on an exception.
+    Gradients cleared by a freeze are not restored.
+
+    Attributes:
+        action: ``"freeze"``, ``"unfreeze"`` or ``"train_only"``.
+        selection: what the selectors matched.
+        frozen: names of parameters this call froze.
+        unfrozen: names of parameters this call made trainable.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> with gg.freeze(net, "0"):
+        ...     net[0].weight.requires_grad
+        False
+        >>> net[0].weight.requires_grad
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        action: str,
+        selection: Selection,
+        prior_grad: list[tuple[nn.Parameter, bool]],
+        prior_modes: list[tuple[nn.Module, bool, object]],
+    ) -> None:
+        self.model = model
+        self.action = action
+        self.selection = selection
+        self._prior_grad = prior_grad
+        self._prior_modes = prior_modes
+        self.frozen: list[str] = []
+        self.unfrozen: list[str] = []
+        self._undone = False
+
+    def undo(self) -> None:
+        """Restore every ``requires_grad``, ``training`` flag and sticky mark.
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> h = gg.freeze(lin)
+            >>> h.undo(); lin.weight.requires_grad
+            True
+        """
+        for p, flag in self._prior_grad:
+            p.requires_grad_(flag)
+        for m, training, train_attr in self._prior_modes:
+            if train_attr is None:
+                _release(m)
+            else:
+                m.__dict__["train"] = train_attr
+            m.training = training
+        self._undone = True
+
+    def __enter__(self) -> Freezing:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return (
+            f"Freezing({self.action} {type(self.model).__name__}: "
+            f"{len(self.frozen)} frozen, {len(self.unfrozen)} unfrozen"
+            f"{', undone' if self._undone else ''})"
+        )
+
+
+def _snapshot(index: ModelIndex) -> tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool, object]]]:
+    grads = [(p, p.requires_grad) for p in index.params.values()]
+    modes = [
+        (m, m.training, m.__dict__.get("train"))
+        for _, m in index.unique_modules().values()
+    ]
+    return grads, modes
+
+
+def _check_shared(
+    index: ModelIndex,
+    sel: Selection,
+    action: str,
+    shared: Shared | None,
+    selectors: Sequence[object],
+) -> dict[int, bool]:
+    """Find tied parameters split across the selection boundary.
+
+    Returns the forced ``requires_grad`` for each such parameter (when
+    ``shared`` decides) and raises ``SharedParameterError`` otherwise.
+    """
+    forced: dict[int, bool] = {}
+    if not index.shared:
+        return forced
+    by_id: dict[int, list[str]] = {}
+    for name, p in index.aliases:
+        if id(p) in index.shared:
+            by_id.setdefault(id(p), []).append(name)
+    for key, names in by_id.items():
+        inside = [n for n in names if n in sel.aliases]
+        outside = [n for n in names if n not in sel.aliases]
+        if not inside or not outside:
+            continue
+        p = index.params[index.canonical[key]]
+        if action == "freeze" and not p.requires_grad:
+            continue
+        if action == "unfreeze" and p.requires_grad:
+            continue
+        if shared is not None:
+            forced[key] = shared is Shared.TRAIN
+            continue
+        want, other = {
+            "freeze": ("freeze", "trains"),
+            "unfreeze": ("unfreeze", "is frozen"),
+            "train_only": ("train", "would be frozen"),
+        }[action]
+        raise SharedParameterError(
+            f"parameter {index.canonical[key]!r} is shared: {action}("
+            f"{describe_selectors(selectors)}) would {want} it through "
+            f"{', '.join(repr(_owner(n) or '(root)') for n in inside)}, but "
+            f"{', '.join(repr(_owner(n) or '(root)') for n in outside)} {other}; "
+            "pass shared='freeze' or shared='train' to choose"
+        )
+    return forced
+
+
+def _trainable_owners(index: ModelIndex) -> set[str]:
+    """Paths of every module that holds a trainable parameter in its subtree."""
+    out: set[str] = set()
+    for name, p in index.aliases:
+        if p.requires_grad:
+            out.add(_owner(name))
+    for name in reversed(index.modules):
+        if name in out and name:
+            out.add(_owner(name))
+    return out
+
+
+def _apply(
+    model: nn.Module,
+    action: str,
+    selectors: Sequence[Selector],
+    exclude: Selector | None,
+    mode: object,
+    shared: object,
+) -> Freezing:
+    mode_e: Mode = _choice(Mode, "mode", mode)
+    shared_e: Shared | None = None if shared is None else _choice(Shared, "shared", shared)
+    index = ModelIndex(model)
+    sel = resolve(index, selectors, exclude)
+    forced = _check_shared(index, sel, action, shared_e, selectors)
+    prior_grad, prior_modes = _snapshot(index)
+    handle = Freezing(model, action, sel, prior_grad, prior_modes)
+    selected_ids = {id(p) for _, p in sel.named_parameters()}
+    try:
+        for name, p in index.params.items():
+            key = id(p)
+            if key in forced:
+                want = forced[key]
+            elif key in selected_ids:
+                want = action != "freeze"
+            elif action == "train_only":
+                want = False
+            else:
+                continue
+            want = want and is_float(p)
+            if want == p.requires_grad:
+                continue
+            p.requires_grad_(want)
+            if want:
+                handle.unfrozen.append(name)
+            else:
+                p.grad = None
+                handle.frozen.append(name)
+        _update_modes(index, sel, action, mode_e)
+    except BaseException as e:
+        handle.undo()
+        if isinstance(e, GradgateError):
+            raise
+        raise GradgateError(
+            f"error while running {action}({describe_selectors(selectors)}) on "
+            f"{type(model).__name__}: {e}"
+        ) from e
+    return handle
+
+
+def _update_modes(index: ModelIndex, sel: Selection, action: str, mode: Mode) -> None:
+    trains = _trainable_owners(index)
+    selected = set(sel.modules)
+    if action == "freeze":
+        candidates = selected
+    elif action == "train_only":
+        ancestors: set[str] = set()
+        for root in sel.roots:
+            ancestors.update(_prefixes(root))
+        for name in sel.aliases:
+            ancestors.update(_prefixes(_owner(name)))
+        candidates = {n for n in index.modules if n not in selected and n not in ancestors}
+    else:
+        candidates = set()
+    released: list[tuple[str, nn.Module]] = []
+    for name, module in index.modules.items():
+        sticky = is_sticky(module)
+        if name in trains or (action == "unfreeze" and name in selected):
+            if sticky:
+                _release(module)
+                released.append((name, module))
+        elif mode is Mode.EVAL and name in candidates and not sticky:
+            _set_sticky(module)
+    for name, module in sorted(released, key=lambda nm: nm[0].count(".") if nm[0] else -1):
+        if name:
+            parent = index.modules[_owner(name)]
+            module.training = parent.training
+
+
+def freeze(
+    model: nn.Module,
+    *selectors: Selector,
+    exclude: Selector | None = None,
+    mode: str = "eval",
+    shared: str | None = None,
+) -> Freezing:
+    """Freeze the selected parts of ``model`` (the whole model with no selector).
+
+    Selected parameters get ``requires_grad=False`` and ``grad=None`` (a zero
+    gradient is what lets momentum, Adam or weight decay move a frozen
+    weight). With ``mode="eval"`` every module left fully frozen stays in
+    inference mode (BatchNorm keeps its running statistics, Dropout is off)
+    even after a later ``model.train()``.
+
+    Args:
+        model: the model to change in place.
+        *selectors: what to freeze (see ``select``).
+        exclude: selectors that stay as they are.
+        mode: ``"eval"`` (sticky inference mode) or ``"keep"`` (leave modes).
+        shared: for a parameter tied between a frozen and a trainable module,
+            ``"freeze"`` or ``"train"``; ``None`` raises.
+
+    Returns:
+        A ``Freezing`` handle; use it as a context manager for a temporary freeze.
+
+    Raises:
+        NoMatchError: a selector matched nothing (the model is unchanged).
+        SharedParameterError: a tied parameter crosses the boundary.
+        InvalidArgumentError: ``mode`` or ``shared`` is not a valid value.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        >>> _ = gg.freeze(net, "1")
+        >>> net.train()[1].training, net[1].weight.requires_grad
+        (False, False)
+    """
+    return _apply(model, "freeze", selectors, exclude, mode, shared)
+
+
+def unfreeze(
+    model: nn.Module,
+    *selectors: Selector,
+    exclude: Selector | None = None,
+    shared: str | None = None,
+) -> Freezing:
+    """Make the selected parts trainable again (the whole model with no selector).
+
+    Unfreezing releases sticky inference mode: a released module follows its
+    parent's train/eval mode again. Integer parameters never train.
+
+    Args:
+        model: the model to change in place.
+        *selectors: what to unfreeze (see ``select``).
+        exclude: selectors that stay as they are.
+        shared: for a tied parameter whose other owner stays frozen,
+            ``"train"`` or ``"freeze"``; ``None`` raises.
+
+    Returns:
+        A ``Freezing`` handle.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> _ = gg.freeze(net)
+        >>> _ = gg.unfreeze(net, "1")
+        >>> [p.requires_grad for p in net.parameters()]
+        [False, False, True, True]
+    """
+    return _apply(model, "unfreeze", selectors, exclude, "eval", shared)
+
+
+def train_only(
+    model: nn.Module,
+    *selectors: Selector,
+    exclude: Selector | None = None,
+    mode: str = "eval",
+    shared: str | None = None,
+) -> Freezing:
+    """Make exactly the selection trainable and freeze everything else.
+
+    ``train_only(agent, "front_end")`` gives gradients only to the front-end;
+    gradients still flow *through* the frozen back-end to reach it.
+
+    Args:
+        model: the model to change in place.
+        *selectors: what trains (see ``select``).
+        exclude: selectors removed from what trains (they are frozen).
+        mode: ``"eval"`` (sticky inference mode for frozen modules) or ``"keep"``.
+        shared: as in ``freeze``.
+
+    Returns:
+        A ``Freezing`` handle.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> _ = gg.train_only(net, "0")
+        >>> [n for n, p in net.named_parameters() if p.requires_grad]
+        ['0.weight', '0.bias']
+    """
+    return _apply(model, "train_only", selectors, exclude, mode, shared)
+
+
+def named_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Yield ``(name, parameter)`` for each trainable parameter, tied ones once.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> _ = gg.freeze(lin, "bias")
+        >>> [n for n, _ in gg.named_trainable_parameters(lin)]
+        ['weight']
+    """
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            yield name, p
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Yield each trainable parameter once (what an optimizer should get).
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> _ = gg.freeze(lin, "bias")
+        >>> len(list(gg.trainable_parameters(lin)))
+        1
+    """
+    for _, p in named_trainable_parameters(model):
+        yield p
+
+
+def frozen_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Yield modules that hold no trainable parameter and are frozen.
+
+    A module counts as frozen when it is sticky, or when it has parameters
+    and none of them trains (however they were frozen).
+    """
+    index = ModelIndex(model)
+    trains = _trainable_owners(index)
+    has_params: set[str] = set()
+    for name, _ in index.aliases:
+        has_params.update(_prefixes(_owner(name)))
+    for name, module in index.unique_modules().values():
+        if name not in trains and (is_sticky(module) or name in has_params):
+            yield name, module
