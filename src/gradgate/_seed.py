@@ -53,7 +53,8 @@ class PolicyNetwork(nn.Module):
         self.fc2 = nn.Linear(hidden_size, output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.relu(self.fc1(x)))
+        out: torch.Tensor = self.fc2(self.relu(self.fc1(x)))
+        return out
 
 
 class Agent(nn.Module):
@@ -71,4 +72,5 @@ class Agent(nn.Module):
         self.back_end = PolicyNetwork(32 * 7 * 7, hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.back_end(self.front_end(x))
+        out: torch.Tensor = self.back_end(self.front_end(x))
+        return out

@@ -58,7 +58,7 @@ def run_demo(args: argparse.Namespace) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         print(
             f"epoch {epoch + 1}: loss {total / args.samples:.4f} "
             f"({time.perf_counter() - start:.2f} s)"

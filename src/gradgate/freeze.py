@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import gc
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -15,7 +17,6 @@ from .select import (
     Selection,
     Selector,
     _owner,
-    _prefixes,
     describe_selectors,
     is_float,
     resolve,
@@ -181,12 +182,11 @@ class Freezing:
         )
 
 
-def _snapshot(index: ModelIndex) -> tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool, object]]]:
+def _snapshot(
+    index: ModelIndex,
+) -> tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool, object]]]:
     grads = [(p, p.requires_grad) for p in index.params.values()]
-    modes = [
-        (m, m.training, m.__dict__.get("train"))
-        for _, m in index.unique_modules().values()
-    ]
+    modes = [(m, m.training, m.__dict__.get("train")) for m in index.modules.values()]
     return grads, modes
 
 
@@ -237,16 +237,33 @@ def _check_shared(
     return forced
 
 
-def _trainable_owners(index: ModelIndex) -> set[str]:
-    """Paths of every module that holds a trainable parameter in its subtree."""
-    out: set[str] = set()
-    for name, p in index.aliases:
+def trainable_flags(index: ModelIndex) -> list[bool]:
+    """For each module (by position), whether a trainable parameter lies under it."""
+    flags = [False] * len(index.names)
+    for (_, p), owner in zip(index.aliases, index.alias_owner):
         if p.requires_grad:
-            out.add(_owner(name))
-    for name in reversed(index.modules):
-        if name in out and name:
-            out.add(_owner(name))
-    return out
+            flags[owner] = True
+    parent = index.parent
+    for i in range(len(flags) - 1, 0, -1):
+        if flags[i]:
+            flags[parent[i]] = True
+    return flags
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while walking a large model.
+
+    A walk allocates many small containers; on a model with 10^5 tensors the
+    collector's repeated full scans cost more than the walk itself.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _apply(
@@ -259,6 +276,18 @@ def _apply(
 ) -> Freezing:
     mode_e: Mode = _choice(Mode, "mode", mode)
     shared_e: Shared | None = None if shared is None else _choice(Shared, "shared", shared)
+    with gc_paused():
+        return _apply_walk(model, action, selectors, exclude, mode_e, shared_e)
+
+
+def _apply_walk(
+    model: nn.Module,
+    action: str,
+    selectors: Sequence[Selector],
+    exclude: Selector | None,
+    mode_e: Mode,
+    shared_e: Shared | None,
+) -> Freezing:
     index = ModelIndex(model)
     sel = resolve(index, selectors, exclude)
     forced = _check_shared(index, sel, action, shared_e, selectors)
@@ -298,32 +327,37 @@ def _apply(
 
 
 def _update_modes(index: ModelIndex, sel: Selection, action: str, mode: Mode) -> None:
-    trains = _trainable_owners(index)
+    trains = trainable_flags(index)
     selected = set(sel.modules)
+    names, mods, parent = index.names, index.mods, index.parent
     if action == "freeze":
-        candidates = selected
+        candidate = [n in selected for n in names]
     elif action == "train_only":
-        ancestors: set[str] = set()
-        for root in sel.roots:
-            ancestors.update(_prefixes(root))
-        for name in sel.aliases:
-            ancestors.update(_prefixes(_owner(name)))
-        candidates = {n for n in index.modules if n not in selected and n not in ancestors}
+        ancestor = [False] * len(names)
+        position = index.position
+        marks = [position[r] for r in sel.roots]
+        marks += [
+            index.alias_owner[i] for i, (n, _) in enumerate(index.aliases) if n in sel.aliases
+        ]
+        for i in marks:
+            while i >= 0 and not ancestor[i]:
+                ancestor[i] = True
+                i = parent[i]
+        candidate = [not (n in selected or a) for n, a in zip(names, ancestor)]
     else:
-        candidates = set()
-    released: list[tuple[str, nn.Module]] = []
-    for name, module in index.modules.items():
+        candidate = [False] * len(names)
+    released: list[int] = []
+    for i, module in enumerate(mods):
         sticky = is_sticky(module)
-        if name in trains or (action == "unfreeze" and name in selected):
+        if trains[i] or (action == "unfreeze" and names[i] in selected):
             if sticky:
                 _release(module)
-                released.append((name, module))
-        elif mode is Mode.EVAL and name in candidates and not sticky:
+                released.append(i)
+        elif mode is Mode.EVAL and candidate[i] and not sticky:
             _set_sticky(module)
-    for name, module in sorted(released, key=lambda nm: nm[0].count(".") if nm[0] else -1):
-        if name:
-            parent = index.modules[_owner(name)]
-            module.training = parent.training
+    for i in released:  # pre-order: a parent is settled before its children
+        if i:
+            mods[i].training = mods[parent[i]].training
 
 
 def freeze(
@@ -465,12 +499,26 @@ def frozen_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
 
     A module counts as frozen when it is sticky, or when it has parameters
     and none of them trains (however they were frozen).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> _ = net[0].requires_grad_(False)
+        >>> [n for n, _ in frozen_modules(net)]
+        ['', '0']
     """
     index = ModelIndex(model)
-    trains = _trainable_owners(index)
-    has_params: set[str] = set()
-    for name, _ in index.aliases:
-        has_params.update(_prefixes(_owner(name)))
-    for name, module in index.unique_modules().values():
-        if name not in trains and (is_sticky(module) or name in has_params):
+    trains = trainable_flags(index)
+    has_params = [False] * len(index.names)
+    for owner in index.alias_owner:
+        has_params[owner] = True
+    for i in range(len(has_params) - 1, 0, -1):
+        if has_params[i]:
+            has_params[index.parent[i]] = True
+    seen: set[int] = set()
+    for i, (name, module) in enumerate(zip(index.names, index.mods)):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if not trains[i] and (is_sticky(module) or has_params[i]):
             yield name, module

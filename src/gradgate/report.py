@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError
-from .freeze import is_sticky
-from .select import ModelIndex, _owner, _prefixes
+from .freeze import gc_paused, is_sticky
+from .select import ModelIndex, _owner
 
 __all__ = ["GradReport", "Summary", "grad_report", "summary"]
 
@@ -25,8 +25,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: s
 
     def line(cells: Sequence[str]) -> str:
         out = [
-            c.rjust(widths[i]) if i in right else c.ljust(widths[i])
-            for i, c in enumerate(cells)
+            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)
         ]
         return "  ".join(out).rstrip()
 
@@ -135,39 +134,52 @@ def summary(model: nn.Module, depth: int = 2) -> Summary:
     """
     if not isinstance(depth, int) or depth < 0:
         raise InvalidArgumentError(f"depth must be a non-negative int; got {depth!r}")
+    with gc_paused():
+        return _summary(model, depth)
+
+
+def _summary(model: nn.Module, depth: int) -> Summary:
     index = ModelIndex(model)
-    shown = {n: m for n, m in index.modules.items() if (n.count(".") + 1 if n else 0) <= depth}
-    train = dict.fromkeys(shown, 0)
-    froz = dict.fromkeys(shown, 0)
-    seen: dict[str, set[int]] = {}
-    rows_of: dict[str, list[str]] = {}
-    for name, p in index.aliases:
+    names, parent = index.names, index.parent
+    level = [0] * len(names)
+    for i in range(1, len(names)):
+        level[i] = level[parent[i]] + 1
+    shown = [i for i, lv in enumerate(level) if lv <= depth]
+    train = [0] * len(names)
+    froz = [0] * len(names)
+    # Row each module's parameters count towards: its nearest shown ancestor
+    # and that one's ancestors (parents come before children in pre-order).
+    rows_of: list[tuple[int, ...]] = [()] * len(names)
+    for i in range(len(names)):
+        up = rows_of[parent[i]] if i else ()
+        rows_of[i] = (*up, i) if level[i] <= depth else up
+    seen: dict[int, set[int]] = {}
+    shared = index.shared
+    for (_, p), owner in zip(index.aliases, index.alias_owner):
         key = id(p)
         counts = train if p.requires_grad else froz
-        owner = _owner(name)
-        targets = rows_of.get(owner)
-        if targets is None:
-            targets = rows_of[owner] = [q for q in _prefixes(owner) if q in shown]
-        for prefix in targets:
-            if key in index.shared:
-                ids = seen.setdefault(prefix, set())
+        n = p.numel()
+        for row in rows_of[owner]:
+            if key in shared:
+                ids = seen.setdefault(row, set())
                 if key in ids:
                     continue
                 ids.add(key)
-            counts[prefix] += p.numel()
+            counts[row] += n
     rows = []
-    for name, module in shown.items():
+    for i in shown:
+        name, module = names[i], index.mods[i]
         sticky = is_sticky(module)
         mode = "eval (sticky)" if sticky else ("train" if module.training else "eval")
         rows.append(
             SummaryRow(
                 path=name or type(model).__name__,
                 type=type(module).__name__,
-                depth=name.count(".") + 1 if name else 0,
-                params=train[name] + froz[name],
-                trainable=train[name],
-                frozen=froz[name],
-                state=_state(train[name], froz[name], sticky),
+                depth=level[i],
+                params=train[i] + froz[i],
+                trainable=train[i],
+                frozen=froz[i],
+                state=_state(train[i], froz[i], sticky),
                 mode=mode,
             )
         )

@@ -21,7 +21,7 @@ from .errors import InvalidArgumentError, NoMatchError
 
 __all__ = ["Selection", "Selector", "select"]
 
-Selector = Union[
+Selector = Union[  # noqa: UP007 (recursive alias needs Union at runtime)
     str,
     nn.Module,
     nn.Parameter,
@@ -69,8 +69,9 @@ def _segment_regex(seg: str) -> str:
                 out.append(re.escape(c))
             else:
                 body = seg[i + 1 : end]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
+                if body[:1] in ("!", "^"):
+                    # A negated class must not cross a segment or a line.
+                    body = "^.\n" + body[1:]
                 out.append("[" + body.replace("\\", "\\\\") + "]")
                 i = end
         else:
@@ -122,34 +123,73 @@ class ModelIndex:
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
-            raise InvalidArgumentError(
-                f"expected a torch.nn.Module, got {type(model).__name__}"
-            )
+            raise InvalidArgumentError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.modules: dict[str, nn.Module] = {}
-        self.aliases: list[tuple[str, nn.Parameter]] = []
+        names: list[str] = []
+        mods: list[nn.Module] = []
+        parent: list[int] = []
+        aliases: list[tuple[str, nn.Parameter]] = []
+        alias_owner: list[int] = []
         # An explicit pre-order walk: the same order as named_modules /
-        # named_parameters(remove_duplicate=False), without nested generators.
-        stack: list[tuple[str, nn.Module]] = [("", model)]
+        # named_parameters(remove_duplicate=False), without nested generators,
+        # recording each module's parent and each parameter's owner by index.
+        stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
+        pop, push = stack.pop, stack.extend
         while stack:
-            name, mod = stack.pop()
-            self.modules[name] = mod
+            name, mod, up = pop()
+            i = len(names)
+            names.append(name)
+            mods.append(mod)
+            parent.append(up)
+            d = mod.__dict__
             dot = name + "." if name else ""
-            for pname, p in mod._parameters.items():
+            for pname, p in d["_parameters"].items():
                 if p is not None:
-                    self.aliases.append((dot + pname, p))  # type: ignore[arg-type]
-            children = [(dot + c, m) for c, m in mod._modules.items() if m is not None]
-            stack.extend(reversed(children))
+                    aliases.append((dot + pname, p))
+                    alias_owner.append(i)
+            kids = d["_modules"]
+            if kids:
+                push([(dot + c, m, i) for c, m in reversed(kids.items()) if m is not None])
+        self.names = names
+        self.mods = mods
+        self.parent = parent
+        self.aliases = aliases
+        self.alias_owner = alias_owner
+        self.modules: dict[str, nn.Module] = dict(zip(names, mods))
+        self.position: dict[str, int] = {n: i for i, n in enumerate(names)}
         self.canonical: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
         self.shared: set[int] = set()
-        for name, p in self.aliases:
+        self._module_text: str | None = None
+        self._alias_text: str | None = None
+        canonical, params, shared = self.canonical, self.params, self.shared
+        for name, p in aliases:
             key = id(p)
-            if key in self.canonical:
-                self.shared.add(key)
+            if key in canonical:
+                shared.add(key)
             else:
-                self.canonical[key] = name
-                self.params[name] = p
+                canonical[key] = name
+                params[name] = p
+
+    def subtree_flags(self, roots: set[str]) -> list[bool]:
+        """For each module (by position), whether it lies under one of ``roots``."""
+        inside = [False] * len(self.names)
+        parent = self.parent
+        for i, name in enumerate(self.names):
+            inside[i] = name in roots or (i > 0 and inside[parent[i]])
+        return inside
+
+    def module_text(self) -> str:
+        """Every module path but the root, one a line (for regex scans)."""
+        if self._module_text is None:
+            self._module_text = "\n".join(self.names[1:])
+        return self._module_text
+
+    def alias_text(self) -> str:
+        """Every parameter alias, one a line (for regex scans)."""
+        if self._alias_text is None:
+            self._alias_text = "\n".join(n for n, _ in self.aliases)
+        return self._alias_text
 
     def unique_modules(self) -> dict[int, tuple[str, nn.Module]]:
         """Map ``id(module)`` to its first path and the module."""
@@ -193,7 +233,10 @@ def _suggest(index: ModelIndex, selector: object) -> str:
         text = selector[3:] if selector.startswith("re:") else selector
         tails = [n for n in names if n.endswith("." + text)]
         if tails and not selector.startswith("re:"):
-            return f"; names are anchored at the root: did you mean '**.{text}' (matches {tails[0]!r})?"
+            return (
+                f"; names are anchored at the root: did you mean '**.{text}' "
+                f"(matches {tails[0]!r})?"
+            )
         pool = names if len(names) <= 20000 else [n for n in names if "." not in n]
         close = difflib.get_close_matches(text, pool, n=5, cutoff=0.5)
         if close:
@@ -216,18 +259,17 @@ def _resolve_one(index: ModelIndex, selector: object, out: _Match) -> bool:
                 raise InvalidArgumentError(
                     f"selector {selector!r} is not a valid regular expression: {e}"
                 ) from e
+            mods = [n for n in index.modules if n and rx.fullmatch(n)]
+            params = [n for n, _ in index.aliases if rx.fullmatch(n)]
         else:
-            rx = re.compile(glob_to_regex(selector))
-        found = False
-        for name in index.modules:
-            if name and rx.fullmatch(name):
-                out.roots.add(name)
-                found = True
-        for name, _ in index.aliases:
-            if rx.fullmatch(name):
-                out.aliases.add(name)
-                found = True
-        return found
+            # Names never hold a newline and glob regexes never cross one, so
+            # one C-level scan over the joined names replaces a Python loop.
+            rx = re.compile("^(?:" + glob_to_regex(selector) + ")$", re.MULTILINE)
+            mods = rx.findall(index.module_text())
+            params = rx.findall(index.alias_text())
+        out.roots.update(mods)
+        out.aliases.update(params)
+        return bool(mods or params)
     if isinstance(selector, nn.Parameter):
         hit = [n for n, p in index.aliases if p is selector]
         out.aliases.update(hit)
@@ -269,21 +311,16 @@ def _resolve_checked(index: ModelIndex, selector: object, out: _Match) -> None:
         )
 
 
-def _expand(index: ModelIndex, match: _Match) -> tuple[set[str], set[str]]:
-    """Return (module paths, parameter aliases) inside the matched subtrees."""
-    roots = match.roots
-    if not roots:
-        return set(), set(match.aliases)
-    if "" in roots:
-        return set(index.modules), {n for n, _ in index.aliases}
-    inside: dict[str, bool] = {"": False}
-    for name in index.modules:
-        if name:
-            inside[name] = name in roots or inside[_owner(name)]
-    modules = {n for n, flag in inside.items() if flag}
-    aliases = set(match.aliases)
-    aliases.update(n for n, _ in index.aliases if inside[_owner(n)])
-    return modules, aliases
+def _expand(index: ModelIndex, match: _Match) -> tuple[list[bool], list[tuple[str, nn.Parameter]]]:
+    """Return per-module subtree flags and the matched ``(alias, parameter)`` pairs."""
+    inside = index.subtree_flags(match.roots)
+    direct = match.aliases
+    hit = [
+        (name, p)
+        for (name, p), o in zip(index.aliases, index.alias_owner)
+        if inside[o] or name in direct
+    ]
+    return inside, hit
 
 
 @dataclass(frozen=True)
@@ -310,13 +347,14 @@ class Selection:
     numel: int
     aliases: frozenset[str] = field(repr=False)
     _params: dict[str, nn.Parameter] = field(repr=False)
+    _module_set: frozenset[str] = field(repr=False)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Yield ``(canonical name, parameter)`` for each selected parameter."""
         yield from self._params.items()
 
     def __contains__(self, name: object) -> bool:
-        return name in self._params or name in self.modules
+        return name in self._params or name in self._module_set
 
     def __len__(self) -> int:
         return len(self._params)
@@ -342,29 +380,31 @@ def resolve(
         match.roots.add("")
     for sel in selectors:
         _resolve_checked(index, sel, match)
-    modules, aliases = _expand(index, match)
+    inside, hit = _expand(index, match)
     if exclude is not None:
         ex = _Match()
         _resolve_checked(index, exclude, ex)
-        ex_modules, ex_aliases = _expand(index, ex)
-        ex_ids = {id(p) for n, p in index.aliases if n in ex_aliases}
-        modules -= ex_modules
-        aliases = {n for n, p in index.aliases if n in aliases and id(p) not in ex_ids}
-    selected_ids = {id(p) for n, p in index.aliases if n in aliases}
-    params = {n: p for n, p in index.params.items() if id(p) in selected_ids}
+        ex_inside, ex_hit = _expand(index, ex)
+        inside = [a and not b for a, b in zip(inside, ex_inside)]
+        ex_ids = {id(p) for _, p in ex_hit}
+        hit = [(n, p) for n, p in hit if id(p) not in ex_ids]
+    ids = {id(p) for _, p in hit}
+    aliases = [n for n, _ in hit]
+    params = {n: p for n, p in index.params.items() if id(p) in ids}
+    modules = [n for n, flag in zip(index.names, inside) if flag]
+    module_set = set(modules)
     return Selection(
-        roots=sorted(r for r in match.roots if r in modules or r == ""),
-        modules=[n for n in index.modules if n in modules],
+        roots=sorted(r for r in match.roots if r in module_set or r == ""),
+        modules=modules,
         parameters=list(params),
         numel=sum(p.numel() for p in params.values()),
         aliases=frozenset(aliases),
         _params=params,
+        _module_set=frozenset(module_set),
     )
 
 
-def select(
-    model: nn.Module, *selectors: Selector, exclude: Selector | None = None
-) -> Selection:
+def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = None) -> Selection:
     """Resolve selectors against ``model`` without changing anything (a dry run).
 
     Args:
