@@ -10,6 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import types
+
+from .checkpoint import CheckpointError, CheckpointKeyError, load_trainable, save_trainable
 from .errors import (
     FingerprintMismatch,
     FrozenTensorChanged,
@@ -28,16 +32,37 @@ from .freeze import (
     trainable_parameters,
     unfreeze,
 )
+from .guard import Guard, fingerprint, guard
 from .report import GradReport, Summary, grad_report, summary
 from .select import Selection, Selector, select
 
 __version__ = "0.1.0"
 
+
+class _Package(types.ModuleType):
+    """Keeps ``gg.freeze`` and ``gg.guard`` the functions.
+
+    The submodules ``gradgate.freeze`` and ``gradgate.guard`` share those
+    names; importing them (``import gradgate.guard``) would otherwise rebind
+    the package attribute to the submodule.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 __all__ = [
+    "CheckpointError",
+    "CheckpointKeyError",
     "FingerprintMismatch",
     "Freezing",
     "FrozenTensorChanged",
     "GradReport",
+    "Guard",
     "GradgateError",
     "InvalidArgumentError",
     "NoMatchError",
@@ -47,10 +72,14 @@ __all__ = [
     "StaleWrapperError",
     "Summary",
     "__version__",
+    "fingerprint",
     "freeze",
     "grad_report",
+    "guard",
     "is_sticky",
+    "load_trainable",
     "named_trainable_parameters",
+    "save_trainable",
     "select",
     "summary",
     "train_only",
