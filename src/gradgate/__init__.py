@@ -33,6 +33,7 @@ from .freeze import (
     unfreeze,
 )
 from .guard import Guard, fingerprint, guard
+from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sync
 from .report import GradReport, Summary, grad_report, summary
 from .select import Selection, Selector, select
 
@@ -56,15 +57,18 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "DEFAULT_NO_DECAY",
     "CheckpointError",
     "CheckpointKeyError",
     "FingerprintMismatch",
+    "Finding",
     "Freezing",
     "FrozenTensorChanged",
     "GradReport",
     "Guard",
     "GradgateError",
     "InvalidArgumentError",
+    "LayerDecay",
     "NoMatchError",
     "Selection",
     "Selector",
@@ -77,11 +81,14 @@ __all__ = [
     "grad_report",
     "guard",
     "is_sticky",
+    "lint",
     "load_trainable",
     "named_trainable_parameters",
+    "param_groups",
     "save_trainable",
     "select",
     "summary",
+    "sync",
     "train_only",
     "trainable_parameters",
     "unfreeze",
