@@ -421,11 +421,7 @@ def lint(
             Finding(
                 "GG102",
                 "frozen parameters are still in the optimizer"
-                + (
-                    " (LBFGS moves them through its history)"
-                    if isinstance(optimizer, torch.optim.LBFGS)
-                    else ""
-                ),
+                + (" (LBFGS moves them through its history)" if is_lbfgs else ""),
                 idle,
                 "gg.sync(optimizer, model)",
             )
