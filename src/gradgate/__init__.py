@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 import types
 
+from .accelerate import Accelerated, accelerate
+from .cache import FeatureCache
 from .checkpoint import CheckpointError, CheckpointKeyError, load_trainable, save_trainable
 from .errors import (
     FingerprintMismatch,
@@ -57,9 +59,11 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "Accelerated",
     "DEFAULT_NO_DECAY",
     "CheckpointError",
     "CheckpointKeyError",
+    "FeatureCache",
     "FingerprintMismatch",
     "Finding",
     "Freezing",
@@ -76,6 +80,7 @@ __all__ = [
     "StaleWrapperError",
     "Summary",
     "__version__",
+    "accelerate",
     "fingerprint",
     "freeze",
     "grad_report",

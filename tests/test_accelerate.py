@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradgate as gg
+from cases import Block
+from gradgate._seed import FeatureExtractor
+
+
+def _warm_bn(model: nn.Module, x: torch.Tensor) -> None:
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x * 2 + 1)
+    model.eval()
+
+
+class ConvBnCustom(nn.Module):
+    """Registration order differs from call order; only tracing finds the pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_b = nn.BatchNorm2d(8)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.conv_a = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn_a(self.conv_a(x)))
+        out: torch.Tensor = self.bn_b(self.conv_b(y)) + y
+        return out
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape", "expect_folded"),
+    [
+        (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()), (4, 3, 9, 9), 1),
+        (lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Dropout(0.3)), (7, 6), 1),
+        (ConvBnCustom, (2, 3, 8, 8), 2),
+        (Block, (3, 4, 5), 0),
+    ],
+)
+def test_accelerate_matches_original(
+    factory: type[nn.Module], shape: tuple[int, ...], expect_folded: int
+) -> None:
+    torch.manual_seed(0)
+    model = factory()
+    x = torch.randn(*shape)
+    _warm_bn(model, x)
+    gg.freeze(model)
+    fast = gg.accelerate(model, x)
+    assert len(fast.folded) == expect_folded
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in fast.modules()) or (
+        expect_folded == 0
+    )
+    assert not any(isinstance(m, nn.Dropout) for m in fast.modules())
+    with torch.no_grad():
+        want = model(x)
+    got = fast(x)
+    assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
+    assert not got.requires_grad
+    fast.train()
+    assert not fast.training
+    assert torch.equal(got, fast(x))
+
+
+def test_accelerate_leaves_original_untouched() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    gg.freeze(model)
+    before = gg.fingerprint(model)
+    gg.accelerate(model, torch.randn(1, 3, 5, 5))
+    assert gg.fingerprint(model) == before
+    assert isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_accelerate_refuses_trainable() -> None:
+    with pytest.raises(gg.GradgateError, match=r"still trains 0\.weight"):
+        gg.accelerate(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_accelerated_output_feeds_training() -> None:
+    front = FeatureExtractor()
+    gg.freeze(front)
+    fast = gg.accelerate(front, torch.randn(2, 3, 28, 28))
+    head = nn.Linear(1568, 2)
+    head(fast(torch.randn(2, 3, 28, 28))).sum().backward()
+    assert head.weight.grad is not None
