@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from ._util import progress
 
 __all__ = ["add_bench_arguments", "build_scale_model", "machine_info", "run_bench"]
 
-WORKLOADS = ("scale",)
+WORKLOADS = ("scale", "seed", "reverse", "guard")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +39,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--plot", dest="plot_path", default=None)
+    parser.add_argument("--markdown", dest="markdown_path", default=None)
+    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-rss", dest="rss", action="store_false",
+                        help="skip the fresh-process peak-RSS runs")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -125,22 +137,368 @@ def _scale(args: argparse.Namespace) -> dict[str, Any]:
     return {"workload": "scale", "sizes": results}
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """Run one workload and write its JSON (and plot).
+# -- training workloads -----------------------------------------------------
+
+BATCH = 64
+
+
+def _seed_data(n: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 28, 28, generator=g)
+    return TensorDataset(x, torch.randint(0, 10, (n,), generator=g))
+
+
+def _loop(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    source: Any,
+    epochs: int,
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(epochs):
+        for x, y in DataLoader(source, batch_size=BATCH, shuffle=True, generator=g):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _front_pass(front: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([front(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
+def _limit_loop(back: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor,
+                y: torch.Tensor, epochs: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    n = len(y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, BATCH):
+            idx = perm[i : i + BATCH]
+            loss = F.cross_entropy(back(feats[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
+    """Train the seed's back-end on a frozen front-end the way ``name`` does it."""
+    import gradgate as gg
+
+    from ._seed import Agent
+
+    torch.manual_seed(0)
+    agent = Agent()
+    x, y = data.tensors
+    if name == "lr0":
+        opt = torch.optim.Adam(
+            [
+                {"params": agent.back_end.parameters(), "lr": 1e-3},
+                {"params": agent.front_end.parameters(), "lr": 0.0},
+            ],
+            lr=1e-3,
+        )
+        _loop(agent, opt, data, epochs)
+    elif name == "requires_grad":
+        for p in agent.front_end.parameters():
+            p.requires_grad = False
+        opt = torch.optim.Adam(agent.back_end.parameters(), lr=1e-3)
+        _loop(agent, opt, data, epochs)
+    elif name == "gradgate":
+        gg.freeze(agent, "front_end")
+        opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
+        _loop(agent, opt, data, epochs)
+    elif name == "gradgate_cache":
+        gg.freeze(agent, "front_end")
+        opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
+        cache = gg.FeatureCache(agent.front_end, data, progress=False)
+        _loop(agent.back_end, opt, cache, epochs)
+    elif name == "limit":
+        for p in agent.front_end.parameters():
+            p.requires_grad = False
+        opt = torch.optim.Adam(agent.back_end.parameters(), lr=1e-3)
+        feats = _front_pass(agent.front_end, x)
+        _limit_loop(agent.back_end, opt, feats, y, epochs)
+    else:
+        raise ValueError(f"unknown strategy {name!r}")
+
+
+def strategy_reverse(name: str, data: TensorDataset, epochs: int) -> None:
+    """Train only the front-end through a frozen back-end (the seed's title)."""
+    import gradgate as gg
+
+    from ._seed import Agent
+
+    torch.manual_seed(0)
+    agent = Agent()
+    if name == "lr0":
+        opt = torch.optim.Adam(
+            [
+                {"params": agent.front_end.parameters(), "lr": 1e-3},
+                {"params": agent.back_end.parameters(), "lr": 0.0},
+            ],
+            lr=1e-3,
+        )
+        _loop(agent, opt, data, epochs)
+    elif name == "requires_grad":
+        for p in agent.back_end.parameters():
+            p.requires_grad = False
+        opt = torch.optim.Adam(agent.front_end.parameters(), lr=1e-3)
+        _loop(agent, opt, data, epochs)
+    elif name == "gradgate":
+        gg.train_only(agent, "front_end")
+        opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
+        _loop(agent, opt, data, epochs)
+    elif name == "limit":
+        # The floor: the back-end as plain constant tensors, so autograd can
+        # only ever compute input gradients through it.
+        consts = {k: v.detach() for k, v in agent.back_end.state_dict().items()}
+        front = agent.front_end
+        opt = torch.optim.Adam(front.parameters(), lr=1e-3)
+
+        def model(x: torch.Tensor) -> torch.Tensor:
+            h = F.linear(front(x), consts["fc1.weight"], consts["fc1.bias"])
+            return F.linear(F.relu(h), consts["fc2.weight"], consts["fc2.bias"])
+
+        _loop(model, opt, data, epochs)
+    else:
+        raise ValueError(f"unknown strategy {name!r}")
+
+
+def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
+    """The seed's gradgate loop with and without ``gg.guard``."""
+    import gradgate as gg
+
+    from ._seed import Agent
+
+    torch.manual_seed(0)
+    agent = Agent()
+    gg.freeze(agent, "front_end")
+    opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
+    if name == "gradgate":
+        _loop(agent, opt, data, epochs)
+        return
+    check = {"guard_fast": "fast", "guard_exact": "exact"}[name]
+    with gg.guard(agent, opt, check=check):
+        _loop(agent, opt, data, epochs)
+
+
+TRAINING: dict[str, tuple[Callable[[str, TensorDataset, int], None], list[str], str]] = {
+    "seed": (
+        strategy_seed,
+        ["lr0", "requires_grad", "gradgate", "gradgate_cache", "limit"],
+        "limit",
+    ),
+    "reverse": (strategy_reverse, ["lr0", "requires_grad", "gradgate", "limit"], "limit"),
+    "guard": (strategy_guard, ["gradgate", "guard_fast", "guard_exact"], "gradgate"),
+}
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _peak_rss_mb(workload: str, strategy: str, samples: int, epochs: int) -> float | None:
+    """Peak RSS of one strategy run alone in a fresh process."""
+    code = (
+        "import resource, sys, torch\n"
+        "from gradgate import bench\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        f"fn = bench.TRAINING[{workload!r}][0]\n"
+        f"fn({strategy!r}, bench._seed_data({samples}), {epochs})\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1800
+        ).stdout
+        return int(out.strip().splitlines()[-1]) / 1024.0
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved repetitions of every strategy of a training workload."""
+    fn, strategies, baseline = TRAINING[args.workload]
+    data = _seed_data(args.samples)
+    times: dict[str, list[float]] = {s: [] for s in strategies}
+    rounds = args.warmup + args.repeats
+    order = progress(
+        [(r, s) for r in range(rounds) for s in strategies],
+        enabled=not args.no_progress,
+        desc=f"bench {args.workload}",
+    )
+    for r, s in order:
+        start = time.perf_counter()
+        fn(s, data, args.epochs)
+        if r >= args.warmup:
+            times[s].append(time.perf_counter() - start)
+    result: dict[str, Any] = {
+        "workload": args.workload,
+        "config": {
+            "samples": args.samples,
+            "epochs": args.epochs,
+            "batch_size": BATCH,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+        },
+        "strategies": {},
+        "ratios": {},
+    }
+    for s in strategies:
+        rss = _peak_rss_mb(args.workload, s, args.samples, args.epochs) if args.rss else None
+        result["strategies"][s] = {"seconds": _stats(times[s]), "peak_rss_mb": rss}
+    for s in strategies:
+        if s != baseline:
+            per_rep = [a / b for a, b in zip(times[s], times[baseline])]
+            result["ratios"][f"{s}/{baseline}"] = statistics.median(per_rep)
+    if "gradgate_cache" in times:
+        for other in ("requires_grad", "lr0"):
+            per_rep = [a / b for a, b in zip(times[other], times["gradgate_cache"])]
+            result["ratios"][f"speedup gradgate_cache vs {other}"] = statistics.median(per_rep)
+    if args.workload == "guard":
+        result["fingerprint_gb_per_s"] = _fingerprint_speed()
+        steps = args.epochs * math.ceil(args.samples / BATCH)
+        base = result["strategies"]["gradgate"]["seconds"]["median"]
+        exact = result["strategies"]["guard_exact"]["seconds"]["median"]
+        result["exact_ms_per_step"] = 1000.0 * (exact - base) / steps
+    return result
+
+
+def _fingerprint_speed() -> float:
+    from .guard import tensor_digest
+
+    t = torch.randn(64 * 1024 * 1024)  # 256 MB
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        tensor_digest(t)
+        best = min(best, time.perf_counter() - start)
+    return t.numel() * 4 / best / 1e9
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from .report import render_table
+
+    rows = []
+    for name, data in result["strategies"].items():
+        sec = data["seconds"]
+        rss = data.get("peak_rss_mb")
+        rows.append(
+            [
+                name,
+                f"{sec['median']:.3f}",
+                f"{sec['min']:.3f}-{sec['max']:.3f}",
+                "-" if rss is None else f"{rss:.0f}",
+            ]
+        )
+    print(render_table(["strategy", "median s", "min-max s", "peak RSS MB"], rows, right={1, 2, 3}))
+    for k, v in result.get("ratios", {}).items():
+        print(f"{k}: {v:.3f}")
+    for k in ("fingerprint_gb_per_s", "exact_ms_per_step"):
+        if k in result:
+            print(f"{k}: {result[k]:.3f}")
+
+
+def to_markdown(result: dict[str, Any], command: str) -> str:
+    """Render a bench result as a Markdown section (used for docs/BENCHMARKS.md).
 
     Example:
-        >>> ns = argparse.Namespace(workload="scale", repeats=1, sizes=[100], threads=1,
-        ...                         json_path=None, plot_path=None, no_progress=True)
+        >>> r = {"workload": "w", "machine": {"cpu": "c", "threads": 1, "torch": "t",
+        ...      "commit": "x"}, "strategies": {"a": {"seconds": {"median": 1.0,
+        ...      "min": 1.0, "max": 1.0}, "peak_rss_mb": None}}, "ratios": {}}
+        >>> "| a | 1.000 |" in to_markdown(r, "gradgate bench w")
+        True
+    """
+    m = result["machine"]
+    lines = [
+        f"### `{result['workload']}`",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}",
+        "",
+    ]
+    if "strategies" in result:
+        lines += ["| strategy | median s | min s | max s | peak RSS MB |", "|---|---|---|---|---|"]
+        for name, data in result["strategies"].items():
+            sec, rss = data["seconds"], data.get("peak_rss_mb")
+            lines.append(
+                f"| {name} | {sec['median']:.3f} | {sec['min']:.3f} | {sec['max']:.3f} | "
+                f"{'-' if rss is None else f'{rss:.0f}'} |"
+            )
+        if result.get("ratios"):
+            lines += ["", "| ratio (median of per-repetition ratios) | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    if "sizes" in result:
+        lines += ["| tensors | median s | min s | max s | us/tensor |", "|---|---|---|---|---|"]
+        for data in result["sizes"].values():
+            sec = data["seconds"]
+            lines.append(
+                f"| {data['tensors']:,} | {sec['median']:.3f} | {sec['min']:.3f} | "
+                f"{sec['max']:.3f} | {data['us_per_tensor']:.2f} |"
+            )
+    for k in ("fingerprint_gb_per_s", "exact_ms_per_step"):
+        if k in result:
+            lines.append(f"\n{k}: {result[k]:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict[str, Any], path: str) -> None:
+    from ._util import optional_import
+
+    mpl = optional_import("matplotlib", "plot")
+    mpl.use("Agg")
+    plt = optional_import("matplotlib.pyplot", "plot")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if "strategies" in result:
+        names = list(result["strategies"])
+        med = [result["strategies"][n]["seconds"]["median"] for n in names]
+        lo = [m - result["strategies"][n]["seconds"]["min"] for n, m in zip(names, med)]
+        hi = [result["strategies"][n]["seconds"]["max"] - m for n, m in zip(names, med)]
+        ax.bar(names, med, yerr=[lo, hi], capsize=4, color="#4c72b0")
+        ax.set_ylabel("seconds (median, min-max)")
+    else:
+        sizes = [d["tensors"] for d in result["sizes"].values()]
+        med = [d["seconds"]["median"] for d in result["sizes"].values()]
+        ax.loglog(sizes, med, "o-")
+        ax.set_xlabel("parameter tensors")
+        ax.set_ylabel("select + freeze + summary, s")
+    ax.set_title(f"gradgate bench {result['workload']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run one workload; print a table, write JSON, Markdown and a plot on request.
+
+    Example:
         >>> import contextlib, io
+        >>> ns = argparse.Namespace(workload="scale", repeats=1, sizes=[100], threads=1,
+        ...     json_path=None, plot_path=None, markdown_path=None, no_progress=True)
         >>> with contextlib.redirect_stdout(io.StringIO()):
         ...     code = run_bench(ns)
         >>> code
         0
     """
+    torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    out = _scale(args)
-    out["machine"] = machine_info(args.threads)
+    result = _scale(args) if args.workload == "scale" else run_training(args)
+    result["machine"] = machine_info(args.threads)
+    if args.workload != "scale":
+        _print_table(result)
+    command = "gradgate bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else args.workload
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump(result, f, indent=2)
+    if getattr(args, "markdown_path", None):
+        with open(args.markdown_path, "w") as f:
+            f.write(to_markdown(result, command))
+    if args.plot_path:
+        _plot(result, args.plot_path)
     return 0
