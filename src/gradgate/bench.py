@@ -43,8 +43,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--no-rss", dest="rss", action="store_false",
-                        help="skip the fresh-process peak-RSS runs")
+    parser.add_argument(
+        "--no-rss", dest="rss", action="store_false", help="skip the fresh-process peak-RSS runs"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -168,8 +169,9 @@ def _front_pass(front: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([front(x[i : i + 256]) for i in range(0, len(x), 256)])
 
 
-def _limit_loop(back: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor,
-                y: torch.Tensor, epochs: int) -> None:
+def _limit_loop(
+    back: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor, y: torch.Tensor, epochs: int
+) -> None:
     g = torch.Generator().manual_seed(1)
     n = len(y)
     for _ in range(epochs):

@@ -188,15 +188,33 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             (t, t._version) for t in [*self.front_end.parameters(), *self.front_end.buffers()]
         ]
 
-    def _run(self) -> Iterator[tuple[torch.Tensor, list[tuple[Any, ...]]]]:
+    def _batches(self) -> Any:
+        tensors = getattr(self.dataset, "tensors", None)
+        if (
+            self.input_fn is _first
+            and isinstance(tensors, (tuple, list))
+            and tensors
+            and all(isinstance(t, torch.Tensor) for t in tensors)
+        ):
+            # A TensorDataset: slice whole batches instead of indexing samples.
+            bs = self.batch_size
+            return [
+                (tensors[0][i : i + bs], list(zip(*(t[i : i + bs] for t in tensors[1:]))))
+                if len(tensors) > 1
+                else (tensors[0][i : i + bs], [()] * len(tensors[0][i : i + bs]))
+                for i in range(0, len(tensors[0]), bs)
+            ]
         input_fn = self.input_fn
-        loader = DataLoader(
+        return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=lambda b: _collate_inputs(b, input_fn),
         )
+
+    def _run(self) -> Iterator[tuple[torch.Tensor, list[tuple[Any, ...]]]]:
+        loader = self._batches()
         device = self.device
         if device is None:
             first = next(iter(self.front_end.parameters()), None)
