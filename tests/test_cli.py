@@ -35,7 +35,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             "demo",
             "--pretrain-epochs", "2",
             "--epochs", "2",
-            "--adapt-epochs", "3",
+            "--adapt-epochs", "6",
             "--json", str(out),
             "--plot", str(png),
             "--no-progress",

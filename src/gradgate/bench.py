@@ -184,6 +184,34 @@ def _limit_loop(
             opt.step()
 
 
+def _hand_or_gradgate(
+    name: str,
+    agent: nn.Module,
+    train: nn.Module,
+    frozen: nn.Module,
+    frozen_name: str,
+    data: TensorDataset,
+    epochs: int,
+) -> None:
+    """The seed's baselines (lr-0 group, requires_grad loop) and plain gradgate."""
+    import gradgate as gg
+
+    if name == "lr0":
+        groups = [
+            {"params": train.parameters(), "lr": 1e-3},
+            {"params": frozen.parameters(), "lr": 0.0},
+        ]
+        opt = torch.optim.Adam(groups, lr=1e-3)
+    elif name == "requires_grad":
+        for p in frozen.parameters():
+            p.requires_grad = False
+        opt = torch.optim.Adam(train.parameters(), lr=1e-3)
+    else:
+        gg.freeze(agent, frozen_name)
+        opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
+    _loop(agent, opt, data, epochs)
+
+
 def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
     """Train the seed's back-end on a frozen front-end the way ``name`` does it."""
     import gradgate as gg
@@ -193,24 +221,8 @@ def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
     torch.manual_seed(0)
     agent = Agent()
     x, y = data.tensors
-    if name == "lr0":
-        opt = torch.optim.Adam(
-            [
-                {"params": agent.back_end.parameters(), "lr": 1e-3},
-                {"params": agent.front_end.parameters(), "lr": 0.0},
-            ],
-            lr=1e-3,
-        )
-        _loop(agent, opt, data, epochs)
-    elif name == "requires_grad":
-        for p in agent.front_end.parameters():
-            p.requires_grad = False
-        opt = torch.optim.Adam(agent.back_end.parameters(), lr=1e-3)
-        _loop(agent, opt, data, epochs)
-    elif name == "gradgate":
-        gg.freeze(agent, "front_end")
-        opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
-        _loop(agent, opt, data, epochs)
+    if name in ("lr0", "requires_grad", "gradgate"):
+        _hand_or_gradgate(name, agent, agent.back_end, agent.front_end, "front_end", data, epochs)
     elif name == "gradgate_cache":
         gg.freeze(agent, "front_end")
         opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
@@ -228,30 +240,13 @@ def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
 
 def strategy_reverse(name: str, data: TensorDataset, epochs: int) -> None:
     """Train only the front-end through a frozen back-end (the seed's title)."""
-    import gradgate as gg
 
     from ._seed import Agent
 
     torch.manual_seed(0)
     agent = Agent()
-    if name == "lr0":
-        opt = torch.optim.Adam(
-            [
-                {"params": agent.front_end.parameters(), "lr": 1e-3},
-                {"params": agent.back_end.parameters(), "lr": 0.0},
-            ],
-            lr=1e-3,
-        )
-        _loop(agent, opt, data, epochs)
-    elif name == "requires_grad":
-        for p in agent.back_end.parameters():
-            p.requires_grad = False
-        opt = torch.optim.Adam(agent.front_end.parameters(), lr=1e-3)
-        _loop(agent, opt, data, epochs)
-    elif name == "gradgate":
-        gg.train_only(agent, "front_end")
-        opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
-        _loop(agent, opt, data, epochs)
+    if name in ("lr0", "requires_grad", "gradgate"):
+        _hand_or_gradgate(name, agent, agent.front_end, agent.back_end, "back_end", data, epochs)
     elif name == "limit":
         # The floor: the back-end as plain constant tensors, so autograd can
         # only ever compute input gradients through it.

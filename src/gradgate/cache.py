@@ -51,6 +51,15 @@ def _as_tensor(values: list[Any]) -> torch.Tensor | list[Any]:
         return values
 
 
+def _append_rest(columns: list[list[Any]], rows: list[tuple[Any, ...]]) -> None:
+    """Append each sample's pass-through values to their columns (made on first use)."""
+    for row in rows:
+        if not columns:
+            columns.extend([] for _ in row)
+        for col, value in zip(columns, row):
+            col.append(value)
+
+
 def _np_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     if dtype == torch.bfloat16:
         return np.dtype(np.uint16)  # numpy has no bfloat16: store the bits
@@ -248,11 +257,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                 feats = torch.empty((n, *out.shape[1:]), dtype=store)
             feats[pos : pos + len(out)] = out.to("cpu", feats.dtype)
             pos += len(out)
-            for r in rest:
-                if not rest_cols:
-                    rest_cols = [[] for _ in r]
-                for col, v in zip(rest_cols, r):
-                    col.append(v)
+            _append_rest(rest_cols, rest)
         if feats is None:
             raise InvalidArgumentError("FeatureCache needs a non-empty dataset")
         self._features = feats
@@ -327,11 +332,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                     chunk = chunk.view(torch.uint16)
                 mm[pos : pos + len(out)] = chunk.numpy()
                 pos += len(out)
-                for r in rest:
-                    if not rest_cols:
-                        rest_cols = [[] for _ in r]
-                    for col, v in zip(rest_cols, r):
-                        col.append(v)
+                _append_rest(rest_cols, rest)
             if mm is None:
                 raise InvalidArgumentError("FeatureCache needs a non-empty dataset")
             mm.flush()

@@ -35,7 +35,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--pretrain-epochs", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=8, help="back-end epochs")
-    parser.add_argument("--adapt-epochs", type=int, default=6, help="front-end epochs")
+    parser.add_argument("--adapt-epochs", type=int, default=12, help="front-end epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", action="store_true", help="time the seed's three ways")
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG of the curves")
