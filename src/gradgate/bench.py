@@ -22,7 +22,7 @@ from ._util import progress
 
 __all__ = ["add_bench_arguments", "build_scale_model", "machine_info", "run_bench"]
 
-WORKLOADS = ("scale", "seed", "reverse", "guard")
+WORKLOADS = ("scale", "seed", "reverse", "guard", "cache")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -367,6 +367,79 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch of reads, as users read data, against the plain ceilings.
+
+    ``memory_store``: ``DataLoader(cache, batch_size=64, shuffle=True)`` vs
+    ``plain_indexing`` of the same preallocated tensors; ``disk_store`` vs
+    ``memmap_reads`` (numpy fancy indexing of the same ``.npy`` file).
+    """
+    import tempfile
+
+    import numpy as np
+
+    import gradgate as gg
+
+    from ._seed import Agent
+
+    torch.manual_seed(0)
+    agent = Agent()
+    gg.freeze(agent, "front_end")
+    data = _seed_data(args.samples)
+    tmp = tempfile.mkdtemp(prefix="gradgate-bench-")
+    mem = gg.FeatureCache(agent.front_end, data, progress=False)
+    disk = gg.FeatureCache(agent.front_end, data, store="disk", path=tmp, progress=False)
+    feats, labels = mem.features(), data.tensors[1]
+    mm = np.load(f"{tmp}/features.npy", mmap_mode="r")
+    n = len(labels)
+
+    def loader(cache: Any) -> None:
+        for x, _ in DataLoader(cache, batch_size=BATCH, shuffle=True):
+            x.sum()
+
+    def plain() -> None:
+        perm = torch.randperm(n)
+        for i in range(0, n, BATCH):
+            idx = perm[i : i + BATCH]
+            feats[idx].sum()
+            labels[idx]
+
+    def memmap() -> None:
+        perm = np.random.permutation(n)
+        for i in range(0, n, BATCH):
+            idx = perm[i : i + BATCH]
+            torch.from_numpy(mm[idx]).sum()
+            labels[idx]
+
+    runs: dict[str, Callable[[], None]] = {
+        "memory_store": lambda: loader(mem),
+        "plain_indexing": plain,
+        "disk_store": lambda: loader(disk),
+        "memmap_reads": memmap,
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(args.warmup + args.repeats):
+        for k, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            if r >= args.warmup:
+                times[k].append(time.perf_counter() - start)
+    ratio = {
+        "memory_store throughput / plain_indexing": statistics.median(
+            [b / a for a, b in zip(times["memory_store"], times["plain_indexing"])]
+        ),
+        "disk_store throughput / memmap_reads": statistics.median(
+            [b / a for a, b in zip(times["disk_store"], times["memmap_reads"])]
+        ),
+    }
+    return {
+        "workload": "cache",
+        "config": {"samples": args.samples, "batch_size": BATCH, "repeats": args.repeats},
+        "strategies": {k: {"seconds": _stats(v), "peak_rss_mb": None} for k, v in times.items()},
+        "ratios": ratio,
+    }
+
+
 def _fingerprint_speed() -> float:
     from .guard import tensor_digest
 
@@ -485,7 +558,12 @@ def run_bench(args: argparse.Namespace) -> int:
     """
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    result = _scale(args) if args.workload == "scale" else run_training(args)
+    if args.workload == "scale":
+        result = _scale(args)
+    elif args.workload == "cache":
+        result = run_cache_reads(args)
+    else:
+        result = run_training(args)
     result["machine"] = machine_info(args.threads)
     if args.workload != "scale":
         _print_table(result)

@@ -415,15 +415,20 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         feats = self._rows(index)
         return (feats, *(col[index] for col in self._rest))
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, ...]]:
-        """Read a whole batch with one indexing operation per column."""
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """Read a whole batch with one indexing operation per column.
+
+        The rows returned are light views of that batch; the default collate
+        function hands the batch back whole instead of re-stacking the rows.
+        """
         idx = torch.as_tensor(indices, dtype=torch.long)
         feats = self._rows(idx if self._features is not None else np.asarray(indices))
         cols = [
-            col[idx].unbind(0) if isinstance(col, torch.Tensor) else [col[i] for i in indices]
+            col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in indices]
             for col in self._rest
         ]
-        return list(zip(feats.unbind(0), *cols))
+        batch = _Batch([feats, *cols])
+        return [_Row(batch, i) for i in range(len(indices))]
 
     def features(self) -> torch.Tensor:
         """All cached features as one tensor (a copy for the disk store).
@@ -447,6 +452,49 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
 class _StoreEnum(enum.Enum):
     MEMORY = "memory"
     DISK = "disk"
+
+
+class _Batch(list[Any]):
+    """The columns of one batch read by ``FeatureCache.__getitems__``."""
+
+
+class _Row(Sequence[Any]):
+    """Sample ``i`` of a ``_Batch``, indexed lazily like ``(features, *rest)``."""
+
+    __slots__ = ("batch", "i")
+
+    def __init__(self, batch: _Batch, i: int) -> None:
+        self.batch = batch
+        self.i = i
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return tuple(col[self.i] for col in self.batch[k])
+        return self.batch[k][self.i]
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+def _collate_rows(batch: Sequence[_Row], **kwargs: Any) -> Any:
+    """Collate rows of one cached batch: hand the batch back, in order, unstacked."""
+    first = batch[0].batch
+    if len(first[0]) == len(batch) and all(
+        r.batch is first and r.i == i for i, r in enumerate(batch)
+    ):
+        return list(first)
+    from torch.utils.data import default_collate
+
+    return default_collate([tuple(r) for r in batch])
+
+
+def _register_collate() -> None:
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    default_collate_fn_map[_Row] = _collate_rows
+
+
+_register_collate()
 
 
 def _file_sha256(path: Path) -> str:
