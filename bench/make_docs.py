@@ -1,0 +1,59 @@
+"""Write docs/BENCHMARKS.md from the JSON of a full ``gradgate bench`` run.
+
+Run the workloads first (the commands are listed in COMMANDS), writing JSON and
+PNG into OUT, then: ``python bench/make_docs.py [OUT]``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from gradgate.bench import to_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = {
+    "seed": "gradgate bench seed --epochs 5 --repeats 5 --json OUT/seed.json --plot OUT/seed.png",
+    "reverse": "gradgate bench reverse --epochs 2 --repeats 5 --json OUT/reverse.json "
+    "--plot OUT/reverse.png",
+    "guard": "gradgate bench guard --epochs 2 --repeats 5 --json OUT/guard.json "
+    "--plot OUT/guard.png",
+    "cache": "gradgate bench cache --repeats 5 --json OUT/cache.json --plot OUT/cache.png",
+    "scale": "gradgate bench scale --repeats 3 --json OUT/scale.json --plot OUT/scale.png",
+}
+HEADER = """# Benchmarks
+
+Measured with `gradgate bench` (protocol: `shared/BENCHMARKS.md`): strategies interleaved
+(A B C ... repeated), one warm-up round discarded, 5 repetitions; median and min-max; ratios are
+medians of per-repetition ratios. Peak RSS is `ru_maxrss` of a fresh process running one
+strategy alone. Raw JSON and PNG plots are in `docs/bench/`; this page is written by
+`python bench/make_docs.py bench-out` from them. The machine is the shared 2-core CI machine:
+absolute seconds are noisy, ratios measured in one run are what to compare.
+"""
+
+
+def main(out: Path) -> None:
+    """Assemble the page from ``out/*.json`` and the notes in ``bench/notes/``."""
+    parts = [HEADER]
+    dest = ROOT / "docs" / "bench"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, command in COMMANDS.items():
+        src = out / f"{name}.json"
+        if not src.exists():
+            continue
+        result = json.loads(src.read_text())
+        parts.append(to_markdown(result, command.replace("OUT", str(out))))
+        note = ROOT / "bench" / "notes" / f"{name}.md"
+        if note.exists():
+            parts.append(note.read_text())
+        for ext in ("json", "png"):
+            if (out / f"{name}.{ext}").exists():
+                shutil.copy(out / f"{name}.{ext}", dest / f"{name}.{ext}")
+        parts.append(f"![{name}](bench/{name}.png)\n")
+    (ROOT / "docs" / "BENCHMARKS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "bench-out"))
