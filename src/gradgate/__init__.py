@@ -37,6 +37,7 @@ from .freeze import (
 from .guard import Guard, fingerprint, guard
 from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sync
 from .report import GradReport, Summary, grad_report, summary
+from .schedule import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
 from .select import Selection, Selector, select
 
 __version__ = "0.1.0"
@@ -69,20 +70,24 @@ __all__ = [
     "Freezing",
     "FrozenTensorChanged",
     "GradReport",
+    "GradualUnfreeze",
     "Guard",
     "GradgateError",
     "InvalidArgumentError",
     "LayerDecay",
     "NoMatchError",
+    "ProgressiveFreeze",
     "Selection",
     "Selector",
     "SharedParameterError",
+    "Stages",
     "StaleWrapperError",
     "Summary",
     "__version__",
     "accelerate",
     "fingerprint",
     "freeze",
+    "freeze_to",
     "grad_report",
     "guard",
     "is_sticky",
@@ -92,6 +97,7 @@ __all__ = [
     "param_groups",
     "save_trainable",
     "select",
+    "stages",
     "summary",
     "sync",
     "train_only",

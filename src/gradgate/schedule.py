@@ -1,0 +1,342 @@
+"""Schedules: gradual unfreezing and progressive freezing that survive resume."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+from .freeze import Freezing, _choice, freeze, unfreeze
+from .optim import Rules, _rule_items, sync
+from .select import Selector, describe_selectors, select
+
+__all__ = ["GradualUnfreeze", "ProgressiveFreeze", "Stages", "freeze_to", "stages"]
+
+
+class Stages(Sequence[Selector]):
+    """An ordered (front to back) list of non-overlapping selectors of one model.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> gg.stages(net).names
+        ['0', '1']
+    """
+
+    def __init__(self, model: nn.Module, selectors: Sequence[Selector]) -> None:
+        if not selectors:
+            raise InvalidArgumentError("stages need at least one selector")
+        owner: dict[int, int] = {}
+        self.parameters: list[list[str]] = []
+        for i, sel in enumerate(selectors):
+            chosen = select(model, sel)
+            for name, p in chosen.named_parameters():
+                if id(p) in owner:
+                    raise InvalidArgumentError(
+                        f"stages overlap: {name!r} is in stage {owner[id(p)]} and stage {i}"
+                    )
+                owner[id(p)] = i
+            self.parameters.append(chosen.parameters)
+        self._selectors = list(selectors)
+        self.names = [describe_selectors([s]).strip("'") for s in selectors]
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._selectors[i]
+
+    def __len__(self) -> int:
+        return len(self._selectors)
+
+    def __iter__(self) -> Iterator[Selector]:
+        return iter(self._selectors)
+
+    def __repr__(self) -> str:
+        return f"Stages({self.names})"
+
+
+def stages(model: nn.Module, *selectors: Selector) -> Stages:
+    """Define stages front to back; with no selector, the model's top-level children.
+
+    Raises:
+        NoMatchError: a stage selector matches nothing.
+        InvalidArgumentError: two stages share a parameter.
+
+    Example:
+        >>> import gradgate as gg
+        >>> from gradgate._seed import Agent
+        >>> gg.stages(Agent(), "front_end", "back_end.fc1", "back_end.fc2").names
+        ['front_end', 'back_end.fc1', 'back_end.fc2']
+    """
+    if not selectors:
+        selectors = tuple(name for name, _ in model.named_children())
+    return Stages(model, selectors)
+
+
+def _as_stages(model: nn.Module, value: Stages | Sequence[Selector]) -> Stages:
+    return value if isinstance(value, Stages) else Stages(model, list(value))
+
+
+def freeze_to(
+    model: nn.Module, stage_list: Stages | Sequence[Selector], n: int, mode: str = "eval"
+) -> Freezing:
+    """Freeze the stages before ``n`` and make the rest trainable (fastai's ``freeze_to``).
+
+    ``n`` may be negative: ``freeze_to(model, s, -1)`` trains only the last stage.
+    Parameters in no stage are left as they are.
+
+    Returns:
+        One ``Freezing`` handle whose ``undo()`` restores the state before the call.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(3)])
+        >>> _ = gg.freeze_to(net, gg.stages(net), -1)
+        >>> [p.requires_grad for p in net.parameters()]
+        [False, False, False, False, True, True]
+    """
+    st = _as_stages(model, stage_list)
+    if not -len(st) <= n <= len(st):
+        raise InvalidArgumentError(f"n must be in [{-len(st)}, {len(st)}]; got {n}")
+    cut = n % len(st) if n < 0 else n
+    first = unfreeze(model, *st[cut:]) if cut < len(st) else None
+    second = freeze(model, *st[:cut], mode=mode) if cut > 0 else None
+    handles = [h for h in (first, second) if h is not None]
+    combined = handles[0]
+    for h in handles[1:]:
+        combined.frozen += h.frozen
+        combined.unfrozen += h.unfrozen
+    return combined
+
+
+def _group_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+
+
+class GradualUnfreeze:
+    """Unfreeze stages on schedule, each in its own optimizer group with a lower rate.
+
+    Stage ``i`` (of ``n``, front to back) becomes trainable at ``at[i]`` (an
+    epoch or a step: whatever you pass to ``step``) and trains at
+    ``base_lr * lr_mult ** (n - 1 - i)`` (or ``base_lr * lr_mult(i)``), where
+    ``base_lr`` defaults to the first group's initial ``lr``. Its group joins through
+    ``gg.sync``, so the scheduler follows it. Stages with ``at[i] <= 0`` train
+    from the start; the others are frozen when the schedule is made.
+
+    Resume: ``load_state_dict`` re-applies the unfreezes and re-creates the
+    optimizer groups in the same order, so load the schedule *before* the
+    optimizer and scheduler state.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> opt = torch.optim.SGD(gg.param_groups(net, lr=0.1), lr=0.1)
+        >>> sch = gg.GradualUnfreeze(net, gg.stages(net), at=[2, 0], optimizer=opt)
+        >>> sch.step(1), sch.step(2), opt.param_groups[-1]["lr"]
+        ([], [0], 0.010000000000000002)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Stages | Sequence[Selector],
+        at: Sequence[int],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        lr_mult: float | Callable[[int], float] = 0.1,
+        warmup_steps: int = 0,
+        rules: Rules = (),
+        base_lr: float | None = None,
+    ) -> None:
+        self.model = model
+        self.stages = _as_stages(model, stages)
+        if len(at) != len(self.stages):
+            raise InvalidArgumentError(
+                f"at needs one entry per stage: {len(self.stages)} stages, {len(at)} entries"
+            )
+        if warmup_steps and scheduler is not None:
+            raise InvalidArgumentError(
+                "warmup_steps ramps a new group's lr itself; with a scheduler, let the "
+                "scheduler do the warm-up (e.g. SequentialLR with LinearLR)"
+            )
+        self.at = list(at)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.lr_mult = lr_mult
+        self.warmup_steps = warmup_steps
+        self.rules = rules
+        first = optimizer.param_groups[0]
+        self.base_lr = float(
+            base_lr if base_lr is not None else first.get("initial_lr", first["lr"])
+        )
+        self.unfrozen: list[int] = [i for i, t in enumerate(self.at) if t <= 0]
+        self._warm: dict[int, tuple[float, int]] = {}
+        self.events: list[list[int]] = []
+        later = [self.stages[i] for i, t in enumerate(self.at) if t > 0]
+        if later:
+            freeze(model, *later)
+        if self.unfrozen:
+            unfreeze(model, *[self.stages[i] for i in self.unfrozen])
+        sync(optimizer, model, scheduler)
+
+    def lr_for(self, i: int) -> float:
+        """The learning rate stage ``i`` gets when it is unfrozen."""
+        if callable(self.lr_mult):
+            return self.base_lr * float(self.lr_mult(i))
+        return self.base_lr * float(self.lr_mult) ** (len(self.stages) - 1 - i)
+
+    def _unfreeze(self, due: list[int]) -> None:
+        unfreeze(self.model, *[self.stages[i] for i in due])
+        rules = [*_rule_items(self.rules), *[(self.stages[i], {"lr": self.lr_for(i)}) for i in due]]
+        before = len(self.optimizer.param_groups)
+        sync(self.optimizer, self.model, self.scheduler, rules=rules)
+        if self.warmup_steps:
+            for g in range(before, len(self.optimizer.param_groups)):
+                target = float(self.optimizer.param_groups[g]["lr"])
+                self._warm[g] = (target, 0)
+                self.optimizer.param_groups[g]["lr"] = target / (self.warmup_steps + 1)
+        self.unfrozen += due
+        self.events.append(list(due))
+
+    def step(self, t: int) -> list[int]:
+        """Apply what is due at epoch/step ``t``; return the stages unfrozen now."""
+        for g, (target, k) in list(self._warm.items()):
+            k += 1
+            self.optimizer.param_groups[g]["lr"] = target * min(
+                1.0, (k + 1) / (self.warmup_steps + 1)
+            )
+            self._warm[g] = (target, k)
+            if k + 1 >= self.warmup_steps + 1:
+                del self._warm[g]
+        due = sorted(
+            (i for i, when in enumerate(self.at) if when <= t and i not in self.unfrozen),
+            reverse=True,  # back to front: the head side first
+        )
+        if due:
+            self._unfreeze(due)
+        return due
+
+    def state_dict(self) -> dict[str, Any]:
+        """Which stages were unfrozen (in order) and the optimizer groups by parameter name."""
+        return {
+            "at": list(self.at),
+            "unfrozen": list(self.unfrozen),
+            "events": [list(e) for e in self.events],
+            "warm": {int(g): list(v) for g, v in self._warm.items()},
+            "groups": _group_names(self.optimizer, self.model),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Re-apply the recorded unfreezes; call before loading optimizer/scheduler state."""
+        for due in state["events"]:
+            pending = [i for i in due if i not in self.unfrozen]
+            if pending:
+                self._unfreeze(pending)
+        self.at = list(state["at"])
+        self._warm = {int(g): (float(v[0]), int(v[1])) for g, v in state["warm"].items()}
+        got = _group_names(self.optimizer, self.model)
+        if got != state["groups"]:
+            raise InvalidArgumentError(
+                f"after re-applying the schedule the optimizer groups are {got}, but the "
+                f"checkpoint has {state['groups']}; build the optimizer as in the original run"
+            )
+
+
+class Curve(enum.Enum):
+    """How fast ``ProgressiveFreeze`` freezes."""
+
+    LINEAR = "linear"
+    CUBIC = "cubic"
+
+
+class ProgressiveFreeze:
+    """Freeze the leading stages over time (FreezeOut-style); the last stage never freezes.
+
+    Between ``start`` and ``end`` the number of frozen leading stages grows
+    from 0 to ``n - 1`` along ``curve`` (``"cubic"`` freezes later). Each
+    ``step(t)`` freezes what is due and, when an optimizer is given, calls
+    ``gg.sync`` so nothing frozen moves. ``boundary`` is the number of frozen
+    leading stages: for an ``nn.Sequential`` model, ``model[:boundary]`` can
+    be cached with ``gg.FeatureCache`` from then on (see ``split``).
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(3)])
+        >>> pf = gg.ProgressiveFreeze(net, gg.stages(net), start=0, end=4)
+        >>> [len(pf.step(t)) for t in range(5)], pf.boundary
+        ([0, 0, 1, 0, 1], 2)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Stages | Sequence[Selector],
+        start: int,
+        end: int,
+        curve: str = "linear",
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        if end <= start:
+            raise InvalidArgumentError(f"end must be after start; got start={start}, end={end}")
+        self.model = model
+        self.stages = _as_stages(model, stages)
+        self.start, self.end = start, end
+        self.curve: Curve = _choice(Curve, "curve", curve)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.boundary = 0
+
+    def due(self, t: int) -> int:
+        """How many leading stages should be frozen at ``t``."""
+        frac = min(1.0, max(0.0, (t - self.start) / (self.end - self.start)))
+        if self.curve is Curve.CUBIC:
+            frac = frac**3
+        return int((len(self.stages) - 1) * frac + 1e-9)
+
+    def _freeze_to(self, k: int) -> list[int]:
+        new = list(range(self.boundary, k))
+        if new:
+            freeze(self.model, *[self.stages[i] for i in new])
+            self.boundary = k
+            if self.optimizer is not None:
+                sync(self.optimizer, self.model, self.scheduler)
+        return new
+
+    def step(self, t: int) -> list[int]:
+        """Freeze what is due at ``t``; return the stages frozen now."""
+        return self._freeze_to(self.due(t))
+
+    def split(self, model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
+        """``(frozen head, rest)`` of a Sequential whose stages are its leading children."""
+        if not isinstance(model, nn.Sequential):
+            raise InvalidArgumentError("split() needs an nn.Sequential model")
+        if self.boundary == 0:
+            return cast(nn.Sequential, model[:0]), model
+        children = [name for name, _ in model.named_children()]
+        last = self.stages.names[self.boundary - 1]
+        if last not in children:
+            raise InvalidArgumentError(
+                f"split() needs stages named by the Sequential's children; {last!r} is not one "
+                f"of {children}"
+            )
+        cut = children.index(last) + 1
+        return cast(nn.Sequential, model[:cut]), cast(nn.Sequential, model[cut:])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The frozen boundary and the schedule's settings."""
+        return {
+            "boundary": self.boundary,
+            "start": self.start,
+            "end": self.end,
+            "curve": self.curve.value,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Re-apply the freezes; call before loading optimizer/scheduler state."""
+        self.start, self.end = int(state["start"]), int(state["end"])
+        self.curve = _choice(Curve, "curve", state["curve"])
+        self._freeze_to(int(state["boundary"]))
