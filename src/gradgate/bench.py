@@ -22,7 +22,7 @@ from ._util import progress
 
 __all__ = ["add_bench_arguments", "build_scale_model", "machine_info", "run_bench"]
 
-WORKLOADS = ("scale", "seed", "reverse", "guard", "cache")
+WORKLOADS = ("scale", "seed", "reverse", "guard", "cache", "progressive")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -281,7 +281,45 @@ def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
         _loop(agent, opt, data, epochs)
 
 
+def _sequential_seed() -> nn.Sequential:
+    from ._seed import Agent
+
+    agent = Agent()
+    fe, be = agent.front_end, agent.back_end
+    return nn.Sequential(
+        fe.conv1, fe.relu1, fe.pool1, fe.conv2, fe.relu2, fe.pool2, nn.Flatten(),
+        be.fc1, be.relu, be.fc2,
+    )  # fmt: skip
+
+
+def strategy_progressive(name: str, data: TensorDataset, epochs: int) -> None:
+    """FreezeOut-style progressive freezing of the seed model, with and without a cache."""
+    import gradgate as gg
+
+    torch.manual_seed(0)
+    model = _sequential_seed()
+    opt = torch.optim.Adam(gg.param_groups(model, lr=1e-3))
+    if name == "plain":
+        _loop(model, opt, data, epochs)
+        return
+    pf = gg.ProgressiveFreeze(
+        model, ["0", "3", "7", "9"], start=1, end=max(2, epochs - 2), optimizer=opt
+    )
+    source: Any = data
+    net: nn.Module = model
+    for epoch in range(epochs):
+        if pf.step(epoch) and name == "progressive_cache":
+            head, net = pf.split(model)
+            source = gg.FeatureCache(head, data, progress=False)
+        _loop(net, opt, source, 1)
+
+
 TRAINING: dict[str, tuple[Callable[[str, TensorDataset, int], None], list[str], str]] = {
+    "progressive": (
+        strategy_progressive,
+        ["plain", "progressive", "progressive_cache"],
+        "plain",
+    ),
     "seed": (
         strategy_seed,
         ["lr0", "requires_grad", "gradgate", "gradgate_cache", "limit"],

@@ -82,7 +82,7 @@ def _frozen_digests(model: nn.Module) -> tuple[str, dict[str, str]]:
     total = hashlib.sha256()
     per: dict[str, str] = {}
     for name, t, _ in frozen_tensors(model):
-        d = tensor_digest(t)
+        d = tensor_digest(_full(t))
         per[name] = d
         total.update(f"{name}\0{d}\n".encode())
     return total.hexdigest(), per
@@ -125,6 +125,8 @@ def save_trainable(
 
     The frozen rest is not stored: its fingerprint is, so loading onto a
     different frozen base fails loudly. The file is written atomically.
+    Under ``torch.distributed`` every rank must call it (FSDP2 shards are
+    gathered); rank 0 writes.
 
     Args:
         model: the model whose trainable tensors are saved.
@@ -146,7 +148,7 @@ def save_trainable(
     from ._util import optional_import
 
     st = optional_import("safetensors.torch", "io")
-    state = trainable_state(model)
+    state = {k: _full(v) for k, v in trainable_state(model).items()}
     total, per = _frozen_digests(model)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     metadata = {
@@ -164,6 +166,8 @@ def save_trainable(
         tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in opt_tensors.items()})
         metadata["gradgate.optimizer"] = json.dumps(opt_meta)
     dest = Path(path)
+    if not _is_writer():
+        return dest  # under torch.distributed only rank 0 writes (all ranks gathered)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
@@ -174,6 +178,18 @@ def save_trainable(
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it)."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _version() -> str:
@@ -263,6 +279,12 @@ def load_trainable(
     if strict:
         _check_base(model, meta, src)
     state = trainable_state(model)
+    sharded = [k for k, v in state.items() if callable(getattr(v, "full_tensor", None))]
+    if sharded:
+        raise CheckpointError(
+            f"loading into FSDP2-sharded parameters ({sharded[0]!r}, ...) is not supported; "
+            "load_trainable before fully_shard"
+        )
     saved = {k: v for k, v in tensors.items() if not k.startswith("__optim__.")}
     missing = [k for k in state if k not in saved]
     unexpected = [k for k in saved if k not in state]

@@ -24,6 +24,8 @@ TensorSource = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torc
 def tensor_digest(t: torch.Tensor, hasher: Any = None) -> str:
     """SHA-256 of one tensor's dtype, shape and bytes (device independent).
 
+    For a DTensor (FSDP2) it digests this rank's local shard.
+
     Example:
         >>> import torch
         >>> tensor_digest(torch.ones(2)) == tensor_digest(torch.ones(2, dtype=torch.float32))
@@ -32,7 +34,7 @@ def tensor_digest(t: torch.Tensor, hasher: Any = None) -> str:
         False
     """
     h = hasher if hasher is not None else hashlib.sha256()
-    data = t.detach()
+    data = _local(t.detach())
     if data.device.type == "meta":
         raise InvalidArgumentError("cannot fingerprint a tensor on the meta device (no values)")
     h.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
@@ -42,6 +44,12 @@ def tensor_digest(t: torch.Tensor, hasher: Any = None) -> str:
             flat = torch.view_as_real(flat).reshape(-1)
         h.update(flat.view(torch.uint8).numpy().data)
     return str(h.hexdigest())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _named_tensors(obj: TensorSource) -> list[tuple[str, torch.Tensor]]:

@@ -130,6 +130,10 @@ class GradualUnfreeze:
     optimizer groups in the same order, so load the schedule *before* the
     optimizer and scheduler state.
 
+    Under DDP pass the ``gg.distributed.wrap`` wrapper as ``model``: each
+    unfreeze rebuilds it, and ``schedule.wrapped`` is the one to run (the old
+    one raises ``StaleWrapperError`` instead of letting ranks diverge).
+
     Example:
         >>> import torch, gradgate as gg
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -151,6 +155,10 @@ class GradualUnfreeze:
         rules: Rules = (),
         base_lr: float | None = None,
     ) -> None:
+        from .distributed import GatedDDP
+
+        self.wrapper: GatedDDP | None = model if isinstance(model, GatedDDP) else None
+        model = model.module if isinstance(model, GatedDDP) else model
         self.model = model
         self.stages = _as_stages(model, stages)
         if len(at) != len(self.stages):
@@ -181,6 +189,18 @@ class GradualUnfreeze:
         if self.unfrozen:
             unfreeze(model, *[self.stages[i] for i in self.unfrozen])
         sync(optimizer, model, scheduler)
+        self._rewrap()
+
+    def _rewrap(self) -> None:
+        from .distributed import _trainable_names, rewrap
+
+        if self.wrapper is not None and _trainable_names(self.model) != self.wrapper.gg_trainable:
+            self.wrapper = rewrap(self.wrapper)
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """The module to run: the current DDP wrapper (rebuilt on unfreeze), else the model."""
+        return self.wrapper if self.wrapper is not None else self.model
 
     def lr_for(self, i: int) -> float:
         """The learning rate stage ``i`` gets when it is unfrozen."""
@@ -200,6 +220,7 @@ class GradualUnfreeze:
                 self.optimizer.param_groups[g]["lr"] = target / (self.warmup_steps + 1)
         self.unfrozen += due
         self.events.append(list(due))
+        self._rewrap()
 
     def step(self, t: int) -> list[int]:
         """Apply what is due at epoch/step ``t``; return the stages unfrozen now."""
