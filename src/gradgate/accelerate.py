@@ -33,19 +33,33 @@ class Accelerated(nn.Module):
         [('0', '1')]
     """
 
-    def __init__(self, inner: nn.Module, folded: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, inner: nn.Module, folded: list[tuple[str, str]], channels_last: bool = False
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.folded = folded
+        self.channels_last = channels_last
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.channels_last:
+            args = tuple(_to_cl(a) for a in args)
         with torch.no_grad():
-            return self.inner(*args, **kwargs)
+            out = self.inner(*args, **kwargs)
+        if self.channels_last and isinstance(out, torch.Tensor):
+            out = out.contiguous()
+        return out
 
     def train(self, mode: bool = True) -> Accelerated:
         """Stay in inference mode whatever is asked (it is a frozen copy)."""
         super().train(False)
         return self
+
+
+def _to_cl(a: Any) -> Any:
+    if isinstance(a, torch.Tensor) and a.dim() == 4:
+        return a.contiguous(memory_format=torch.channels_last)
+    return a
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -104,12 +118,15 @@ def accelerate(
     compile: bool = False,
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    channels_last: bool | None = None,
 ) -> Accelerated:
     """Return an inference-optimised copy of a frozen module.
 
     Conv/Linear followed by BatchNorm are folded into one layer, Dropout is
-    removed, and the copy runs under ``torch.no_grad`` in eval mode
-    (optionally ``torch.compile``d). The original is not touched.
+    removed, a model with 2-d convolutions runs in ``channels_last`` memory
+    format (faster convolutions on CPU; outputs come back contiguous), and the
+    copy runs under ``torch.no_grad`` in eval mode (optionally
+    ``torch.compile``d). The original is not touched.
 
     With ``example_input`` the pairs to fold are found by running it (the
     norm must read the producer's output directly) and the copy's output is
@@ -123,6 +140,8 @@ def accelerate(
         compile: also ``torch.compile`` the copy.
         atol: absolute tolerance of the check.
         rtol: relative tolerance of the check.
+        channels_last: force the memory format on or off (default: on when
+            the module has a ``Conv2d``).
 
     Returns:
         An ``Accelerated`` module.
@@ -171,10 +190,14 @@ def accelerate(
             _set(work, name, nn.Identity())
     for p in work.parameters():
         p.requires_grad_(False)
+    if channels_last is None:
+        channels_last = any(isinstance(m, nn.Conv2d) for m in work.modules())
+    if channels_last:
+        work = work.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     inner: nn.Module = work
     if compile:
         inner = torch.compile(work)  # type: ignore[assignment]
-    fast = Accelerated(inner, folded)
+    fast = Accelerated(inner, folded, channels_last)
     fast.eval()
     if example_input is not None:
         was = ref.training

@@ -22,7 +22,17 @@ from ._util import progress
 
 __all__ = ["add_bench_arguments", "build_scale_model", "machine_info", "run_bench"]
 
-WORKLOADS = ("scale", "seed", "reverse", "guard", "cache", "progressive")
+WORKLOADS = (
+    "scale",
+    "seed",
+    "reverse",
+    "guard",
+    "cache",
+    "progressive",
+    "bn_cnn",
+    "bn_cnn_pass",
+    "text",
+)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +176,7 @@ def _loop(
 
 def _front_pass(front: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([front(x[i : i + 256]) for i in range(0, len(x), 256)])
+        return torch.cat([front(x[i : i + 128]) for i in range(0, len(x), 128)])
 
 
 def _limit_loop(
@@ -212,30 +222,107 @@ def _hand_or_gradgate(
     _loop(agent, opt, data, epochs)
 
 
-def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
-    """Train the seed's back-end on a frozen front-end the way ``name`` does it."""
+class _Pair(nn.Module):
+    """A front-end followed by a back-end, the shape of every workload here."""
+
+    def __init__(self, front_end: nn.Module, back_end: nn.Module) -> None:
+        super().__init__()
+        self.front_end = front_end
+        self.back_end = back_end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.back_end(self.front_end(x))
+        return out
+
+
+def strategy_frozen_front(
+    name: str, pair: nn.Module, data: TensorDataset, epochs: int, accelerate: bool = False
+) -> None:
+    """Train ``pair.back_end`` on a frozen ``pair.front_end`` the way ``name`` does it."""
     import gradgate as gg
 
+    x, y = data.tensors
+    front, back = pair.front_end, pair.back_end
+    assert isinstance(front, nn.Module) and isinstance(back, nn.Module)
+    if name in ("lr0", "requires_grad", "gradgate"):
+        _hand_or_gradgate(name, pair, back, front, "front_end", data, epochs)
+    elif name == "gradgate_cache":
+        gg.freeze(pair, "front_end")
+        opt = torch.optim.Adam(gg.param_groups(pair, lr=1e-3))
+        source = gg.accelerate(front, x[:8]) if accelerate else front
+        cache = gg.FeatureCache(source, data, progress=False)
+        _loop(back, opt, cache, epochs)
+    elif name == "limit":
+        front.eval()
+        for p in front.parameters():
+            p.requires_grad = False
+        opt = torch.optim.Adam(back.parameters(), lr=1e-3)
+        feats = _front_pass(front, x)
+        _limit_loop(back, opt, feats, y, epochs)
+    else:
+        raise ValueError(f"unknown strategy {name!r}")
+
+
+def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
+    """Train the seed's back-end on a frozen front-end the way ``name`` does it."""
     from ._seed import Agent
 
     torch.manual_seed(0)
-    agent = Agent()
-    x, y = data.tensors
-    if name in ("lr0", "requires_grad", "gradgate"):
-        _hand_or_gradgate(name, agent, agent.back_end, agent.front_end, "front_end", data, epochs)
-    elif name == "gradgate_cache":
-        gg.freeze(agent, "front_end")
-        opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
-        cache = gg.FeatureCache(agent.front_end, data, progress=False)
-        _loop(agent.back_end, opt, cache, epochs)
-    elif name == "limit":
-        for p in agent.front_end.parameters():
-            p.requires_grad = False
-        opt = torch.optim.Adam(agent.back_end.parameters(), lr=1e-3)
-        feats = _front_pass(agent.front_end, x)
-        _limit_loop(agent.back_end, opt, feats, y, epochs)
-    else:
-        raise ValueError(f"unknown strategy {name!r}")
+    strategy_frozen_front(name, Agent(), data, epochs)
+
+
+def _bn_cnn_data(n: int) -> TensorDataset:
+    from ._zoo import digits_64
+
+    x, y = digits_64()
+    return TensorDataset(x[:n], y[:n])
+
+
+def strategy_bn_cnn(name: str, data: TensorDataset, epochs: int) -> None:
+    """A frozen, pretrained EfficientNet-Lite0 with a linear head on digits."""
+    from ._zoo import Features, efficientnet_lite0
+
+    torch.manual_seed(0)
+    pair = _Pair(Features(efficientnet_lite0()), nn.Linear(1280, 10))
+    pair.train()
+    strategy_frozen_front(name, pair, data, epochs, accelerate=True)
+
+
+def _text_data(n: int) -> TensorDataset:
+    from ._zoo import minilm, stdlib_sentences, tokenize
+
+    sentences, labels, _ = stdlib_sentences()
+    _, tokenizer = minilm()
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(labels), generator=g)[:n]
+    ids = tokenize(tokenizer, [sentences[i] for i in order.tolist()])
+    return TensorDataset(ids, labels[order])
+
+
+def strategy_text(name: str, data: TensorDataset, epochs: int) -> None:
+    """A frozen, pretrained all-MiniLM-L6-v2 with an MLP head on real sentences."""
+    from ._zoo import minilm
+
+    torch.manual_seed(0)
+    encoder, _ = minilm()
+    head = nn.Sequential(nn.Linear(384, 128), nn.ReLU(), nn.Linear(128, 6))
+    pair = _Pair(encoder, head)
+    pair.train()
+    strategy_frozen_front(name, pair, data, epochs)
+
+
+def strategy_bn_cnn_pass(name: str, data: TensorDataset, epochs: int) -> None:
+    """One front-end pass over the data: plain no_grad eval vs ``gg.accelerate``."""
+    import gradgate as gg
+
+    from ._zoo import Features, efficientnet_lite0
+
+    front = Features(efficientnet_lite0())
+    gg.freeze(front)
+    x = data.tensors[0]
+    run = gg.accelerate(front, x[:8]) if name == "accelerate_pass" else front
+    for _ in range(epochs):
+        _front_pass(run, x)
 
 
 def strategy_reverse(name: str, data: TensorDataset, epochs: int) -> None:
@@ -314,19 +401,32 @@ def strategy_progressive(name: str, data: TensorDataset, epochs: int) -> None:
         _loop(net, opt, source, 1)
 
 
-TRAINING: dict[str, tuple[Callable[[str, TensorDataset, int], None], list[str], str]] = {
+Strategy = Callable[[str, TensorDataset, int], None]
+_FIVE = ["lr0", "requires_grad", "gradgate", "gradgate_cache", "limit"]
+
+TRAINING: dict[str, tuple[Strategy, list[str], str, Callable[[int], TensorDataset]]] = {
+    "bn_cnn": (strategy_bn_cnn, _FIVE, "limit", _bn_cnn_data),
+    "bn_cnn_pass": (
+        strategy_bn_cnn_pass,
+        ["eval_pass", "accelerate_pass"],
+        "eval_pass",
+        _bn_cnn_data,
+    ),
+    "text": (strategy_text, _FIVE, "limit", _text_data),
     "progressive": (
         strategy_progressive,
         ["plain", "progressive", "progressive_cache"],
         "plain",
+        _seed_data,
     ),
-    "seed": (
-        strategy_seed,
-        ["lr0", "requires_grad", "gradgate", "gradgate_cache", "limit"],
+    "seed": (strategy_seed, _FIVE, "limit", _seed_data),
+    "reverse": (
+        strategy_reverse,
+        ["lr0", "requires_grad", "gradgate", "limit"],
         "limit",
+        _seed_data,
     ),
-    "reverse": (strategy_reverse, ["lr0", "requires_grad", "gradgate", "limit"], "limit"),
-    "guard": (strategy_guard, ["gradgate", "guard_fast", "guard_exact"], "gradgate"),
+    "guard": (strategy_guard, ["gradgate", "guard_fast", "guard_exact"], "gradgate", _seed_data),
 }
 
 
@@ -344,8 +444,8 @@ def _peak_rss_mb(workload: str, strategy: str, samples: int, epochs: int) -> flo
         "import resource, sys, torch\n"
         "from gradgate import bench\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
-        f"fn = bench.TRAINING[{workload!r}][0]\n"
-        f"fn({strategy!r}, bench._seed_data({samples}), {epochs})\n"
+        f"fn, _, _, make_data = bench.TRAINING[{workload!r}]\n"
+        f"fn({strategy!r}, make_data({samples}), {epochs})\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     try:
@@ -359,8 +459,8 @@ def _peak_rss_mb(workload: str, strategy: str, samples: int, epochs: int) -> flo
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved repetitions of every strategy of a training workload."""
-    fn, strategies, baseline = TRAINING[args.workload]
-    data = _seed_data(args.samples)
+    fn, strategies, baseline, make_data = TRAINING[args.workload]
+    data = make_data(args.samples)
     times: dict[str, list[float]] = {s: [] for s in strategies}
     rounds = args.warmup + args.repeats
     order = progress(

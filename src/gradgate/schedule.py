@@ -42,7 +42,7 @@ class Stages(Sequence[Selector]):
                 owner[id(p)] = i
             self.parameters.append(chosen.parameters)
         self._selectors = list(selectors)
-        self.names = [describe_selectors([s]).strip("'") for s in selectors]
+        self.names = [describe_selectors([s]).replace("'", "") for s in selectors]
 
     def __getitem__(self, i: Any) -> Any:
         return self._selectors[i]

@@ -213,6 +213,8 @@ class _Match:
 def _describe(selector: object) -> str:
     if isinstance(selector, str):
         return repr(selector)
+    if isinstance(selector, (list, tuple)):
+        return "[" + ", ".join(_describe(s) for s in selector) + "]"
     if isinstance(selector, type):
         return selector.__name__
     if isinstance(selector, nn.Parameter):
