@@ -21,6 +21,15 @@ COMMANDS = {
     "guard": "gradgate bench guard --epochs 2 --repeats 5 --json OUT/guard.json "
     "--plot OUT/guard.png",
     "cache": "gradgate bench cache --repeats 5 --json OUT/cache.json --plot OUT/cache.png",
+    "bn_cnn": "gradgate bench bn_cnn --samples 1024 --epochs 3 --repeats 3 --json OUT/bn_cnn.json "
+    "--plot OUT/bn_cnn.png",
+    "bn_cnn_pass": "gradgate bench bn_cnn_pass --samples 1024 --epochs 1 --repeats 5 "
+    "--json OUT/bn_cnn_pass.json --plot OUT/bn_cnn_pass.png",
+    "text": "gradgate bench text --samples 384 --epochs 3 --repeats 3 --json OUT/text.json "
+    "--plot OUT/text.png",
+    "progressive": "gradgate bench progressive --epochs 10 --repeats 3 "
+    "--json OUT/progressive.json --plot OUT/progressive.png",
+    "checkpoint": "python bench/checkpoint_size.py OUT/checkpoint.json",
     "scale": "gradgate bench scale --repeats 3 --json OUT/scale.json --plot OUT/scale.png",
 }
 HEADER = """# Benchmarks
@@ -34,6 +43,15 @@ absolute seconds are noisy, ratios measured in one run are what to compare.
 """
 
 
+def _table(result: dict[str, list[dict[str, object]]], command: str) -> str:
+    rows = result["rows"]
+    keys = list(rows[0])
+    lines = [f"### `{result.get('name', 'table')}`", "", f"Command: `{command}`", ""]
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(out: Path) -> None:
     """Assemble the page from ``out/*.json`` and the notes in ``bench/notes/``."""
     parts = [HEADER]
@@ -44,14 +62,18 @@ def main(out: Path) -> None:
         if not src.exists():
             continue
         result = json.loads(src.read_text())
-        parts.append(to_markdown(result, command.replace("OUT", str(out))))
+        if "rows" in result:  # a plain table (bench/checkpoint_size.py)
+            parts.append(_table(result, command.replace("OUT", str(out))))
+        else:
+            parts.append(to_markdown(result, command.replace("OUT", str(out))))
         note = ROOT / "bench" / "notes" / f"{name}.md"
         if note.exists():
             parts.append(note.read_text())
         for ext in ("json", "png"):
             if (out / f"{name}.{ext}").exists():
                 shutil.copy(out / f"{name}.{ext}", dest / f"{name}.{ext}")
-        parts.append(f"![{name}](bench/{name}.png)\n")
+        if (out / f"{name}.png").exists():
+            parts.append(f"![{name}](bench/{name}.png)\n")
     (ROOT / "docs" / "BENCHMARKS.md").write_text("\n".join(parts))
 
 

@@ -171,6 +171,7 @@ def minilm() -> tuple[MiniLM, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     tf = optional_import("transformers", "bench")
+    tf.utils.logging.disable_progress_bar()
     path = str(_minilm_dir())
     tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     encoder = tf.AutoModel.from_pretrained(path, local_files_only=True)
