@@ -35,7 +35,8 @@ COMMANDS = {
 HEADER = """# Benchmarks
 
 Measured with `gradgate bench` (protocol: `shared/BENCHMARKS.md`): strategies interleaved
-(A B C ... repeated), one warm-up round discarded, 5 repetitions; median and min-max; ratios are
+(A B C ... repeated), one warm-up round discarded, then the repetitions each command gives
+(`--repeats`); median and min-max; ratios are
 medians of per-repetition ratios. Peak RSS is `ru_maxrss` of a fresh process running one
 strategy alone. Raw JSON and PNG plots are in `docs/bench/`; this page is written by
 `python bench/make_docs.py bench-out` from them. The machine is the shared 2-core CI machine:
