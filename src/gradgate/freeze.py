@@ -131,14 +131,12 @@ class Freezing:
         model: nn.Module,
         action: str,
         selection: Selection,
-        prior_grad: list[tuple[nn.Parameter, bool]],
-        prior_modes: list[tuple[nn.Module, bool, object]],
+        prior: _Snapshot,
     ) -> None:
         self.model = model
         self.action = action
         self.selection = selection
-        self._prior_grad = prior_grad
-        self._prior_modes = prior_modes
+        self._prior = prior
         self.frozen: list[str] = []
         self.unfrozen: list[str] = []
         self._undone = False
@@ -153,14 +151,16 @@ class Freezing:
             >>> h.undo(); lin.weight.requires_grad
             True
         """
-        for p, flag in self._prior_grad:
-            p.requires_grad_(flag)
-        for m, training, train_attr in self._prior_modes:
-            if train_attr is None:
-                _release(m)
-            else:
-                m.__dict__["train"] = train_attr
-            m.training = training
+        prior = self._prior
+        with gc_paused():
+            for p, flag in zip(prior.params, prior.requires_grad):
+                p.requires_grad_(flag)
+            for m, training, train_attr in zip(prior.modules, prior.training, prior.train_attr):
+                if train_attr is None:
+                    _release(m)
+                else:
+                    m.__dict__["train"] = train_attr
+                m.__dict__["training"] = training
         self._undone = True
 
     def __enter__(self) -> Freezing:
@@ -182,12 +182,15 @@ class Freezing:
         )
 
 
-def _snapshot(
-    index: ModelIndex,
-) -> tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool, object]]]:
-    grads = [(p, p.requires_grad) for p in index.params.values()]
-    modes = [(m, m.training, m.__dict__.get("train")) for m in index.modules.values()]
-    return grads, modes
+class _Snapshot:
+    """Every flag a call may change, as parallel lists (few objects on large models)."""
+
+    def __init__(self, index: ModelIndex) -> None:
+        self.params = list(index.params.values())
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.modules = index.mods
+        self.training = [m.training for m in self.modules]
+        self.train_attr = [m.__dict__.get("train") for m in self.modules]
 
 
 def _check_shared(
@@ -291,8 +294,7 @@ def _apply_walk(
     index = ModelIndex(model)
     sel = resolve(index, selectors, exclude)
     forced = _check_shared(index, sel, action, shared_e, selectors)
-    prior_grad, prior_modes = _snapshot(index)
-    handle = Freezing(model, action, sel, prior_grad, prior_modes)
+    handle = Freezing(model, action, sel, _Snapshot(index))
     selected_ids = {id(p) for _, p in sel.named_parameters()}
     try:
         for name, p in index.params.items():

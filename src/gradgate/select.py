@@ -155,8 +155,7 @@ class ModelIndex:
         self.parent = parent
         self.aliases = aliases
         self.alias_owner = alias_owner
-        self.modules: dict[str, nn.Module] = dict(zip(names, mods))
-        self.position: dict[str, int] = {n: i for i, n in enumerate(names)}
+        self._modules: dict[str, nn.Module] | None = None
         self.canonical: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
         self.shared: set[int] = set()
@@ -171,6 +170,18 @@ class ModelIndex:
                 canonical[key] = name
                 params[name] = p
 
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Module path -> module (built on first use)."""
+        if self._modules is None:
+            self._modules = dict(zip(self.names, self.mods))
+        return self._modules
+
+    @property
+    def position(self) -> dict[str, int]:
+        """Module path -> its index in pre-order."""
+        return {n: i for i, n in enumerate(self.names)}
+
     def subtree_flags(self, roots: set[str]) -> list[bool]:
         """For each module (by position), whether it lies under one of ``roots``."""
         inside = [False] * len(self.names)
@@ -180,15 +191,15 @@ class ModelIndex:
         return inside
 
     def module_text(self) -> str:
-        """Every module path but the root, one a line (for regex scans)."""
+        """Every module path but the root, each between newlines (for regex scans)."""
         if self._module_text is None:
-            self._module_text = "\n".join(self.names[1:])
+            self._module_text = "\n" + "\n".join(self.names[1:]) + "\n"
         return self._module_text
 
     def alias_text(self) -> str:
-        """Every parameter alias, one a line (for regex scans)."""
+        """Every parameter alias, each between newlines (for regex scans)."""
         if self._alias_text is None:
-            self._alias_text = "\n".join(n for n, _ in self.aliases)
+            self._alias_text = "\n" + "\n".join(n for n, _ in self.aliases) + "\n"
         return self._alias_text
 
     def unique_modules(self) -> dict[int, tuple[str, nn.Module]]:
@@ -265,8 +276,9 @@ def _resolve_one(index: ModelIndex, selector: object, out: _Match) -> bool:
             params = [n for n, _ in index.aliases if rx.fullmatch(n)]
         else:
             # Names never hold a newline and glob regexes never cross one, so
-            # one C-level scan over the joined names replaces a Python loop.
-            rx = re.compile("^(?:" + glob_to_regex(selector) + ")$", re.MULTILINE)
+            # one C-level scan over the joined names replaces a Python loop; the
+            # leading literal newline lets the engine skip to line starts.
+            rx = re.compile(r"\n(" + glob_to_regex(selector) + r")(?=\n)")
             mods = rx.findall(index.module_text())
             params = rx.findall(index.alias_text())
         out.roots.update(mods)
@@ -390,11 +402,14 @@ def resolve(
         inside = [a and not b for a, b in zip(inside, ex_inside)]
         ex_ids = {id(p) for _, p in ex_hit}
         hit = [(n, p) for n, p in hit if id(p) not in ex_ids]
-    ids = {id(p) for _, p in hit}
     aliases = [n for n, _ in hit]
-    params = {n: p for n, p in index.params.items() if id(p) in ids}
+    if index.shared:  # keep canonical order when a tied parameter was hit by a later name
+        ids = {id(p) for _, p in hit}
+        params = {n: p for n, p in index.params.items() if id(p) in ids}
+    else:  # every alias is canonical: the hits are already in model order
+        params = dict(hit)
     modules = [n for n, flag in zip(index.names, inside) if flag]
-    module_set = set(modules)
+    module_set = frozenset(modules)
     return Selection(
         roots=sorted(r for r in match.roots if r in module_set or r == ""),
         modules=modules,
@@ -402,7 +417,7 @@ def resolve(
         numel=sum(p.numel() for p in params.values()),
         aliases=frozenset(aliases),
         _params=params,
-        _module_set=frozenset(module_set),
+        _module_set=module_set,
     )
 
 
