@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import types
 
+from . import distributed
 from .accelerate import Accelerated, accelerate
 from .cache import FeatureCache
 from .checkpoint import CheckpointError, CheckpointKeyError, load_trainable, save_trainable
@@ -85,6 +86,7 @@ __all__ = [
     "Summary",
     "__version__",
     "accelerate",
+    "distributed",
     "fingerprint",
     "freeze",
     "freeze_to",
