@@ -30,6 +30,7 @@ COMMANDS = {
     "progressive": "gradgate bench progressive --epochs 10 --repeats 3 "
     "--json OUT/progressive.json --plot OUT/progressive.png",
     "checkpoint": "python bench/checkpoint_size.py OUT/checkpoint.json",
+    "half_storage": "python bench/half_storage.py OUT/half_storage.json",
     "scale": "gradgate bench scale --repeats 3 --json OUT/scale.json --plot OUT/scale.png",
 }
 HEADER = """# Benchmarks
