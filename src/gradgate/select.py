@@ -202,13 +202,6 @@ class ModelIndex:
             self._alias_text = "\n" + "\n".join(n for n, _ in self.aliases) + "\n"
         return self._alias_text
 
-    def unique_modules(self) -> dict[int, tuple[str, nn.Module]]:
-        """Map ``id(module)`` to its first path and the module."""
-        out: dict[int, tuple[str, nn.Module]] = {}
-        for name, mod in self.modules.items():
-            out.setdefault(id(mod), (name, mod))
-        return out
-
     def all_names(self) -> list[str]:
         """Every module path (root excluded) and parameter alias."""
         return [n for n in self.modules if n] + [n for n, _ in self.aliases]
