@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gradgate as gg
-from gradgate._seed import Agent
+from gradgate.tools.seed import Agent
 
 
 def _row(name: str, model: nn.Module, folder: Path) -> dict[str, object]:
@@ -34,7 +34,7 @@ def _row(name: str, model: nn.Module, folder: Path) -> dict[str, object]:
 
 def main(out: str) -> None:
     """Write the table as JSON for bench/make_docs.py."""
-    from gradgate._zoo import minilm
+    from gradgate.tools.zoo import minilm
 
     folder = Path(tempfile.mkdtemp())
     seed = Agent()

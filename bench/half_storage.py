@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import gradgate as gg
-from gradgate._seed import Agent, FeatureExtractor
-from gradgate.demo import _accuracy, _epochs, _split, load_digits_28
+from gradgate.tools.demo import _accuracy, _epochs, _split, load_digits_28
+from gradgate.tools.seed import Agent, FeatureExtractor
 
 
 def main(out: str) -> None:

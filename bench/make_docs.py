@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gradgate.bench import to_markdown
+from gradgate.tools.bench import to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {

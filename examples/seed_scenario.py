@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gradgate as gg
-from gradgate._seed import Agent
+from gradgate.tools.seed import Agent
 
 
 def main(steps: int = 20) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradgate as gg
-from gradgate._zoo import digits_64, efficientnet_lite0
+from gradgate.tools.zoo import digits_64, efficientnet_lite0
 
 
 def convs_in(pattern: str) -> Callable[[str, nn.Module], bool]:

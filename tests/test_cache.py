@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradgate as gg
-from gradgate._seed import Agent
+from gradgate.tools.seed import Agent
 
 
 def _data(n: int = 100, seed: int = 0) -> TensorDataset:
@@ -161,7 +161,7 @@ def test_input_fn_and_plain_lists() -> None:
 _BUILD = """
 import sys, torch, gradgate as gg
 from torch.utils.data import TensorDataset
-from gradgate._seed import Agent
+from gradgate.tools.seed import Agent
 torch.manual_seed(0)
 agent = Agent()
 gg.freeze(agent, "front_end")

@@ -8,7 +8,7 @@ import torch
 
 import gradgate as gg
 from cases import CASES, Case
-from gradgate._seed import Agent
+from gradgate.tools.seed import Agent
 
 
 def _trained(seed: int = 0) -> tuple[Agent, torch.optim.Optimizer]:

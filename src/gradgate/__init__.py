@@ -10,23 +10,23 @@ Example:
 
 from __future__ import annotations
 
-import sys
-import types
-
 from . import distributed
-from .accelerate import Accelerated, accelerate
+from .acceleration import Accelerated, accelerate
 from .cache import FeatureCache
-from .checkpoint import CheckpointError, CheckpointKeyError, load_trainable, save_trainable
+from .checkpoint import load_trainable, save_trainable
 from .errors import (
+    CheckpointError,
+    CheckpointKeyError,
     FingerprintMismatch,
     FrozenTensorChanged,
     GradgateError,
     InvalidArgumentError,
+    MissingDependencyError,
     NoMatchError,
     SharedParameterError,
     StaleWrapperError,
 )
-from .freeze import (
+from .freezing import (
     Freezing,
     freeze,
     is_sticky,
@@ -35,47 +35,31 @@ from .freeze import (
     trainable_parameters,
     unfreeze,
 )
-from .guard import Guard, fingerprint, guard
+from .integrity import Guard, fingerprint, guard
 from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sync
-from .report import GradReport, Summary, grad_report, summary
-from .schedule import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
-from .select import Selection, Selector, select
+from .reports import GradReport, Summary, grad_report, summary
+from .schedules import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
+from .selection import Selection, Selector, select
 
 __version__ = "0.1.0"
 
-
-class _Package(types.ModuleType):
-    """Keeps ``gg.freeze`` and ``gg.guard`` the functions.
-
-    The submodules ``gradgate.freeze`` and ``gradgate.guard`` share those
-    names; importing them (``import gradgate.guard``) would otherwise rebind
-    the package attribute to the submodule.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
 __all__ = [
     "Accelerated",
-    "DEFAULT_NO_DECAY",
     "CheckpointError",
     "CheckpointKeyError",
+    "DEFAULT_NO_DECAY",
     "FeatureCache",
-    "FingerprintMismatch",
     "Finding",
+    "FingerprintMismatch",
     "Freezing",
     "FrozenTensorChanged",
     "GradReport",
+    "GradgateError",
     "GradualUnfreeze",
     "Guard",
-    "GradgateError",
     "InvalidArgumentError",
     "LayerDecay",
+    "MissingDependencyError",
     "NoMatchError",
     "ProgressiveFreeze",
     "Selection",

@@ -12,40 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FingerprintMismatch, GradgateError
-from .freeze import frozen_modules
-from .guard import frozen_tensors, tensor_digest
+from .errors import CheckpointError, CheckpointKeyError, FingerprintMismatch
+from .freezing import frozen_modules
+from .integrity import frozen_tensors, tensor_digest
 
 __all__ = [
-    "CheckpointError",
-    "CheckpointKeyError",
     "load_trainable",
     "save_trainable",
     "trainable_state",
 ]
 
 _PER_TENSOR_LIMIT = 20_000  # above this many frozen tensors only the total digest is kept
-
-
-class CheckpointError(GradgateError, ValueError):
-    """A checkpoint file cannot be read or does not fit the model.
-
-    Example:
-        >>> issubclass(CheckpointError, ValueError)
-        True
-    """
-
-
-class CheckpointKeyError(CheckpointError, KeyError):
-    """A checkpoint lacks a trainable tensor of the model, or holds one it does not have.
-
-    Example:
-        >>> issubclass(CheckpointKeyError, KeyError)
-        True
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -145,7 +122,7 @@ def save_trainable(
         >>> os.path.getsize(path) < 4096
         True
     """
-    from ._util import optional_import
+    from ._deps import optional_import
 
     st = optional_import("safetensors.torch", "io")
     state = {k: _full(v) for k, v in trainable_state(model).items()}
@@ -199,7 +176,7 @@ def _version() -> str:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from ._util import optional_import
+    from ._deps import optional_import
 
     st = optional_import("safetensors", "io")
     if not path.is_file():

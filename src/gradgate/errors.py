@@ -8,6 +8,9 @@ nothing.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointKeyError",
+    "MissingDependencyError",
     "FingerprintMismatch",
     "FrozenTensorChanged",
     "GradgateError",
@@ -92,3 +95,33 @@ class StaleWrapperError(GradgateError, RuntimeError):
         >>> issubclass(gg.StaleWrapperError, RuntimeError)
         True
     """
+
+
+class MissingDependencyError(GradgateError, ImportError):
+    """An optional dependency is not installed.
+
+    Example:
+        >>> issubclass(MissingDependencyError, ImportError)
+        True
+    """
+
+
+class CheckpointError(GradgateError, ValueError):
+    """A checkpoint file cannot be read or does not fit the model.
+
+    Example:
+        >>> issubclass(CheckpointError, ValueError)
+        True
+    """
+
+
+class CheckpointKeyError(CheckpointError, KeyError):
+    """A checkpoint lacks a trainable tensor of the model, or holds one it does not have.
+
+    Example:
+        >>> issubclass(CheckpointKeyError, KeyError)
+        True
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

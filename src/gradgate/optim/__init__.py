@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 
-from .errors import InvalidArgumentError
-from .select import Selector, select
+from ..errors import InvalidArgumentError
+from ..selection import Selector, select
 
 __all__ = ["DEFAULT_NO_DECAY", "Finding", "LayerDecay", "lint", "param_groups", "sync"]
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._util import progress
-from .errors import GradgateError, InvalidArgumentError
-from .freeze import _choice
-from .guard import fingerprint, tensor_digest
+from .._options import choice
+from .._progress import progress
+from ..errors import GradgateError, InvalidArgumentError
+from ..integrity import fingerprint, tensor_digest
 
 __all__ = ["FeatureCache"]
 
@@ -142,7 +142,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         dataset_key: str | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        self.store = _choice(_StoreEnum, "store", store).value
+        self.store = choice(_StoreEnum, "store", store).value
         if self.store == _StoreEnum.DISK.value and path is None:
             raise InvalidArgumentError("store='disk' needs path= (a folder for the cache)")
         if batch_size < 1:

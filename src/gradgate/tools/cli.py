@@ -29,8 +29,8 @@ def _load_factory(spec: str) -> nn.Module:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from . import freeze, summary, train_only
-    from .errors import GradgateError
+    from .. import freeze, summary, train_only
+    from ..errors import GradgateError
 
     model = _load_factory(args.factory)
     try:
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradgate`` command.
 
     Example:
-        >>> main(["summary", "gradgate._seed:Agent", "--freeze", "front_end", "--depth", "1"])
+        >>> main(["summary", "gradgate.tools.seed:Agent", "--freeze", "front_end", "--depth", "1"])
         ... # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
         module     type            params  trainable  frozen  state    mode
         ...

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import gc
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
 
 from torch import nn
 
-from .errors import GradgateError, InvalidArgumentError, SharedParameterError
-from .select import (
-    ModelIndex,
-    Selection,
-    Selector,
-    _owner,
-    describe_selectors,
-    is_float,
-    resolve,
-)
+from ._index import ModelIndex, gc_paused, is_float, owner_of, trainable_flags
+from ._options import choice
+from .errors import GradgateError, SharedParameterError
+from .selection import Selection, Selector, describe_selectors, resolve
 
 __all__ = [
     "Freezing",
@@ -45,17 +36,6 @@ class Shared(enum.Enum):
 
     FREEZE = "freeze"
     TRAIN = "train"
-
-
-def _choice(kind: type[enum.Enum], name: str, value: object) -> Any:
-    """Turn a string option into its enum at once, naming the valid values."""
-    if isinstance(value, kind):
-        return value
-    for member in kind:
-        if member.value == value:
-            return member
-    valid = ", ".join(repr(m.value) for m in kind)
-    raise InvalidArgumentError(f"{name} must be one of {valid}; got {value!r}")
 
 
 class _StickyEval:
@@ -233,40 +213,11 @@ def _check_shared(
         raise SharedParameterError(
             f"parameter {index.canonical[key]!r} is shared: {action}("
             f"{describe_selectors(selectors)}) would {want} it through "
-            f"{', '.join(repr(_owner(n) or '(root)') for n in inside)}, but "
-            f"{', '.join(repr(_owner(n) or '(root)') for n in outside)} {other}; "
+            f"{', '.join(repr(owner_of(n) or '(root)') for n in inside)}, but "
+            f"{', '.join(repr(owner_of(n) or '(root)') for n in outside)} {other}; "
             "pass shared='freeze' or shared='train' to choose"
         )
     return forced
-
-
-def trainable_flags(index: ModelIndex) -> list[bool]:
-    """For each module (by position), whether a trainable parameter lies under it."""
-    flags = [False] * len(index.names)
-    for (_, p), owner in zip(index.aliases, index.alias_owner):
-        if p.requires_grad:
-            flags[owner] = True
-    parent = index.parent
-    for i in range(len(flags) - 1, 0, -1):
-        if flags[i]:
-            flags[parent[i]] = True
-    return flags
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while walking a large model.
-
-    A walk allocates many small containers; on a model with 10^5 tensors the
-    collector's repeated full scans cost more than the walk itself.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _apply(
@@ -277,8 +228,8 @@ def _apply(
     mode: object,
     shared: object,
 ) -> Freezing:
-    mode_e: Mode = _choice(Mode, "mode", mode)
-    shared_e: Shared | None = None if shared is None else _choice(Shared, "shared", shared)
+    mode_e: Mode = choice(Mode, "mode", mode)
+    shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
     with gc_paused():
         return _apply_walk(model, action, selectors, exclude, mode_e, shared_e)
 

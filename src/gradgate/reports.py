@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._format import render_table
+from ._index import ModelIndex, gc_paused, owner_of
 from .errors import InvalidArgumentError
-from .freeze import gc_paused, is_sticky
-from .select import ModelIndex, _owner
+from .freezing import is_sticky
 
 __all__ = ["GradReport", "Summary", "grad_report", "summary"]
-
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
-    """Render rows as a plain-text table (right-aligned columns in ``right``)."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        out = [
-            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)
-        ]
-        return "  ".join(out).rstrip()
-
-    rule = "-" * len(line(["-" * w for w in widths]))
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
 @dataclass(frozen=True)
@@ -270,7 +253,7 @@ def grad_report(model: nn.Module) -> GradReport:
     sq: dict[str, float] = {}
     count: dict[str, int] = {}
     for name, p in index.params.items():
-        owner = _owner(name)
+        owner = owner_of(name)
         sq.setdefault(owner, 0.0)
         count.setdefault(owner, 0)
         g = p.grad

@@ -7,8 +7,8 @@ from torch import nn
 
 import gradgate as gg
 from cases import CASES, Case, TiedLM, state_of
-from gradgate._seed import Agent
-from gradgate.freeze import frozen_modules
+from gradgate.freezing import frozen_modules
+from gradgate.tools.seed import Agent
 
 
 def _backward(model: nn.Module, case: Case) -> None:

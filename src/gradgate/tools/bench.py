@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._util import progress
+from .._progress import progress
 
 __all__ = ["add_bench_arguments", "build_scale_model", "machine_info", "run_bench"]
 
@@ -265,14 +265,14 @@ def strategy_frozen_front(
 
 def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
     """Train the seed's back-end on a frozen front-end the way ``name`` does it."""
-    from ._seed import Agent
+    from .seed import Agent
 
     torch.manual_seed(0)
     strategy_frozen_front(name, Agent(), data, epochs)
 
 
 def _bn_cnn_data(n: int) -> TensorDataset:
-    from ._zoo import digits_64
+    from .zoo import digits_64
 
     x, y = digits_64()
     return TensorDataset(x[:n], y[:n])
@@ -280,7 +280,7 @@ def _bn_cnn_data(n: int) -> TensorDataset:
 
 def strategy_bn_cnn(name: str, data: TensorDataset, epochs: int) -> None:
     """A frozen, pretrained EfficientNet-Lite0 with a linear head on digits."""
-    from ._zoo import Features, efficientnet_lite0
+    from .zoo import Features, efficientnet_lite0
 
     torch.manual_seed(0)
     pair = _Pair(Features(efficientnet_lite0()), nn.Linear(1280, 10))
@@ -289,7 +289,7 @@ def strategy_bn_cnn(name: str, data: TensorDataset, epochs: int) -> None:
 
 
 def _text_data(n: int) -> TensorDataset:
-    from ._zoo import minilm, stdlib_sentences, tokenize
+    from .zoo import minilm, stdlib_sentences, tokenize
 
     sentences, labels, _ = stdlib_sentences()
     _, tokenizer = minilm()
@@ -301,7 +301,7 @@ def _text_data(n: int) -> TensorDataset:
 
 def strategy_text(name: str, data: TensorDataset, epochs: int) -> None:
     """A frozen, pretrained all-MiniLM-L6-v2 with an MLP head on real sentences."""
-    from ._zoo import minilm
+    from .zoo import minilm
 
     torch.manual_seed(0)
     encoder, _ = minilm()
@@ -315,7 +315,7 @@ def strategy_bn_cnn_pass(name: str, data: TensorDataset, epochs: int) -> None:
     """One front-end pass over the data: plain no_grad eval vs ``gg.accelerate``."""
     import gradgate as gg
 
-    from ._zoo import Features, efficientnet_lite0
+    from .zoo import Features, efficientnet_lite0
 
     front = Features(efficientnet_lite0())
     gg.freeze(front)
@@ -328,7 +328,7 @@ def strategy_bn_cnn_pass(name: str, data: TensorDataset, epochs: int) -> None:
 def strategy_reverse(name: str, data: TensorDataset, epochs: int) -> None:
     """Train only the front-end through a frozen back-end (the seed's title)."""
 
-    from ._seed import Agent
+    from .seed import Agent
 
     torch.manual_seed(0)
     agent = Agent()
@@ -354,7 +354,7 @@ def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
     """The seed's gradgate loop with and without ``gg.guard``."""
     import gradgate as gg
 
-    from ._seed import Agent
+    from .seed import Agent
 
     torch.manual_seed(0)
     agent = Agent()
@@ -369,7 +369,7 @@ def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
 
 
 def _sequential_seed() -> nn.Sequential:
-    from ._seed import Agent
+    from .seed import Agent
 
     agent = Agent()
     fe, be = agent.front_end, agent.back_end
@@ -518,7 +518,7 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
 
     import gradgate as gg
 
-    from ._seed import Agent
+    from .seed import Agent
 
     torch.manual_seed(0)
     agent = Agent()
@@ -579,7 +579,7 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fingerprint_speed() -> float:
-    from .guard import tensor_digest
+    from ..integrity import tensor_digest
 
     t = torch.randn(64 * 1024 * 1024)  # 256 MB
     best = math.inf
@@ -591,7 +591,7 @@ def _fingerprint_speed() -> float:
 
 
 def _print_table(result: dict[str, Any]) -> None:
-    from .report import render_table
+    from .._format import render_table
 
     rows = []
     for name, data in result["strategies"].items():
@@ -657,7 +657,7 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
 
 
 def _plot(result: dict[str, Any], path: str) -> None:
-    from ._util import optional_import
+    from .._deps import optional_import
 
     mpl = optional_import("matplotlib", "plot")
     mpl.use("Agg")

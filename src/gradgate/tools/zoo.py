@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._util import optional_import
+from .._deps import optional_import
 
 __all__ = ["EfficientNetLite0", "MiniLM", "efficientnet_lite0", "minilm"]
 

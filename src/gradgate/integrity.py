@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._options import choice
 from .errors import FrozenTensorChanged, InvalidArgumentError
-from .freeze import _choice, frozen_modules
+from .freezing import frozen_modules
 
 __all__ = ["Guard", "fingerprint", "frozen_tensors", "guard", "tensor_digest"]
 
@@ -327,8 +328,8 @@ def guard(
         ...     print(str(e)[:51])
         frozen parameter '0.weight' changed after optimizer
     """
-    check_e: Check = _choice(Check, "check", check)
-    on_e: OnViolation = _choice(OnViolation, "on_violation", on_violation)
+    check_e: Check = choice(Check, "check", check)
+    on_e: OnViolation = choice(OnViolation, "on_violation", on_violation)
     if not isinstance(every, int) or every < 1:
         raise InvalidArgumentError(f"every must be a positive int; got {every!r}")
     if optimizer is None:

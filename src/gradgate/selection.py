@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-import torch
 from torch import nn
 
+from ._index import ModelIndex
 from .errors import InvalidArgumentError, NoMatchError
 
 __all__ = ["Selection", "Selector", "select"]
@@ -30,27 +30,6 @@ Selector = Union[  # noqa: UP007 (recursive alias needs Union at runtime)
     Sequence["Selector"],
 ]
 """Anything a ``*selectors`` argument accepts (see the module docstring)."""
-
-
-def _owner(name: str) -> str:
-    """Return the module path that owns a parameter or buffer name."""
-    head, _, _ = name.rpartition(".")
-    return head
-
-
-def _prefixes(name: str) -> Iterator[str]:
-    """Yield '' and every dotted prefix of ``name``, ending with ``name`` itself."""
-    yield ""
-    if not name:
-        return
-    start = 0
-    while True:
-        dot = name.find(".", start)
-        if dot < 0:
-            yield name
-            return
-        yield name[:dot]
-        start = dot + 1
 
 
 def _segment_regex(seg: str) -> str:
@@ -112,99 +91,6 @@ def glob_to_regex(pattern: str) -> str:
             rx += _segment_regex(seg)
             need_dot = True
     return rx
-
-
-class ModelIndex:
-    """Every module path and parameter alias of a model, read in one pass.
-
-    Internal helper shared by the selecting, freezing and reporting code so
-    that each call walks the model once.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise InvalidArgumentError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
-        names: list[str] = []
-        mods: list[nn.Module] = []
-        parent: list[int] = []
-        aliases: list[tuple[str, nn.Parameter]] = []
-        alias_owner: list[int] = []
-        # An explicit pre-order walk: the same order as named_modules /
-        # named_parameters(remove_duplicate=False), without nested generators,
-        # recording each module's parent and each parameter's owner by index.
-        stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
-        pop, push = stack.pop, stack.extend
-        while stack:
-            name, mod, up = pop()
-            i = len(names)
-            names.append(name)
-            mods.append(mod)
-            parent.append(up)
-            d = mod.__dict__
-            dot = name + "." if name else ""
-            for pname, p in d["_parameters"].items():
-                if p is not None:
-                    aliases.append((dot + pname, p))
-                    alias_owner.append(i)
-            kids = d["_modules"]
-            if kids:
-                push([(dot + c, m, i) for c, m in reversed(kids.items()) if m is not None])
-        self.names = names
-        self.mods = mods
-        self.parent = parent
-        self.aliases = aliases
-        self.alias_owner = alias_owner
-        self._modules: dict[str, nn.Module] | None = None
-        self.canonical: dict[int, str] = {}
-        self.params: dict[str, nn.Parameter] = {}
-        self.shared: set[int] = set()
-        self._module_text: str | None = None
-        self._alias_text: str | None = None
-        canonical, params, shared = self.canonical, self.params, self.shared
-        for name, p in aliases:
-            key = id(p)
-            if key in canonical:
-                shared.add(key)
-            else:
-                canonical[key] = name
-                params[name] = p
-
-    @property
-    def modules(self) -> dict[str, nn.Module]:
-        """Module path -> module (built on first use)."""
-        if self._modules is None:
-            self._modules = dict(zip(self.names, self.mods))
-        return self._modules
-
-    @property
-    def position(self) -> dict[str, int]:
-        """Module path -> its index in pre-order."""
-        return {n: i for i, n in enumerate(self.names)}
-
-    def subtree_flags(self, roots: set[str]) -> list[bool]:
-        """For each module (by position), whether it lies under one of ``roots``."""
-        inside = [False] * len(self.names)
-        parent = self.parent
-        for i, name in enumerate(self.names):
-            inside[i] = name in roots or (i > 0 and inside[parent[i]])
-        return inside
-
-    def module_text(self) -> str:
-        """Every module path but the root, each between newlines (for regex scans)."""
-        if self._module_text is None:
-            self._module_text = "\n" + "\n".join(self.names[1:]) + "\n"
-        return self._module_text
-
-    def alias_text(self) -> str:
-        """Every parameter alias, each between newlines (for regex scans)."""
-        if self._alias_text is None:
-            self._alias_text = "\n" + "\n".join(n for n, _ in self.aliases) + "\n"
-        return self._alias_text
-
-    def all_names(self) -> list[str]:
-        """Every module path (root excluded) and parameter alias."""
-        return [n for n in self.modules if n] + [n for n, _ in self.aliases]
 
 
 @dataclass
@@ -440,8 +326,3 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
         ['1.weight', '1.bias']
     """
     return resolve(ModelIndex(model), selectors, exclude)
-
-
-def is_float(p: torch.Tensor) -> bool:
-    """Whether a tensor's dtype can carry gradients."""
-    return p.is_floating_point() or p.is_complex()

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._seed import Agent, FeatureExtractor, PolicyNetwork
-from ._util import optional_import, progress
+from .._deps import optional_import
+from .._progress import progress
+from .seed import Agent, FeatureExtractor, PolicyNetwork
 
 __all__ = ["add_demo_arguments", "load_digits_28", "run_demo"]
 
@@ -128,7 +129,7 @@ def _compare(
 
     import gradgate as gg
 
-    from .report import render_table
+    from .._format import render_table
 
     rows: list[dict[str, Any]] = []
     data = TensorDataset(xb, yb)

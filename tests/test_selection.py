@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradgate as gg
-from gradgate._seed import Agent
-from gradgate.select import glob_to_regex
+from gradgate.selection import glob_to_regex
+from gradgate.tools.seed import Agent
 
 
 def test_module_name_selects_subtree() -> None:

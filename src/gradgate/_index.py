@@ -1,0 +1,165 @@
+"""The model index: module paths, parameter names, owners and subtree flags (private).
+
+One walk over a model serves the selecting, freezing, reporting, checking and
+saving code; this module is the only place that knows how names map to
+tensors and modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+
+def owner_of(name: str) -> str:
+    """Return the module path that owns a parameter or buffer name."""
+    head, _, _ = name.rpartition(".")
+    return head
+
+
+def prefixes(name: str) -> Iterator[str]:
+    """Yield '' and every dotted prefix of ``name``, ending with ``name`` itself."""
+    yield ""
+    if not name:
+        return
+    start = 0
+    while True:
+        dot = name.find(".", start)
+        if dot < 0:
+            yield name
+            return
+        yield name[:dot]
+        start = dot + 1
+
+
+class ModelIndex:
+    """Every module path and parameter alias of a model, read in one pass.
+
+    Internal helper shared by the selecting, freezing and reporting code so
+    that each call walks the model once.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        names: list[str] = []
+        mods: list[nn.Module] = []
+        parent: list[int] = []
+        aliases: list[tuple[str, nn.Parameter]] = []
+        alias_owner: list[int] = []
+        # An explicit pre-order walk: the same order as named_modules /
+        # named_parameters(remove_duplicate=False), without nested generators,
+        # recording each module's parent and each parameter's owner by index.
+        stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
+        pop, push = stack.pop, stack.extend
+        while stack:
+            name, mod, up = pop()
+            i = len(names)
+            names.append(name)
+            mods.append(mod)
+            parent.append(up)
+            d = mod.__dict__
+            dot = name + "." if name else ""
+            for pname, p in d["_parameters"].items():
+                if p is not None:
+                    aliases.append((dot + pname, p))
+                    alias_owner.append(i)
+            kids = d["_modules"]
+            if kids:
+                push([(dot + c, m, i) for c, m in reversed(kids.items()) if m is not None])
+        self.names = names
+        self.mods = mods
+        self.parent = parent
+        self.aliases = aliases
+        self.alias_owner = alias_owner
+        self._modules: dict[str, nn.Module] | None = None
+        self.canonical: dict[int, str] = {}
+        self.params: dict[str, nn.Parameter] = {}
+        self.shared: set[int] = set()
+        self._module_text: str | None = None
+        self._alias_text: str | None = None
+        canonical, params, shared = self.canonical, self.params, self.shared
+        for name, p in aliases:
+            key = id(p)
+            if key in canonical:
+                shared.add(key)
+            else:
+                canonical[key] = name
+                params[name] = p
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Module path -> module (built on first use)."""
+        if self._modules is None:
+            self._modules = dict(zip(self.names, self.mods))
+        return self._modules
+
+    @property
+    def position(self) -> dict[str, int]:
+        """Module path -> its index in pre-order."""
+        return {n: i for i, n in enumerate(self.names)}
+
+    def subtree_flags(self, roots: set[str]) -> list[bool]:
+        """For each module (by position), whether it lies under one of ``roots``."""
+        inside = [False] * len(self.names)
+        parent = self.parent
+        for i, name in enumerate(self.names):
+            inside[i] = name in roots or (i > 0 and inside[parent[i]])
+        return inside
+
+    def module_text(self) -> str:
+        """Every module path but the root, each between newlines (for regex scans)."""
+        if self._module_text is None:
+            self._module_text = "\n" + "\n".join(self.names[1:]) + "\n"
+        return self._module_text
+
+    def alias_text(self) -> str:
+        """Every parameter alias, each between newlines (for regex scans)."""
+        if self._alias_text is None:
+            self._alias_text = "\n" + "\n".join(n for n, _ in self.aliases) + "\n"
+        return self._alias_text
+
+    def all_names(self) -> list[str]:
+        """Every module path (root excluded) and parameter alias."""
+        return [n for n in self.modules if n] + [n for n, _ in self.aliases]
+
+
+def trainable_flags(index: ModelIndex) -> list[bool]:
+    """For each module (by position), whether a trainable parameter lies under it."""
+    flags = [False] * len(index.names)
+    for (_, p), owner in zip(index.aliases, index.alias_owner):
+        if p.requires_grad:
+            flags[owner] = True
+    parent = index.parent
+    for i in range(len(flags) - 1, 0, -1):
+        if flags[i]:
+            flags[parent[i]] = True
+    return flags
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while walking a large model.
+
+    A walk allocates many small containers; on a model with 10^5 tensors the
+    collector's repeated full scans cost more than the walk itself.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def is_float(p: torch.Tensor) -> bool:
+    """Whether a tensor's dtype can carry gradients."""
+    return p.is_floating_point() or p.is_complex()
