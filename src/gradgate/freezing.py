@@ -8,6 +8,7 @@ from types import TracebackType
 
 from torch import nn
 
+from ._events import Change, announce
 from ._index import ModelIndex, gc_paused, is_float, owner_of, trainable_flags
 from ._options import choice
 from .errors import GradgateError, SharedParameterError
@@ -132,8 +133,12 @@ class Freezing:
             True
         """
         prior = self._prior
+        frozen: list[nn.Parameter] = []
+        unfrozen: list[nn.Parameter] = []
         with gc_paused():
             for p, flag in zip(prior.params, prior.requires_grad):
+                if p.requires_grad != flag:
+                    (unfrozen if flag else frozen).append(p)
                 p.requires_grad_(flag)
             for m, training, train_attr in zip(prior.modules, prior.training, prior.train_attr):
                 if train_attr is None:
@@ -142,6 +147,8 @@ class Freezing:
                     m.__dict__["train"] = train_attr
                 m.__dict__["training"] = training
         self._undone = True
+        if frozen or unfrozen:
+            announce(Change(self.model, "undo", tuple(frozen), tuple(unfrozen)))
 
     def __enter__(self) -> Freezing:
         return self
@@ -276,6 +283,16 @@ def _apply_walk(
             f"error while running {action}({describe_selectors(selectors)}) on "
             f"{type(model).__name__}: {e}"
         ) from e
+    if handle.frozen or handle.unfrozen:
+        params = index.params
+        announce(
+            Change(
+                model,
+                action,
+                tuple(params[n] for n in handle.frozen),
+                tuple(params[n] for n in handle.unfrozen),
+            )
+        )
     return handle
 
 
