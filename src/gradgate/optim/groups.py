@@ -119,7 +119,9 @@ def build_groups(
     for name, p in named:
         opts = options[name]
         key = tuple(sorted((k, repr(v)) for k, v in opts.items()))
-        group = groups.setdefault(key, {"params": [], **({"param_names": []} if with_names else {}), **opts})
+        group = groups.setdefault(
+            key, {"params": [], **({"param_names": []} if with_names else {}), **opts}
+        )
         group["params"].append(p)
         if with_names:
             group["param_names"].append(name)

@@ -111,7 +111,7 @@ def _drop(optimizer: torch.optim.Optimizer, gone: set[int], names: dict[int, str
     if gone and isinstance(optimizer, torch.optim.LBFGS):
         # Its curvature history spans the old flat parameter vector.
         optimizer.state.clear()
-        optimizer._numel_cache = None  # type: ignore[attr-defined]
+        optimizer._numel_cache = None
 
 
 def sync(
@@ -136,8 +136,9 @@ def sync(
 
     1. the optimizer that held it before it was frozen gets it back;
     2. an optimizer never adds a parameter another optimizer holds or held;
-    3. with ``params=``, the selected parameters nobody holds join this one
-       (and only those);
+    3. with ``params=``, the selected parameters no other optimizer holds or
+       held join this one (and only those); selecting one another optimizer
+       holds or held is refused;
     4. otherwise a parameter no optimizer ever held joins the one synced. If a
        second optimizer that ``sync`` had not seen yet turns out to hold it,
        syncing that one takes it back from the first.
@@ -156,7 +157,7 @@ def sync(
 
     Raises:
         InvalidArgumentError: ``params`` selects a parameter another optimizer
-            holds (it would be stepped twice). Nothing is changed then.
+            holds or held (it would be stepped twice). Nothing is changed then.
 
     Example:
         >>> import torch, gradgate as gg
@@ -185,26 +186,26 @@ def sync(
     for name, p in index.params.items():
         if not p.requires_grad or id(p) in present:
             continue
-        holders = [o for o, _, ids in other_ids if id(p) in ids]
+        holders = [o for o, led, ids in other_ids if id(p) in ids or led.has(p)]
         if holders:
             if chosen is not None and name in chosen:
                 raise InvalidArgumentError(
                     f"params= selects {name!r}, which another optimizer "
-                    f"({type(holders[0]).__name__}) holds: it would be stepped twice. "
-                    "Leave it out of params=, or freeze it and sync that optimizer first"
+                    f"({type(holders[0]).__name__}) holds or held: it returns there when that "
+                    "one is synced, and in both it would be stepped twice. Leave it out of params="
                 )
             left.append(name)
-        elif ledger.has(p) or (chosen is not None and name in chosen):
+        elif ledger.has(p) or chosen is None or name in chosen:
             fresh.append((name, p))
-        elif chosen is not None or any(led.has(p) for _, led, _ in other_ids):
-            left.append(name)
+            if chosen is None and not ledger.has(p):
+                adopted.add(id(p))  # a default choice: a holder seen later takes it back
         else:
-            fresh.append((name, p))
-            adopted.add(id(p))
+            left.append(name)
     is_lbfgs = isinstance(opt, torch.optim.LBFGS)
     with_names = "param_names" in opt.param_groups[0]
-    # Built before anything changes: a rule that matches nothing leaves all as it was.
-    new_groups = build_groups(model, fresh, rules, with_names=with_names) if fresh else []
+    # Built before anything changes (also with nothing new, so that a rule
+    # that matches nothing is reported at once): a failure leaves all as it was.
+    new_groups = build_groups(model, fresh, rules, with_names=with_names)
 
     # Parameters this optimizer holds that another one only adopted by default.
     for o, led, ids in other_ids:
