@@ -126,11 +126,9 @@ def lint(optimizer: Any, model: nn.Module, scheduler: Any = None) -> list[Findin
                 "gg.sync(optimizer, model)",
             )
         )
-    missing = [
-        n
-        for n, p in index.params.items()
-        if p.requires_grad and id(p) not in seen and not held_elsewhere(opt, p)
-    ]
+    absent = [(n, p) for n, p in index.params.items() if p.requires_grad and id(p) not in seen]
+    elsewhere = held_elsewhere(opt, [p for _, p in absent]) if absent else set()
+    missing = [n for n, p in absent if id(p) not in elsewhere]
     if missing:
         findings.append(
             Finding(

@@ -83,19 +83,20 @@ def _ids(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for g in optimizer.param_groups for p in g["params"]}
 
 
-def held_elsewhere(optimizer: Any, p: torch.Tensor) -> bool:
-    """Whether another optimizer ``sync`` has seen holds or held ``p``.
+def held_elsewhere(optimizer: Any, params: Sequence[torch.Tensor]) -> set[int]:
+    """The ids of those ``params`` that another optimizer ``sync`` has seen holds or held.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
         >>> a = torch.optim.SGD([net.weight], lr=0.1)
         >>> b = torch.optim.SGD([net.bias], lr=0.1)
         >>> _ = sync(b, net, params=[])
-        >>> held_elsewhere(a, net.bias), held_elsewhere(b, net.bias)
-        (True, False)
+        >>> held_elsewhere(a, [net.bias]) == {id(net.bias)}, held_elsewhere(b, [net.bias])
+        (True, set())
     """
     opt = unwrap_optimizer(optimizer)
-    return any(led.has(p) or id(p) in _ids(o) for o, led in _others(opt))
+    others = [(led, _ids(o)) for o, led in _others(opt)]
+    return {id(p) for p in params if any(led.has(p) or id(p) in ids for led, ids in others)}
 
 
 def _drop(optimizer: torch.optim.Optimizer, gone: set[int], names: dict[int, str]) -> None:
