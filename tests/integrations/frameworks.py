@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,40 +46,57 @@ def _record_modes(model: nn.Module, part: str, run: Run) -> None:
 # ---------------------------------------------------------------- Lightning
 
 
-def lightning_net(poke: Poke | None = None, scheduler: str = "step") -> Any:
-    """A conv+BN+Dropout backbone, a ``late`` conv block, a linear head."""
-    import lightning.pytorch as pl
+class Net(pl.LightningModule):  # type: ignore[misc]
+    """A conv+BN+Dropout backbone, a ``late`` conv block, a linear head.
 
-    class Net(pl.LightningModule):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.backbone = nn.Sequential(
-                nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3)
-            )
-            self.late = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    Its optimizer is AdamW over ALL parameters with weight decay: the usual
+    Lightning code.
+    """
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.late(self.backbone(x)))
+    def __init__(
+        self,
+        poke: Poke | None = None,
+        scheduler: str = "step",
+        after_backward: Poke | None = None,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.poke, self.scheduler, self.after_backward = poke, scheduler, after_backward
+        self.backbone = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3)
+        )
+        self.late = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            if poke is not None:
-                poke(self)
-            return F.cross_entropy(self(x), y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.late(self.backbone(x)))  # type: ignore[no-any-return]
 
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            x, y = batch
-            self.log("val_loss", F.cross_entropy(self(x), y))
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.poke is not None:
+            self.poke(self)
+        return F.cross_entropy(self(x), y)
 
-        def configure_optimizers(self) -> Any:
-            # Over ALL parameters with weight decay: the usual Lightning code.
-            opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-            sched = SCHEDULERS[scheduler](opt, 12)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def on_after_backward(self) -> None:
+        # Lightning zeroes gradients between training_step and backward, so a
+        # gradient planted for the optimizer step is planted here.
+        if self.after_backward is not None:
+            self.after_backward(self)
 
-    return Net()
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+        sched = SCHEDULERS[self.scheduler](opt, 12)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lightning_net(
+    poke: Poke | None = None, scheduler: str = "step", after_backward: Poke | None = None
+) -> Net:
+    return Net(poke, scheduler, after_backward)
 
 
 SCHEDULERS: dict[str, SchedulerFactory] = {
@@ -96,8 +114,6 @@ def image_data(n: int = 32) -> TensorDataset:
 
 
 def lightning_trainer(tmp: Path, epochs: int = 3, **kwargs: Any) -> Any:
-    import lightning.pytorch as pl
-
     options: dict[str, Any] = {
         "max_epochs": epochs,
         "accelerator": "cpu",
@@ -113,17 +129,14 @@ def lightning_trainer(tmp: Path, epochs: int = 3, **kwargs: Any) -> Any:
     return pl.Trainer(**options)
 
 
-class LrRecorder:
-    """Records every group's lr after each optimizer step (a Lightning callback)."""
+class LrRecorder(pl.Callback):  # type: ignore[misc]
+    """Records every group's lr after each optimizer step."""
 
-    def __new__(cls, run: Run) -> Any:
-        import lightning.pytorch as pl
+    def __init__(self, run: Run) -> None:
+        self.run = run
 
-        class _Recorder(pl.Callback):  # type: ignore[misc]
-            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-                run.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
-
-        return _Recorder()
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        self.run.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
 
 
 def fit_lightning(
@@ -134,10 +147,9 @@ def fit_lightning(
     epochs: int = 3,
     ckpt_path: str | None = None,
     save_every_epoch: bool = False,
+    after_backward: Poke | None = None,
 ) -> Run:
-    import lightning.pytorch as pl
-
-    model = lightning_net(poke, scheduler)
+    model = lightning_net(poke, scheduler, after_backward)
     run = Run(model)
     _record_modes(model, "backbone", run)
     callbacks = [callback, LrRecorder(run)]

@@ -11,7 +11,6 @@ from typing import Any
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import InvalidArgumentError, MissingDependencyError
-from ..freezing import is_sticky
 from ..selection import Selector
 from ._core import FinetuneCore, GuardOption, ModeOption, UnfreezeSpec
 
@@ -106,17 +105,6 @@ class GradgateFinetuning(pl.Callback):
         self.core.advance(pl_module, trainer.current_epoch, optimizer, scheduler)
         _rewrap(trainer, pl_module)
         self.core.start_guard(pl_module, trainer.optimizers)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Put frozen modules back in inference mode.
-
-        Lightning restores modes after validation by writing
-        ``module.training`` directly, which bypasses a frozen module's
-        ``train()``.
-        """
-        for module in pl_module.modules():
-            if module.training and is_sticky(module):
-                module.training = False
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The guard's last check."""
