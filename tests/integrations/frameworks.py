@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+__all__ = ["DataLoader", "Net", "Run", "fit_hf", "fit_lightning", "hf_model", "image_data"]
+
 Poke = Callable[[nn.Module], None]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 
@@ -46,7 +48,7 @@ def _record_modes(model: nn.Module, part: str, run: Run) -> None:
 # ---------------------------------------------------------------- Lightning
 
 
-class Net(pl.LightningModule):  # type: ignore[misc]
+class Net(pl.LightningModule):
     """A conv+BN+Dropout backbone, a ``late`` conv block, a linear head.
 
     Its optimizer is AdamW over ALL parameters with weight decay: the usual
@@ -110,7 +112,9 @@ SCHEDULERS: dict[str, SchedulerFactory] = {
 
 def image_data(n: int = 32) -> TensorDataset:
     g = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return TensorDataset(
+        torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    )
 
 
 def lightning_trainer(tmp: Path, epochs: int = 3, **kwargs: Any) -> Any:
@@ -129,7 +133,7 @@ def lightning_trainer(tmp: Path, epochs: int = 3, **kwargs: Any) -> Any:
     return pl.Trainer(**options)
 
 
-class LrRecorder(pl.Callback):  # type: ignore[misc]
+class LrRecorder(pl.Callback):
     """Records every group's lr after each optimizer step."""
 
     def __init__(self, run: Run) -> None:
@@ -182,7 +186,7 @@ def hf_model(poke: Poke | None = None) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=40,
         hidden_size=16,
         num_hidden_layers=3,
@@ -227,7 +231,7 @@ def fit_hf(
     run = Run(model)
     _record_modes(model, "bert.encoder.layer.0", run)
 
-    class Recorder(TrainerCallback):  # type: ignore[misc]
+    class Recorder(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             run.lrs.append([g["lr"] for g in kw["optimizer"].param_groups])
 

@@ -16,9 +16,9 @@ import gradgate as gg
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
 
-import frameworks as fw  # noqa: E402
-from gradgate.integrations.lightning import GradgateFinetuning as LightningFinetuning  # noqa: E402
-from gradgate.integrations.transformers import GradgateFinetuning as HFFinetuning  # noqa: E402
+from gradgate.integrations.lightning import GradgateFinetuning as LightningFinetuning
+from gradgate.integrations.transformers import GradgateFinetuning as HFFinetuning
+from integrations import frameworks as fw
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,7 @@ def test_lightning_new_group_follows_every_scheduler(scheduler: str, tmp_path: P
     ],
 )
 def test_resume_after_an_unfreeze_is_bit_identical(case: Case, tmp_path: Path) -> None:
-    full = case.fit(
-        tmp_path / "full", case.make(unfreeze=[(1, case.late)]), save_every_epoch=True
-    )
+    full = case.fit(tmp_path / "full", case.make(unfreeze=[(1, case.late)]), save_every_epoch=True)
     after_unfreeze = full.checkpoints[1]  # end of epoch 1, the late part already trains
     key = "ckpt_path" if case is LIGHTNING else "resume"
     resumed = case.fit(

@@ -10,13 +10,15 @@ import pytest
 
 import gradgate as gg
 
-pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("lightning")
 
-import frameworks as fw  # noqa: E402
-from gradgate.integrations.lightning import GradgateFinetuning  # noqa: E402
+import lightning.pytorch as pl
+
+from gradgate.integrations.lightning import GradgateFinetuning
+from integrations import frameworks as fw
 
 
-class EpochFingerprints(pl.Callback):  # type: ignore[misc]
+class EpochFingerprints(pl.Callback):
     """Each rank writes the fingerprint of every part after every epoch."""
 
     def __init__(self, folder: str) -> None:
@@ -53,9 +55,7 @@ def test_ddp_ranks_identical_after_every_epoch_across_an_unfreeze(tmp_path: Path
     )
     epochs = []
     for epoch in range(3):
-        ranks = [
-            json.loads((tmp_path / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)
-        ]
+        ranks = [json.loads((tmp_path / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)]
         assert ranks[0] == ranks[1], f"ranks differ after epoch {epoch}"
         epochs.append(ranks[0])
     assert all(e["backbone"] == start["backbone"] for e in epochs)

@@ -15,8 +15,8 @@ import gradgate as gg
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
 
-import frameworks as fw  # noqa: E402
-from gradgate.integrations import lightning, transformers  # noqa: E402
+from gradgate.integrations import lightning, transformers
+from integrations import frameworks as fw
 
 CALLBACKS = [
     pytest.param(lightning.GradgateFinetuning, id="lightning"),
@@ -91,9 +91,7 @@ def test_two_optimizers_are_refused_with_a_reason(tmp_path: Path) -> None:
 def test_hf_saves_only_what_trains_bound_to_the_frozen_base(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cb = transformers.GradgateFinetuning(
-        train_only="classifier", save_trainable=True, summary=True
-    )
+    cb = transformers.GradgateFinetuning(train_only="classifier", save_trainable=True, summary=True)
     run = fw.fit_hf(tmp_path, cb, epochs=1, save_every_epoch=True)
     assert "classifier" in capsys.readouterr().out  # the summary table at train start
     path = run.checkpoints[-1] / transformers.TRAINABLE_FILE
@@ -103,7 +101,7 @@ def test_hf_saves_only_what_trains_bound_to_the_frozen_base(
     assert gg.fingerprint(fresh) == gg.fingerprint(run.model)
     other = fw.hf_model()
     with torch.no_grad():
-        other.bert.embeddings.word_embeddings.weight[0, 0] += 1
+        other.get_parameter("bert.embeddings.word_embeddings.weight")[0, 0] += 1
     gg.train_only(other, "classifier")
     with pytest.raises(gg.FingerprintMismatch):
         gg.load_trainable(other, path)

@@ -17,13 +17,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .._options import choice
 from ..errors import CheckpointError, InvalidArgumentError
 from ..freezing import Mode, freeze, train_only, unfreeze
 from ..integrity import Check, Guard, guard
 from ..optim import sync
 from ..reports import summary
 from ..selection import Selector
-from .._options import choice
 
 __all__ = ["FinetuneCore", "Unfreeze", "unwrap"]
 

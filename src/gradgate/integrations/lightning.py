@@ -110,7 +110,9 @@ class GradgateFinetuning(pl.Callback):
         """The guard's last check."""
         self.core.stop_guard(check=True)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         """Remove the guard's hooks; the exception itself propagates unchanged."""
         self.core.stop_guard(check=False)
 
@@ -147,9 +149,11 @@ def _rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     silently diverge (Lightning #20340).
     """
     strategy = trainer.strategy
+    if not isinstance(strategy, pl.strategies.DDPStrategy):
+        return
     old = strategy.model
     if not isinstance(old, DistributedDataParallel):
         return
-    old._remove_autograd_hooks()  # type: ignore[no-untyped-call]
+    old._remove_autograd_hooks()
     strategy.model = pl_module
     strategy.configure_ddp()

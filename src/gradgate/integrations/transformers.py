@@ -30,7 +30,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 """Name of the ``gg.save_trainable`` file written into each checkpoint folder."""
 
 
-class GradgateFinetuning(TrainerCallback):  # type: ignore[misc]
+class GradgateFinetuning(TrainerCallback):
     """An HF ``TrainerCallback`` that freezes, unfreezes on schedule and guards training.
 
     Pass it in ``Trainer(callbacks=[...])``: ``freeze``/``train_only`` apply
@@ -150,7 +150,7 @@ class GradgateFinetuning(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         """With ``save_trainable``, write only what trains into the checkpoint folder."""
         if self.save_trainable and model is not None:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
             save_trainable(model, os.path.join(folder, TRAINABLE_FILE))
 
     def on_train_end(
