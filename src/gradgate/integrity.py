@@ -433,25 +433,32 @@ class Guard:
                 {e.name: e.tensor for e in model_entries(ModelIndex(self.model))} if moved else None
             )
             replaced = False
-            for w in list(self._watched.values()):
-                if names is not None:
-                    now = names.get(w.name)
-                else:
-                    now = _slot(
-                        w.owner._parameters if w.kind == "parameter" else w.owner._buffers, w.leaf
-                    )
-                if now is not w.tensor:
-                    replaced = True
-                    self._violation(w, "replaced" if now is not None else "removed", where, stepped)
-                    continue
-                bumped = w.tensor._version != w.version
-                if exact and w.digest is not None:
-                    if tensor_digest(w.tensor) != w.digest:
-                        self._violation(w, "bumped" if bumped else "unversioned", where, stepped)
-                elif versions and bumped:
-                    self._violation(w, "bumped", where, stepped)
-            if replaced:
-                self._rebase()
+            try:
+                for w in list(self._watched.values()):
+                    if names is not None:
+                        now = names.get(w.name)
+                    else:
+                        now = _slot(
+                            w.owner._parameters if w.kind == "parameter" else w.owner._buffers,
+                            w.leaf,
+                        )
+                    if now is not w.tensor:
+                        replaced = True
+                        self._violation(
+                            w, "replaced" if now is not None else "removed", where, stepped
+                        )
+                        continue
+                    bumped = w.tensor._version != w.version
+                    if exact and w.digest is not None:
+                        if tensor_digest(w.tensor) != w.digest:
+                            self._violation(
+                                w, "bumped" if bumped else "unversioned", where, stepped
+                            )
+                    elif versions and bumped:
+                        self._violation(w, "bumped", where, stepped)
+            finally:
+                if replaced:  # watch what the names hold now; report a replacement once
+                    self._rebase()
 
     def _cause(self, w: _Watched, how: str, stepped: torch.optim.Optimizer | None) -> str:
         if how == "replaced":
@@ -504,13 +511,14 @@ class Guard:
             f"frozen {w.kind} {w.name!r} changed {where}: {what}. "
             f"Likely cause: {self._cause(w, how, stepped)}.{behind}"
         )
+        # Each change is reported once: what it left becomes the new baseline.
+        w.version = w.tensor._version
+        if w.digest is not None and how not in ("replaced", "removed"):
+            w.digest = tensor_digest(w.tensor)
         if self.on_violation is OnViolation.RAISE:
             raise FrozenTensorChanged(msg)
         self.violations.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        w.version = w.tensor._version
-        if w.digest is not None:
-            w.digest = tensor_digest(w.tensor)
 
     def _rebase(self) -> None:
         """After a reported replacement (warn mode), watch what the names hold now."""
