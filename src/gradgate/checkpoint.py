@@ -141,8 +141,18 @@ def _optimizer_payload(
                 )
                 for k, v in optimizer.state.get(p, {}).items()
             }
-    info = {"class": type(optimizer).__name__, "groups": groups, "state": state}
+    info = {"class": _lineage(optimizer), "groups": groups, "state": state}
     return tensors, info
+
+
+def _lineage(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's class and its bases below ``torch.optim.Optimizer`` (a subclass is kin)."""
+    out = []
+    for cls in type(optimizer).__mro__:
+        if cls is torch.optim.Optimizer:
+            break
+        out.append(cls.__name__)
+    return out
 
 
 def _storable(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -389,7 +399,7 @@ def load_trainable(
             f"checkpoint {str(src)!r} does not match the model's trainable set: "
             f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
         )
-    load = {k: v for k, v in saved.items() if k in state}
+    load = {k: saved[k] for k in state if k in saved}  # in the model's order
     if saved and not load:
         raise CheckpointKeyError(
             f"checkpoint {str(src)!r} shares no trainable name with {type(model).__name__}, "
@@ -465,10 +475,11 @@ def _optimizer_state(
         saved_names = [list(g["params"]) for g in saved_groups]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {str(src)!r}: malformed optimizer entry ({e})") from e
-    if cls != type(optimizer).__name__:
+    if not isinstance(cls, list) or not set(map(str, cls)) & set(_lineage(optimizer)):
+        saved_cls = cls[0] if isinstance(cls, list) and cls else repr(cls)
         raise CheckpointError(
-            f"checkpoint {str(src)!r} holds {cls} state; the optimizer given is "
-            f"{type(optimizer).__name__}: build the same optimizer class before loading"
+            f"checkpoint {str(src)!r} holds {saved_cls} state; the optimizer "
+            f"given is {type(optimizer).__name__}: build the same optimizer class before loading"
         )
     names = ModelIndex(model).canonical
     current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
