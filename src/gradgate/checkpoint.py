@@ -37,7 +37,10 @@ __all__ = [
 
 _FORMAT = "2"
 _DIGEST = "gradgate.payload_digest"
-_PER_TENSOR_LIMIT = 20_000  # above this many frozen tensors only the total digest is kept
+# Above this many frozen tensors (or bytes of their names and digests) only the total
+# digest is kept: safetensors caps its header at 100 MB, and mismatch reports need no more.
+_PER_TENSOR_LIMIT = 20_000
+_PER_TENSOR_BYTES = 8 << 20
 _STATE = "__optim__."  # prefix of stored optimizer-state tensors
 _GROUP = "__optim_group__."  # prefix of tensor-valued group options (a tensor lr)
 
@@ -225,7 +228,9 @@ def save_trainable(
         "gradgate.complex": json.dumps(sorted(k for k, v in state.items() if v.is_complex())),
     }
     if len(per) <= _PER_TENSOR_LIMIT:
-        metadata["gradgate.frozen_digests"] = json.dumps(per)
+        per_json = json.dumps(per)
+        if len(per_json) <= _PER_TENSOR_BYTES:
+            metadata["gradgate.frozen_digests"] = per_json
     if opt is not None:
         opt_tensors, opt_meta = _optimizer_payload(opt, model)
         tensors.update(opt_tensors)
@@ -240,8 +245,10 @@ def save_trainable(
     try:
         st.save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and type(e).__module__.startswith("safetensors"):
+            raise CheckpointError(f"safetensors could not write {str(dest)!r}: {e}") from e
         raise
     return dest
 

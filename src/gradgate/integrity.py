@@ -467,15 +467,15 @@ class Guard:
             return (
                 "its name no longer holds a tensor (deleted, set to None, or its module replaced)"
             )
+        if w.kind == "buffer" and w.owner.training:
+            return (
+                f"{type(w.owner).__name__} is in training mode and updates its running "
+                "statistics (frozen with mode='keep', or .train() called on it); "
+                "freeze with mode='eval'"
+            )
         if how == "unversioned":
             return "a write through .data or another path that bypasses autograd's version counter"
         if w.kind == "buffer":
-            if w.owner.training:
-                return (
-                    f"{type(w.owner).__name__} is in training mode and updates its running "
-                    "statistics (frozen with mode='keep', or .train() called on it); "
-                    "freeze with mode='eval'"
-                )
             return "an in-place write to the buffer (load_state_dict, copy_, or custom code)"
         holders = [stepped] if stepped is not None else []
         holders += [o for o in self.optimizers if o is not stepped]
