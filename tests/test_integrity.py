@@ -417,9 +417,28 @@ def test_unfreeze_and_undo_through_gradgate_release_parameters_and_buffers() -> 
 
 
 def test_guard_is_not_subscribed_after_exit() -> None:
+    from gradgate import _events
+
     model = _frozen_head()
-    with gg.guard(model) as g:
-        pass
-    gg.unfreeze(model)
-    gg.freeze(model, "0")
-    assert g._watched == {} or all(w.name != "2.weight" for w in g._watched.values())
+    listeners = len(_events._listeners)
+    with gg.guard(model):
+        assert len(_events._listeners) == listeners + 1
+    assert len(_events._listeners) == listeners
+
+
+def test_fast_guard_sees_a_replacement_at_the_next_step_and_leaves_no_global_hook() -> None:
+    import torch.nn.modules.module as torch_module
+
+    hooks = len(torch_module._global_parameter_registration_hooks)
+    model = _frozen_head()
+    opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
+    with gg.guard(model, opt) as g:
+        opt.step()
+        model[0].weight = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
+        with pytest.raises(
+            gg.FrozenTensorChanged, match=r"'0\.weight' changed after optimizer step 2"
+        ):
+            opt.step()
+        opt.step()  # reported once; the new tensor is the baseline now
+    assert g.steps == 3
+    assert len(torch_module._global_parameter_registration_hooks) == hooks

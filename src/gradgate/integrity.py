@@ -8,11 +8,17 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import getitem, is_not
 from types import TracebackType
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.nn.parameter import is_lazy
 
 from ._events import Change, subscribe
@@ -310,6 +316,12 @@ class Guard:
         # (parent, key, child) for every module on the path to a watched
         # tensor's owner: a replaced module replaces the names under it.
         self._links: list[tuple[nn.Module, str, nn.Module]] = []
+        self._fast: _FastView | None = None  # rebuilt whenever the watch or a baseline changes
+        # Set when any module registers a parameter, buffer or submodule (torch's global
+        # registration hooks): only then can a name hold another tensor, so only then are
+        # names compared on a fast check. Deletions and raw ``_parameters`` writes fire no
+        # hook; exact checks and the check on exit compare names always.
+        self._renamed = True
         self._handles: list[Any] = []
         self._unsubscribe: Callable[[], None] | None = None
         self._lock = threading.RLock()
@@ -348,6 +360,7 @@ class Guard:
             (index.mods[index.parent[i]], index.names[i].rpartition(".")[2], index.mods[i])
             for i in sorted(needed)
         ]
+        self._fast = None
 
     def __enter__(self) -> Guard:
         with self._lock, gc_paused():
@@ -355,6 +368,11 @@ class Guard:
             self._watched = {}
             self._watch(frozen_entries(index, self.buffers), index)
         self._unsubscribe = subscribe(self._on_change)
+        self._handles += [
+            register_module_parameter_registration_hook(self._on_register),
+            register_module_buffer_registration_hook(self._on_register),
+            register_module_module_registration_hook(self._on_register),
+        ]
         for opt in self.optimizers:
             self._handles.append(opt.register_step_post_hook(self._after_step))
         return self
@@ -374,12 +392,16 @@ class Guard:
         if exc_type is None:
             self.check(exact=self.check_mode is not Check.FAST, where="on exit")
 
+    def _on_register(self, module: nn.Module, name: str, value: Any) -> None:
+        self._renamed = True
+
     def _on_change(self, change: Change) -> None:
         """Follow a change gradgate announced: unfrozen tensors leave, frozen ones join."""
         with self._lock, gc_paused():
             unfrozen = {id(p) for p in change.unfrozen}
             for key in [k for k, w in self._watched.items() if k in unfrozen]:
                 del self._watched[key]
+            self._fast = None
             if not (change.frozen or change.unfrozen):
                 return
             index = ModelIndex(self.model)
@@ -400,26 +422,30 @@ class Guard:
     def _after_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         self.steps += 1
         exact = self.check_mode is not Check.FAST and self.steps % self.every == 0
-        self.check(exact=exact, where=f"after optimizer step {self.steps}", stepped=optimizer)
+        where = f"after optimizer step {self.steps}"
+        self._check(exact, where, stepped=optimizer, names=False)
 
-    def check(
-        self,
-        exact: bool | None = None,
-        where: str = "on demand",
-        stepped: torch.optim.Optimizer | None = None,
-    ) -> None:
-        """Compare every watched tensor with its baseline now.
+    def check(self, exact: bool | None = None, where: str = "on demand") -> None:
+        """Compare every watched tensor (and what its name holds) with its baseline now.
 
         Args:
             exact: also compare fingerprints (default: as the guard's ``check``).
             where: words used in the message to say when the check ran.
-            stepped: the optimizer whose step triggered the check, if any.
 
         Raises:
             FrozenTensorChanged: a frozen tensor changed (``on_violation="raise"``).
             InvalidArgumentError: a tensor frozen while the guard was active
                 cannot be watched (an uninitialised lazy parameter).
         """
+        self._check(exact, where, stepped=None, names=True)
+
+    def _check(
+        self,
+        exact: bool | None,
+        where: str,
+        stepped: torch.optim.Optimizer | None,
+        names: bool,
+    ) -> None:
         if exact is None:
             exact = self.check_mode is not Check.FAST
         versions = self.check_mode is not Check.EXACT
@@ -427,16 +453,24 @@ class Guard:
             if self._pending:
                 message = self._pending.pop(0)
                 raise InvalidArgumentError(message)
+            # Read and clear before comparing: a registration from now on is seen next time.
+            names = names or self._renamed
+            self._renamed = False
+            if not exact:
+                if self._fast is None:
+                    self._fast = _FastView(self._watched.values(), self._links)
+                if self._fast.unchanged(versions, names=names):
+                    return
             moved = any(_slot(up._modules, key) is not down for up, key, down in self._links)
             # A replaced module replaces every name under it: resolve names afresh then.
-            names = (
+            resolved = (
                 {e.name: e.tensor for e in model_entries(ModelIndex(self.model))} if moved else None
             )
             replaced = False
             try:
                 for w in list(self._watched.values()):
-                    if names is not None:
-                        now = names.get(w.name)
+                    if resolved is not None:
+                        now = resolved.get(w.name)
                     else:
                         now = _slot(
                             w.owner._parameters if w.kind == "parameter" else w.owner._buffers,
@@ -512,6 +546,7 @@ class Guard:
             f"Likely cause: {self._cause(w, how, stepped)}.{behind}"
         )
         # Each change is reported once: what it left becomes the new baseline.
+        self._fast = None
         w.version = w.tensor._version
         if w.digest is not None and how not in ("replaced", "removed"):
             w.digest = tensor_digest(w.tensor)
@@ -526,6 +561,41 @@ class Guard:
         names = {w.name for w in self._watched.values()}
         self._watched = {}
         self._watch([e for e in model_entries(index) if e.name in names], index)
+
+
+class _FastView:
+    """The watch as flat lists, so the per-step check runs in C-level ``map`` calls.
+
+    ``unchanged`` answers only "is everything as it was?"; when it is not,
+    the detailed loop finds and explains what changed. Names are compared
+    only when something was registered on a module since the last check.
+    """
+
+    def __init__(
+        self, watched: Iterable[_Watched], links: Sequence[tuple[nn.Module, str, nn.Module]]
+    ) -> None:
+        ws = list(watched)
+        self.tensors = [w.tensor for w in ws]
+        self.versions = [w.version for w in ws]
+        self.slots = [
+            w.owner._parameters if w.kind == "parameter" else w.owner._buffers for w in ws
+        ]
+        self.leaves = [w.leaf for w in ws]
+        self.link_slots = [up._modules for up, _, _ in links]
+        self.link_keys = [key for _, key, _ in links]
+        self.link_children = [down for _, _, down in links]
+
+    def unchanged(self, versions: bool, names: bool) -> bool:
+        if not names:
+            return not versions or [t._version for t in self.tensors] == self.versions
+        try:
+            if any(map(is_not, map(getitem, self.link_slots, self.link_keys), self.link_children)):
+                return False
+            if any(map(is_not, map(getitem, self.slots, self.leaves), self.tensors)):
+                return False
+        except KeyError:
+            return False
+        return not versions or [t._version for t in self.tensors] == self.versions
 
 
 def _slot(slots: Any, key: str) -> Any:
