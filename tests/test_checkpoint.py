@@ -194,6 +194,7 @@ def _rewrite(path: Path, edit: Any) -> None:
         (lambda m, t: m.update({"gradgate.optimizer": '{"class": "Adam"}'}), "malformed"),
         (lambda m, t: m.pop("gradgate.frozen_fingerprint"), "lacks the frozen base"),
         (lambda m, t: m.pop("gradgate.complex"), "lacks its 'gradgate.complex'"),
+        (lambda m, t: m.update({"gradgate.complex": "7"}), "malformed 'gradgate.complex'"),
         (lambda m, t: m.update({"gradgate.format": "1"}), "format '1'"),
         (lambda m, t: m.pop("gradgate.format"), "not a gradgate"),
         (lambda m, t: t.pop(next(k for k in t if k.startswith("__optim__"))), "missing from"),
@@ -216,6 +217,7 @@ def test_damaged_metadata_with_a_matching_digest_is_a_checkpoint_error(
     assert gg.fingerprint(target) == before and target_opt.state_dict()["state"] == {}
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.bfloat16])
 def test_dtype_mismatch_is_refused_never_cast(tmp_path: Path, dtype: torch.dtype) -> None:
     model = _tiny()
@@ -240,6 +242,7 @@ def test_integer_buffer_dtype_mismatch_is_refused(tmp_path: Path) -> None:
     assert model[1].num_batches_tracked.item() == 5
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.bfloat16])
 def test_round_trip_keeps_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
     model = _tiny().to(dtype)

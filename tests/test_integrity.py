@@ -240,7 +240,7 @@ def test_guard_catches_a_new_tensor_under_a_frozen_name(what: str) -> None:
 
 def test_guard_warn_mode_reports_a_replacement_once_then_watches_the_new_tensor() -> None:
     model = _frozen_head()
-    with pytest.warns(RuntimeWarning, match="replaced"), gg.guard(model, on_violation="warn") as g:
+    with pytest.warns(RuntimeWarning) as caught, gg.guard(model, on_violation="warn") as g:
         model[0].weight = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
         g.check()
         g.check()  # the same replacement is not reported twice
@@ -249,6 +249,8 @@ def test_guard_warn_mode_reports_a_replacement_once_then_watches_the_new_tensor(
             model[0].weight.add_(1)  # the new tensor is watched now
         g.check()
     assert len(g.violations) == 2 and "written in place" in g.violations[1]
+    assert [str(w.message) for w in caught] == g.violations
+    assert "replaced by another tensor" in g.violations[0]
 
 
 def test_exact_check_blames_weight_decay_on_the_optimizer_step() -> None:

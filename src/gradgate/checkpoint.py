@@ -299,7 +299,10 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"checkpoint {str(path)!r} is damaged: its payload digest does not match its "
             "tensors and metadata (a changed byte, or an edited file); nothing was loaded"
         )
-    for name in _json(meta, "gradgate.complex", path):
+    complex_names = _json(meta, "gradgate.complex", path)
+    if not isinstance(complex_names, list):
+        raise CheckpointError(f"{str(path)!r}: malformed 'gradgate.complex' entry")
+    for name in complex_names:
         if name not in tensors or tensors[name].shape[-1:] != (2,):
             raise CheckpointError(f"{str(path)!r}: complex tensor {name!r} is malformed")
         tensors[name] = torch.view_as_complex(tensors[name].contiguous())
