@@ -76,8 +76,9 @@ def test_accelerate_leaves_original_untouched() -> None:
 
 
 def test_accelerate_refuses_trainable() -> None:
-    with pytest.raises(gg.GradgateError, match=r"still trains 0\.weight"):
+    with pytest.raises(gg.InvalidArgumentError, match=r"still trains 0\.weight") as info:
         gg.accelerate(nn.Sequential(nn.Linear(2, 2)))
+    assert isinstance(info.value, ValueError)
 
 
 def test_accelerated_output_feeds_training() -> None:

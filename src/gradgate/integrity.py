@@ -539,7 +539,8 @@ class Guard:
         if w.kind == "parameter" and w.tensor.requires_grad:
             behind = (
                 " It was made trainable outside gradgate (requires_grad_(True)), so the guard "
-                "kept watching it; use gg.unfreeze to let it train under a guard."
+                "kept watching it; make parts trainable with gg.unfreeze (or enter a new "
+                "guard after the change) to let them train under a guard."
             )
         msg = (
             f"frozen {w.kind} {w.name!r} changed {where}: {what}. "
