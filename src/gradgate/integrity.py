@@ -263,6 +263,7 @@ class _Watched:
     position: int
     version: int
     digest: str | None
+    lost: bool = False  # no longer anywhere in the model (its module was replaced)
 
 
 _REPLACED_CAUSE = (
@@ -350,8 +351,15 @@ class Guard:
         self._relink(index)
 
     def _relink(self, index: ModelIndex) -> None:
+        # Positions change when modules come and go: take each tensor's place afresh.
+        place = {id(e.tensor): e for e in model_entries(index)}
         needed: set[int] = set()
-        for w in self._watched.values():
+        for key, w in self._watched.items():
+            e = place.get(key)
+            if e is None:
+                w.lost = True
+                continue
+            w.owner, w.leaf, w.position = e.owner, e.leaf, e.position
             i = w.position
             while i > 0 and i not in needed:
                 needed.add(i)
@@ -462,6 +470,7 @@ class Guard:
                 if self._fast.unchanged(versions, names=names):
                     return
             moved = any(_slot(up._modules, key) is not down for up, key, down in self._links)
+            moved = moved or any(w.lost for w in self._watched.values())
             # A replaced module replaces every name under it: resolve names afresh then.
             resolved = (
                 {e.name: e.tensor for e in model_entries(ModelIndex(self.model))} if moved else None
@@ -576,6 +585,7 @@ class _FastView:
         self, watched: Iterable[_Watched], links: Sequence[tuple[nn.Module, str, nn.Module]]
     ) -> None:
         ws = list(watched)
+        self.lost = any(w.lost for w in ws)
         self.tensors = [w.tensor for w in ws]
         self.versions = [w.version for w in ws]
         self.slots = [
@@ -587,6 +597,8 @@ class _FastView:
         self.link_children = [down for _, _, down in links]
 
     def unchanged(self, versions: bool, names: bool) -> bool:
+        if self.lost:
+            return False
         if not names:
             return not versions or [t._version for t in self.tensors] == self.versions
         try:

@@ -74,3 +74,11 @@ def test_buffer_replaced_by_load_state_dict_assign_is_seen() -> None:
         gg.guard(model, check="exact"),
     ):
         model.load_state_dict(stats, strict=False, assign=True)
+
+
+def test_a_module_replaced_before_a_gradgate_change_is_still_reported() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 1))
+    gg.freeze(model, "0", "1")
+    with pytest.raises(gg.FrozenTensorChanged, match=r"'1\.weight' .*replaced"), gg.guard(model):
+        model[1] = nn.Linear(3, 3).requires_grad_(False)  # the old '1' is gone
+        gg.freeze(model, "2")  # a gradgate change re-reads the model before any check
