@@ -15,6 +15,7 @@ from .acceleration import Accelerated, accelerate
 from .cache import FeatureCache
 from .checkpoint import load_trainable, save_trainable
 from .errors import (
+    AccelerationError,
     CheckpointError,
     CheckpointKeyError,
     FingerprintMismatch,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accelerated",
+    "AccelerationError",
     "CheckpointError",
     "CheckpointKeyError",
     "DEFAULT_NO_DECAY",
