@@ -306,7 +306,6 @@ def test_schedules_never_import_the_distributed_helpers() -> None:
     assert not [m for m in imported if "distributed" in m]
 
 
-@pytest.mark.xfail(reason="needs guard following _events (integ branch)", strict=True)
 def test_one_guard_spans_a_gradual_unfreeze_run() -> None:
     model = _model()
     opt = torch.optim.Adam(gg.param_groups(model, lr=0.01))
