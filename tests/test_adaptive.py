@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +320,13 @@ def test_step_without_gradients_says_when_to_call_it() -> None:
     with pytest.raises(gg.InvalidArgumentError, match=r"after optimizer\.step\(\) and before"):
         af.step()
     assert af.steps == 0
+
+
+def test_example_moves_the_cache_boundary(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    example = Path(__file__).parent.parent / "examples" / "autofreeze_cache.py"
+    out = runpy.run_path(str(example))["main"](epochs=4, every=5, threshold=0.1)
+    printed = capsys.readouterr().out
+    assert out["frozen"] and out["cached"] > 0, printed
+    assert out["unchanged"] and "bit-identical since they froze: True" in printed
+    assert out["accuracy"] > 0.6
