@@ -102,7 +102,7 @@ def text_workload(tiny: bool) -> Workload:
     from gradgate.tools.zoo import minilm, stdlib_sentences, tokenize
 
     encoder, tokenizer = minilm()
-    bert = encoder.encoder
+    bert: Any = encoder.encoder
     sentences, labels, _ = stdlib_sentences()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_train, n_held = (48, 48) if tiny else (400, 160)
@@ -396,11 +396,11 @@ def main() -> None:
         for path in args.merge:
             with open(path) as f:
                 merged.append(json.load(f))
-        result = merged[0]
+        combined = merged[0]
         for other in merged[1:]:
-            result["workloads"].update(other["workloads"])
-        result["wall_seconds"] = max(m["wall_seconds"] for m in merged)
-        _write(result, args.json_path, args.plot_path)
+            combined["workloads"].update(other["workloads"])
+        combined["wall_seconds"] = max(m["wall_seconds"] for m in merged)
+        _write(combined, args.json_path, args.plot_path)
         return
     torch.set_num_threads(args.threads)
     builders = {"text": text_workload, "image": image_workload}
