@@ -367,11 +367,13 @@ def plot(result: dict[str, Any], path: str) -> None:
         row[0].axhline(target, color="gray", ls="--", lw=0.8)
         row[0].set(
             title=f"{name}: held-out accuracy (dashed: full's final, mean)",
-            xlabel="training seconds (eval excluded)",
+            xlabel="training CPU seconds (1 thread; evaluation excluded)",
             ylabel="accuracy",
         )
         row[1].set(
-            title=f"{name}: frozen leading stages", xlabel="training seconds", ylabel="stages"
+            title=f"{name}: frozen leading stages",
+            xlabel="training CPU seconds",
+            ylabel="stages",
         )
         row[0].legend(fontsize=8)
     fig.tight_layout()
