@@ -92,3 +92,8 @@ __all__ = [
     "trainable_parameters",
     "unfreeze",
 ]
+
+from .adaptive import AutoFreeze
+
+__all__ += ["AutoFreeze"]
+__all__.sort()
