@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ._format import render_table
-from ._index import ModelIndex, gc_paused, owner_of
+from ._index import ModelIndex, gc_paused, owner_of, trainable_flags
 from .errors import InvalidArgumentError
-from .freezing import is_sticky
+from .freezing import sticky_flags
 
 __all__ = ["GradReport", "Summary", "grad_report", "summary"]
 
@@ -149,10 +149,13 @@ def _summary(model: nn.Module, depth: int) -> Summary:
                     continue
                 ids.add(key)
             counts[row] += n
+    # Held, not merely marked: a module whose parameters were made trainable
+    # by other means is never shown as "eval (sticky)".
+    held = sticky_flags(index, trainable_flags(index))
     rows = []
     for i in shown:
         name, module = names[i], index.mods[i]
-        sticky = is_sticky(module)
+        sticky = held[i]
         mode = "eval (sticky)" if sticky else ("train" if module.training else "eval")
         rows.append(
             SummaryRow(
