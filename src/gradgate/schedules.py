@@ -80,7 +80,8 @@ def stages(model: nn.Module, *selectors: Selector) -> Stages:
     if not selectors:
         matcher = getattr(model, "group_matcher", None)
         if callable(matcher):
-            selectors = tuple(_timm_groups(model, matcher(coarse=False)))
+            groups = _timm_groups(model, matcher(coarse=False))
+            selectors = tuple(g[0] if len(g) == 1 else g for g in groups)
         else:
             selectors = tuple(name for name, _ in model.named_children())
     return Stages(model, selectors)

@@ -40,6 +40,7 @@ Selector = Union[  # noqa: UP007 (recursive alias needs Union at runtime)
 """Anything a ``*selectors`` argument accepts (see the module docstring)."""
 
 _NUMBERS = re.compile(r"\s*[0-9]+(?:\s*-\s*[0-9]+)?(?:\s*,\s*[0-9]+(?:\s*-\s*[0-9]+)?)*\s*")
+_WIDE_RANGE = re.compile(r"[0-9]{2}\s*-|-\s*[0-9]{2}")
 _SLICE = re.compile(r"\s*-?[0-9]*\s*:\s*-?[0-9]*\s*(?::\s*-?[0-9]*\s*)?")
 
 
@@ -138,7 +139,7 @@ def _segment_regex(seg: str, other: str) -> str:
                     f"slices like [{body}] are not supported; write the range of "
                     "numbers, e.g. 'layer.[8-11]'"
                 )
-            if _NUMBERS.fullmatch(body) and ("," in body or re.search(r"[0-9]{2}", body)):
+            if _NUMBERS.fullmatch(body) and ("," in body or _WIDE_RANGE.search(body)):
                 raise _Syntax(
                     f"the number set [{body}] must be a whole dotted segment "
                     "(e.g. 'layer.[0-11]'); inside a segment a bracket is a class "
