@@ -174,3 +174,8 @@ def gc_paused() -> Iterator[None]:
 def is_float(p: torch.Tensor) -> bool:
     """Whether a tensor's dtype can carry gradients."""
     return p.is_floating_point() or p.is_complex()
+
+
+def numel(p: torch.Tensor) -> int:
+    """Elements of a tensor; 0 for an uninitialised lazy parameter (it has no shape yet)."""
+    return 0 if nn.parameter.is_lazy(p) else p.numel()

@@ -46,6 +46,15 @@ class Shared(enum.Enum):
     TRAIN = "train"
 
 
+def _set_flag(p: nn.Parameter, flag: bool) -> None:
+    # An uninitialised lazy parameter refuses requires_grad_() but keeps the
+    # attribute through its materialisation.
+    if nn.parameter.is_lazy(p):
+        p.requires_grad = flag
+    else:
+        p.requires_grad_(flag)
+
+
 def _children(module: nn.Module) -> list[nn.Module]:
     return [c for c in module.__dict__["_modules"].values() if c is not None]
 
@@ -186,8 +195,8 @@ def _release(module: nn.Module) -> None:
 
 
 def _has_running_stats(module: nn.Module) -> bool:
-    buffers = module.__dict__["_buffers"]
-    return buffers.get("running_mean") is not None or buffers.get("running_var") is not None
+    buffers = module.__dict__["_buffers"]  # a mapping, also on TorchScript modules
+    return any(k in buffers and buffers[k] is not None for k in ("running_mean", "running_var"))
 
 
 ModeRecord = tuple[nn.Module, _StickyEval | None, _StickyEval | None]
@@ -278,7 +287,7 @@ class Freezing:
         with gc_paused():
             for p, before in self._params:
                 if p.requires_grad != before:
-                    p.requires_grad_(before)
+                    _set_flag(p, before)
                     (unfrozen if before else frozen).append(p)
             for m, old, new in reversed(self._modes):
                 if m.__dict__.get("train") is not new:
@@ -540,7 +549,7 @@ def _apply_walk(
     try:
         for name, p, want in changes:
             handle._params.append((p, not want))
-            p.requires_grad_(want)
+            _set_flag(p, want)
             if want:
                 handle.unfrozen.append(name)
             else:

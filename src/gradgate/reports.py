@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._format import render_table
-from ._index import ModelIndex, gc_paused, owner_of, trainable_flags
+from ._index import ModelIndex, gc_paused, numel, owner_of, trainable_flags
 from .errors import InvalidArgumentError
 from .freezing import sticky_flags
 
@@ -141,7 +141,7 @@ def _summary(model: nn.Module, depth: int) -> Summary:
     for (_, p), owner in zip(index.aliases, index.alias_owner):
         key = id(p)
         counts = train if p.requires_grad else froz
-        n = p.numel()
+        n = numel(p)
         for row in rows_of[owner]:
             if key in shared:
                 ids = seen.setdefault(row, set())
@@ -169,8 +169,8 @@ def _summary(model: nn.Module, depth: int) -> Summary:
                 mode=mode,
             )
         )
-    total_train = sum(p.numel() for p in index.params.values() if p.requires_grad)
-    total = sum(p.numel() for p in index.params.values())
+    total_train = sum(numel(p) for p in index.params.values() if p.requires_grad)
+    total = sum(numel(p) for p in index.params.values())
     return Summary(
         model=type(model).__name__,
         rows=rows,

@@ -24,7 +24,7 @@ from typing import Union
 
 from torch import nn
 
-from ._index import ModelIndex
+from ._index import ModelIndex, numel
 from .errors import InvalidArgumentError, NoMatchError
 
 __all__ = ["Selection", "Selector", "norms", "select"]
@@ -459,7 +459,7 @@ def resolve(
         roots=sorted(r for r in match.roots if r in module_set or r == ""),
         modules=modules,
         parameters=list(params),
-        numel=sum(p.numel() for p in params.values()),
+        numel=sum(numel(p) for p in params.values()),
         aliases=frozenset(aliases),
         _params=params,
         _module_set=module_set,

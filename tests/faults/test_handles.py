@@ -69,6 +69,7 @@ def test_two_threads_on_disjoint_parts_do_not_clobber() -> None:
 
     def worker(part: str, other: str, rounds: int) -> None:
         mine, theirs = model[part], model[other]
+        bn = mine.get_submodule("1")
         for i in range(rounds):
             # Not last-in-first-out: the thread that enters first leaves first,
             # while the other is still inside its own block.
@@ -86,7 +87,7 @@ def test_two_threads_on_disjoint_parts_do_not_clobber() -> None:
                     barrier.wait()  # the other thread has left its block
                     if any(p.requires_grad for p in mine.parameters()):
                         errors.append(f"{part}: unfrozen by the other thread in round {i}")
-                    if not gg.is_sticky(mine[1]) or mine[1].training:
+                    if not gg.is_sticky(bn) or bn.training:
                         errors.append(f"{part}: released by the other thread in round {i}")
                     if not all(p.requires_grad for p in theirs.parameters()):
                         errors.append(f"{other}: its undo did not land in round {i}")
