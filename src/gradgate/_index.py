@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -174,6 +174,15 @@ def gc_paused() -> Iterator[None]:
 def is_float(p: torch.Tensor) -> bool:
     """Whether a tensor's dtype can carry gradients."""
     return p.is_floating_point() or p.is_complex()
+
+
+def sizes(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """Elements of each tensor, as ``numel`` counts them (one fast pass when none is lazy)."""
+    items = list(tensors)
+    try:
+        return [t.numel() for t in items]
+    except ValueError:  # an uninitialised lazy parameter has no size yet
+        return [numel(t) for t in items]
 
 
 def numel(p: torch.Tensor) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
@@ -89,6 +90,10 @@ class _StickyEval:
         self.anchor = anchor
         self.wanted = wanted
 
+    def __repr__(self) -> str:
+        # Stable across runs and modes: structure digests may render module attributes.
+        return "<gradgate sticky eval>"
+
     def holds(self) -> bool:
         """Whether every parameter under the anchor is still frozen."""
         return not _any_trains(self.anchor)
@@ -158,33 +163,98 @@ def is_sticky(module: nn.Module) -> bool:
     return isinstance(mark, _StickyEval) and mark.holds()
 
 
-def sticky_flags(index: ModelIndex, trains: list[bool] | None = None) -> list[bool]:
-    """For each module (by position), whether a freeze holds it in inference mode."""
-    if trains is None:
-        trains = trainable_flags(index)
-    out = [False] * len(index.mods)
+def sticky_flags(
+    index: ModelIndex, rows: Iterable[int] | None = None, trains: list[bool] | None = None
+) -> dict[int, bool]:
+    """For modules at positions ``rows`` (default all): whether a freeze holds them in eval."""
+    out: dict[int, bool] = {}
     position: dict[int, int] | None = None
-    for i, m in enumerate(index.mods):
+    mods = index.mods
+    for i in range(len(mods)) if rows is None else rows:
+        m = mods[i]
         mark = m.__dict__.get("train")
         if not isinstance(mark, _StickyEval):
+            out[i] = False
             continue
+        if trains is None:
+            trains = trainable_flags(index)
         if mark.anchor is m:
             out[i] = not trains[i]
             continue
         if position is None:
-            position = {id(x): j for j, x in enumerate(index.mods)}
+            position = {id(x): j for j, x in enumerate(mods)}
         j = position.get(id(mark.anchor))
         out[i] = not (trains[j] if j is not None else _any_trains(mark.anchor))
     return out
 
 
+# Torch classes whose forward never reads ``self.training``: a direct write
+# cannot change what they compute, so they need no pre-hook (exact types: a
+# subclass may read it). Skipping them keeps torch's hook-free fast path.
+_INERT = frozenset(
+    {
+        nn.Linear,
+        nn.Bilinear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.Embedding,
+        nn.EmbeddingBag,
+        nn.Sequential,
+        nn.ModuleList,
+        nn.ModuleDict,
+        nn.Identity,
+        nn.Flatten,
+        nn.Unflatten,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.GELU,
+        nn.SiLU,
+        nn.Mish,
+        nn.Tanh,
+        nn.Sigmoid,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.Softmax,
+        nn.LogSoftmax,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.RMSNorm,
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d,
+        nn.AdaptiveMaxPool3d,
+    }
+)
+
+
 def _stick(module: nn.Module, mark: _StickyEval) -> None:
-    # Plain attribute writes: nn.Module.__setattr__ is slow on large trees.
-    module.__dict__["train"] = mark
-    hooks = module.__dict__["_forward_pre_hooks"]
-    if _hold_eval not in hooks.values():
-        module.register_forward_pre_hook(_hold_eval, prepend=True)
-    module.__dict__["training"] = False
+    # Plain dict writes: nn.Module.__setattr__ and register_forward_pre_hook
+    # cost more than the whole walk on models with 10^5 modules. Negative
+    # keys never meet the non-negative ids torch hands out for hooks.
+    d = module.__dict__
+    d["train"] = mark
+    d["training"] = False
+    if type(module) in _INERT:
+        return
+    hooks = d["_forward_pre_hooks"]
+    key = next(_hook_keys)
+    hooks[key] = _hold_eval
+    hooks.move_to_end(key, last=False)  # before user hooks, which may read .training
+
+
+_hook_keys = itertools.count(-1, -1)
 
 
 def _release(module: nn.Module) -> None:
@@ -408,9 +478,12 @@ def _plan_modes(
     sel: Selection,
     action: str,
     mode: Mode,
-    new_flag: dict[int, bool],
+    unfrozen: set[int],
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Which modules a call releases, and which it holds in eval (with their anchors).
+
+    Runs after the call has set the parameter flags; ``unfrozen`` holds the
+    ids of the parameters it made trainable.
 
     A module is frozen when no parameter under it trains; a parameter-free
     module takes the state of its parent (or is frozen when it is itself a
@@ -422,59 +495,67 @@ def _plan_modes(
     """
     names, mods, parent = index.names, index.mods, index.parent
     n = len(names)
-    has_params = [False] * n
-    trains = [False] * n
-    gained = [False] * n
-    for (_, p), o in zip(index.aliases, index.alias_owner, strict=True):
-        has_params[o] = True
-        flag = new_flag.get(id(p))
-        if flag or (flag is None and p.requires_grad):
-            trains[o] = True
-        if flag:
-            gained[o] = True
-    for i in range(n - 1, 0, -1):
-        up = parent[i]
-        has_params[up] = has_params[up] or has_params[i]
-        trains[up] = trains[up] or trains[i]
-        gained[up] = gained[up] or gained[i]
     selected = set(sel.modules)
     release: list[int] = []
-    position: dict[int, int] | None = None
-    seen: set[int] = set()
-    for i, m in enumerate(mods):
-        mark = m.__dict__.get("train")
-        if not isinstance(mark, _StickyEval) or id(m) in seen:
-            continue
-        if mark.anchor is m:
-            a = i
-        else:
-            if position is None:
-                position = {id(x): j for j, x in enumerate(mods)}
-            a = position.get(id(mark.anchor), i)
-        if gained[a] or (action != "freeze" and names[i] in selected):
-            seen.add(id(m))
-            release.append(i)
+    if action != "freeze":  # a freeze makes nothing trainable: nothing to release
+        gained = [False] * n
+        for (_, p), o in zip(index.aliases, index.alias_owner, strict=True):
+            if id(p) in unfrozen:
+                gained[o] = True
+        for i in range(n - 1, 0, -1):
+            if gained[i]:
+                gained[parent[i]] = True
+        position: dict[int, int] | None = None
+        released: set[int] = set()
+        for i, m in enumerate(mods):
+            mark = m.__dict__.get("train")
+            if not isinstance(mark, _StickyEval):
+                continue
+            if mark.anchor is m:
+                a = i
+            else:
+                if position is None:
+                    position = {id(x): j for j, x in enumerate(mods)}
+                a = position.get(id(mark.anchor), i)
+            if (gained[a] or names[i] in selected) and id(m) not in released:
+                released.add(id(m))
+                release.append(i)
     stick: list[tuple[int, int]] = []
     if mode is Mode.KEEP or action == "unfreeze":
         return release, stick
-    roots = set(sel.roots) if action == "freeze" else set()
-    frozen = [False] * n
-    anchor = list(range(n))
-    for i in range(n):
+    has_params = [False] * n
+    trains = [False] * n
+    for (_, p), o in zip(index.aliases, index.alias_owner, strict=True):
+        has_params[o] = True
+        if p.requires_grad:
+            trains[o] = True
+    for i in range(n - 1, 0, -1):
+        up = parent[i]
         if has_params[i]:
-            frozen[i] = not trains[i]
-        elif names[i] in roots:
+            has_params[up] = True
+        if trains[i]:
+            trains[up] = True
+    roots = set(sel.roots) if action == "freeze" else set()
+    frozen = [h and not t for h, t in zip(has_params, trains, strict=True)]
+    anchor = list(range(n))
+    for i in [i for i, h in enumerate(has_params) if not h]:  # pre-order: parents first
+        if names[i] in roots:
             frozen[i] = True
         elif i:
             frozen[i] = frozen[parent[i]]
             anchor[i] = anchor[parent[i]]
-    for i, m in enumerate(mods):
-        in_scope = (names[i] in selected) is (action == "freeze")
-        if not (in_scope and frozen[i]) or id(m) in seen:
-            continue
+    inside = action == "freeze"
+    candidates = [
+        i
+        for i, (name, f) in enumerate(zip(names, frozen, strict=True))
+        if f and (name in selected) is inside
+    ]
+    seen: set[int] = set()
+    for i in candidates:
+        m = mods[i]
         if mode is Mode.NORM and not _has_running_stats(m):
             continue
-        if isinstance(m.__dict__.get("train"), _StickyEval):
+        if id(m) in seen or isinstance(m.__dict__.get("train"), _StickyEval):
             continue
         seen.add(id(m))
         stick.append((i, anchor[i]))
@@ -533,38 +614,45 @@ def _apply_walk(
     mode_e: Mode,
     shared_e: Shared | None,
 ) -> Freezing:
-    # Everything that can fail on the user's input runs before anything
-    # changes (predicates included: their exceptions keep their type).
+    # Selectors (predicates included: their exceptions keep their type) and
+    # tied-weight checks run before anything changes; what fails later (a
+    # TorchScript module that cannot be held, Ctrl-C) is rolled back.
     index = ModelIndex(model)
     sel = resolve(index, selectors, exclude)
     forced = _check_shared(index, sel, action, shared_e, selectors)
     changes = _plan_flags(index, sel, action, forced)
-    new_flag = {id(p): want for _, p, want in changes}
-    release, stick = _plan_modes(index, sel, action, mode_e, new_flag)
-    _refuse_script(index, stick, action)
     _warn_nothing(action, shared_e, sel, forced, selectors)
     handle = Freezing(model, action, sel)
     mods, parent = index.mods, index.parent
     announced = False
     try:
+        record_flag = handle._params.append
+        plain = nn.Parameter
         for name, p, want in changes:
-            handle._params.append((p, not want))
-            _set_flag(p, want)
+            record_flag((p, not want))
+            if type(p) is plain:
+                p.requires_grad_(want)
+            else:
+                _set_flag(p, want)
             if want:
                 handle.unfrozen.append(name)
             else:
                 p.grad = None
                 handle.frozen.append(name)
+        unfrozen = {id(p) for _, p, want in changes if want}
+        release, stick = _plan_modes(index, sel, action, mode_e, unfrozen)
+        _refuse_script(index, stick, action)
         for i in release:  # pre-order: a parent is settled before its children
             m = mods[i]
             old = m.__dict__["train"]
             handle._modes.append((m, old, None))
             _release(m)
             m.__dict__["training"] = mods[parent[i]].training if i else old.wanted
+        record = handle._modes.append
         for i, a in stick:
             m = mods[i]
-            mark = _StickyEval(m, mods[a], m.training)
-            handle._modes.append((m, None, mark))
+            mark = _StickyEval(m, mods[a], m.__dict__["training"])
+            record((m, None, mark))
             _stick(m, mark)
         if handle.frozen or handle.unfrozen:
             announced = True
@@ -759,7 +847,7 @@ def frozen_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """
     index = ModelIndex(model)
     trains = trainable_flags(index)
-    held = sticky_flags(index, trains)
+    held = sticky_flags(index, trains=trains)
     has_params = [False] * len(index.names)
     for owner in index.alias_owner:
         has_params[owner] = True

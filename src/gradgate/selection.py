@@ -472,9 +472,13 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
     Args:
         model: the model whose module and parameter names are matched.
         *selectors: any mix of dotted globs (``"front_end"``, ``"**.bias"``,
-            ``"blocks.[0-3]"``), ``"re:..."`` regular expressions (fullmatch),
-            module or parameter objects, module types and predicates
-            ``(name, module) -> bool``. With none, the whole model.
+            ``"layer.[6-11]"``, ``"blocks.[0,2,4-6]"``), ``"re:..."`` regular
+            expressions (fullmatch), module or parameter objects, module types
+            and predicates ``(name, module) -> bool`` such as ``gg.norms``.
+            With none, the whole model. A whole-segment bracket of whole
+            numbers, ranges and commas matches a whole-number segment in that
+            set; any other bracket is a class of single characters. Slices
+            (``[-4:]``) are refused: write the range. See docs/semantics.md.
         exclude: selectors whose matches are removed from the result.
 
     Returns:
@@ -483,12 +487,16 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
     Raises:
         NoMatchError: a selector matched nothing; the message names the
             closest existing names.
-        InvalidArgumentError: a selector has an unusable type or syntax.
+        InvalidArgumentError: a selector has an unusable type or syntax (a
+            malformed bracket, an invalid ``re:`` expression).
 
     Example:
         >>> import torch, gradgate as gg
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
         >>> gg.select(net, "1").parameters
         ['1.weight', '1.bias']
+        >>> layers = torch.nn.ModuleList(torch.nn.Linear(1, 1) for _ in range(12))
+        >>> gg.select(layers, "[9-11]").roots
+        ['10', '11', '9']
     """
     return resolve(ModelIndex(model), selectors, exclude)
