@@ -40,7 +40,7 @@ from .integrity import Guard, fingerprint, guard
 from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sync
 from .reports import GradReport, Summary, grad_report, summary
 from .schedules import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
-from .selection import Selection, Selector, select
+from .selection import Selection, Selector, norms, select
 
 __version__ = "0.1.0"
 
@@ -82,6 +82,7 @@ __all__ = [
     "lint",
     "load_trainable",
     "named_trainable_parameters",
+    "norms",
     "param_groups",
     "save_trainable",
     "select",

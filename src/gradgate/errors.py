@@ -41,7 +41,7 @@ class InvalidArgumentError(GradgateError, ValueError):
         ...     gg.freeze(torch.nn.Linear(2, 2), mode="evel")
         ... except gg.InvalidArgumentError as e:
         ...     print(e)
-        mode must be one of 'eval', 'keep'; got 'evel'
+        mode must be one of 'eval', 'norm', 'keep'; got 'evel'
     """
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ._format import render_table
-from ._index import ModelIndex, gc_paused, owner_of
+from ._index import ModelIndex, gc_paused, owner_of, sizes
 from .errors import InvalidArgumentError
-from .freezing import is_sticky
+from .freezing import sticky_flags
 
 __all__ = ["GradReport", "Summary", "grad_report", "summary"]
 
@@ -138,10 +138,10 @@ def _summary(model: nn.Module, depth: int) -> Summary:
         rows_of[i] = (*up, i) if level[i] <= depth else up
     seen: dict[int, set[int]] = {}
     shared = index.shared
-    for (_, p), owner in zip(index.aliases, index.alias_owner):
+    alias_sizes = sizes(p for _, p in index.aliases)
+    for (_, p), owner, n in zip(index.aliases, index.alias_owner, alias_sizes, strict=True):
         key = id(p)
         counts = train if p.requires_grad else froz
-        n = p.numel()
         for row in rows_of[owner]:
             if key in shared:
                 ids = seen.setdefault(row, set())
@@ -149,10 +149,13 @@ def _summary(model: nn.Module, depth: int) -> Summary:
                     continue
                 ids.add(key)
             counts[row] += n
+    # Held, not merely marked: a module whose parameters were made trainable
+    # by other means is never shown as "eval (sticky)".
+    held = sticky_flags(index, shown)
     rows = []
     for i in shown:
         name, module = names[i], index.mods[i]
-        sticky = is_sticky(module)
+        sticky = held[i]
         mode = "eval (sticky)" if sticky else ("train" if module.training else "eval")
         rows.append(
             SummaryRow(
@@ -166,8 +169,8 @@ def _summary(model: nn.Module, depth: int) -> Summary:
                 mode=mode,
             )
         )
-    total_train = sum(p.numel() for p in index.params.values() if p.requires_grad)
-    total = sum(p.numel() for p in index.params.values())
+    # The root's row counts every parameter once (tied ones by identity).
+    total_train, total = train[0], train[0] + froz[0]
     return Summary(
         model=type(model).__name__,
         rows=rows,
