@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from gradgate.integrations.lightning import GradgateFinetuning as LightningFinetuning
 from gradgate.integrations.transformers import GradgateFinetuning as HFFinetuning
+from gradgate.integrations.transformers import GradgateTrainer
 from integrations import frameworks as fw
 
 
@@ -102,29 +103,20 @@ def test_lightning_new_group_follows_every_scheduler(scheduler: str, tmp_path: P
         assert lrs[1] == pytest.approx(0.25 * lrs[0], rel=1e-9, abs=1e-15)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(LIGHTNING, id="lightning"),
-        pytest.param(
-            HF,
-            id="hf",
-            marks=pytest.mark.xfail(
-                reason="needs a Trainer hook between create_optimizer and the optimizer state "
-                "load (the HF Trainer loads it before any callback runs)",
-                strict=True,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("case", CASES)
 def test_resume_after_an_unfreeze_is_bit_identical(case: Case, tmp_path: Path) -> None:
     full = case.fit(tmp_path / "full", case.make(unfreeze=[(1, case.late)]), save_every_epoch=True)
     after_unfreeze = full.checkpoints[1]  # end of epoch 1, the late part already trains
-    key = "ckpt_path" if case is LIGHTNING else "resume"
-    resumed = case.fit(
-        tmp_path / "resumed", case.make(unfreeze=[(1, case.late)]), **{key: str(after_unfreeze)}
-    )
+    if case is LIGHTNING:
+        extra: dict[str, Any] = {"ckpt_path": str(after_unfreeze)}
+    else:
+        # The plain Trainer wrote the checkpoints; GradgateTrainer is needed to resume them.
+        extra = {"resume": str(after_unfreeze), "trainer_cls": GradgateTrainer}
+    resumed = case.fit(tmp_path / "resumed", case.make(unfreeze=[(1, case.late)]), **extra)
     assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model)
+    # The resumed run's new group kept lr_mult x the others' lr under the schedule.
+    assert resumed.lrs and all(len(lrs) == len(full.lrs[-1]) for lrs in resumed.lrs)
+    assert resumed.lrs == full.lrs[-len(resumed.lrs) :]
 
 
 def write_into_frozen(case: Case) -> fw.Poke:
