@@ -104,19 +104,21 @@ def test_lightning_new_group_follows_every_scheduler(scheduler: str, tmp_path: P
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_resume_after_an_unfreeze_is_bit_identical(case: Case, tmp_path: Path) -> None:
+def test_resume_before_and_after_an_unfreeze_is_bit_identical(case: Case, tmp_path: Path) -> None:
     full = case.fit(tmp_path / "full", case.make(unfreeze=[(1, case.late)]), save_every_epoch=True)
-    after_unfreeze = full.checkpoints[1]  # end of epoch 1, the late part already trains
-    if case is LIGHTNING:
-        extra: dict[str, Any] = {"ckpt_path": str(after_unfreeze)}
-    else:
-        # The plain Trainer wrote the checkpoints; GradgateTrainer is needed to resume them.
-        extra = {"resume": str(after_unfreeze), "trainer_cls": GradgateTrainer}
-    resumed = case.fit(tmp_path / "resumed", case.make(unfreeze=[(1, case.late)]), **extra)
-    assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model)
-    # The resumed run's new group kept lr_mult x the others' lr under the schedule.
-    assert resumed.lrs and all(len(lrs) == len(full.lrs[-1]) for lrs in resumed.lrs)
-    assert resumed.lrs == full.lrs[-len(resumed.lrs) :]
+    # End of epoch 0 (the unfreeze is still to come) and of epoch 1 (the late part trains).
+    for checkpoint in full.checkpoints[:2]:
+        if case is LIGHTNING:
+            extra: dict[str, Any] = {"ckpt_path": str(checkpoint)}
+        else:
+            # The plain Trainer wrote the checkpoints; GradgateTrainer is needed to resume them.
+            extra = {"resume": str(checkpoint), "trainer_cls": GradgateTrainer}
+        resumed = case.fit(
+            tmp_path / checkpoint.name, case.make(unfreeze=[(1, case.late)]), **extra
+        )
+        assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model), checkpoint.name
+        # Same groups and learning rates, step for step (the new group at lr_mult x the others).
+        assert resumed.lrs and resumed.lrs == full.lrs[-len(resumed.lrs) :], checkpoint.name
 
 
 def write_into_frozen(case: Case) -> fw.Poke:

@@ -53,7 +53,10 @@ class GradgateFinetuning(TrainerCallback):
     ...]`` makes a part trainable at the start of that epoch in a new group
     at ``lr_mult`` x group 0's current lr, which the Trainer's scheduler
     (linear, cosine, ... warm-up) then drives. Frozen modules stay in
-    inference mode although the Trainer calls ``model.train()``.
+    inference mode although the Trainer calls ``model.train()``. Each
+    checkpoint folder gets ``gradgate_finetuning.json`` (which unfreezes ran);
+    resuming after an unfreeze needs ``GradgateTrainer``, which replays them
+    before the Trainer loads the optimizer state.
 
     Args:
         freeze: selector of what is frozen (see ``gg.select``).
