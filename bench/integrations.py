@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gradgate as gg
 from gradgate._format import render_table
+from gradgate.tools import zoo
 from gradgate.tools.bench import machine_info
 
 
@@ -70,6 +72,31 @@ def _frozen_output_diff(
         return float((forward(frozen) - forward(pristine)).abs().max())
 
 
+# Loaded once per process and copied into each trial: loading is not timed, but repeated it made
+# one run too long for the loaded CI machine.
+
+
+@functools.cache
+def _efficientnet() -> zoo.EfficientNetLite0:
+    return zoo.efficientnet_lite0()
+
+
+@functools.cache
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    return zoo.digits_64()
+
+
+@functools.cache
+def _minilm() -> tuple[nn.Module, Any]:
+    return zoo.minilm()
+
+
+@functools.cache
+def _sentences(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sentences, labels, _ = zoo.stdlib_sentences(per_class)
+    return zoo.tokenize(_minilm()[1], sentences), labels
+
+
 # ---------------------------------------------------------------- Lightning
 
 
@@ -78,12 +105,11 @@ def _lightning_trial(strategy: str, images: int, batch: int) -> Trial:
     from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning
 
     from gradgate.integrations.lightning import GradgateFinetuning
-    from gradgate.tools.zoo import digits_64, efficientnet_lite0
 
     class Classifier(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.backbone = efficientnet_lite0()
+            self.backbone = copy.deepcopy(_efficientnet())
             self.head = nn.Linear(1280, 10)
 
         def training_step(self, b: Any, batch_idx: int) -> torch.Tensor:
@@ -111,7 +137,7 @@ def _lightning_trial(strategy: str, images: int, batch: int) -> Trial:
             self.seconds = time.perf_counter() - self.start
 
     torch.manual_seed(0)
-    x, y = digits_64()
+    x, y = _digits()
     x, y = x[:images], y[:images]
     model = Classifier()
     pristine = copy.deepcopy(model.backbone)
@@ -147,7 +173,6 @@ def _hf_trial(strategy: str, per_class: int, batch: int) -> Trial:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from gradgate.integrations.transformers import GradgateFinetuning
-    from gradgate.tools.zoo import minilm, stdlib_sentences, tokenize
 
     class Classifier(nn.Module):
         def __init__(self, encoder: nn.Module, classes: int) -> None:
@@ -169,9 +194,8 @@ def _hf_trial(strategy: str, per_class: int, batch: int) -> Trial:
             self.seconds = time.perf_counter() - self.start
 
     torch.manual_seed(0)
-    sentences, labels, _ = stdlib_sentences(per_class)
-    encoder, tokenizer = minilm()
-    ids = tokenize(tokenizer, sentences)
+    ids, labels = _sentences(per_class)
+    encoder = copy.deepcopy(_minilm()[0])
     model = Classifier(encoder, int(labels.max()) + 1)
     pristine = copy.deepcopy(model.encoder)
     before = gg.fingerprint(model.encoder)
