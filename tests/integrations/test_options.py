@@ -107,7 +107,7 @@ def test_hf_saves_only_what_trains_bound_to_the_frozen_base(
         gg.load_trainable(other, path)
 
 
-def test_a_restored_unfreeze_is_replayed_once() -> None:
+def test_a_restored_unfreeze_is_replayed_into_the_first_optimizer() -> None:
     from gradgate.integrations._core import FinetuneCore
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -116,7 +116,7 @@ def test_a_restored_unfreeze_is_replayed_once() -> None:
     core.load_state_dict({"applied": [0], "epochs": [1]})
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     core.align(net, opt, None)
-    core.align(net, opt, None)  # what on_train_begin does after GradgateTrainer.create_optimizer
+    core.align(net, opt, None)  # on_train_begin aligns again after GradgateTrainer did
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
     assert core.due(5) == []
 
