@@ -8,6 +8,9 @@ nothing.
 from __future__ import annotations
 
 __all__ = [
+    "CacheError",
+    "NondeterministicDatasetError",
+    "StaleCacheError",
     "CheckpointError",
     "CheckpointKeyError",
     "MissingDependencyError",
@@ -125,3 +128,34 @@ class CheckpointKeyError(CheckpointError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class CacheError(GradgateError, OSError):
+    """A disk ``FeatureCache`` folder cannot be used (not writable, no space, not a folder).
+
+    Example:
+        >>> issubclass(CacheError, OSError)
+        True
+    """
+
+
+class StaleCacheError(GradgateError, RuntimeError):
+    """A ``FeatureCache`` no longer matches its front-end where it cannot rebuild.
+
+    Raised in a DataLoader worker: a worker reads, it never builds.
+
+    Example:
+        >>> issubclass(StaleCacheError, RuntimeError)
+        True
+    """
+
+
+class NondeterministicDatasetError(GradgateError, ValueError):
+    """A dataset returned different values for the same item on two reads.
+
+    A ``FeatureCache`` stores one pass; random augmentation belongs after it.
+
+    Example:
+        >>> issubclass(NondeterministicDatasetError, ValueError)
+        True
+    """
