@@ -252,7 +252,9 @@ class _DiskWriter:
             os.replace(self.tmp, store.features)
             os.replace(rest_tmp, store.rest)
             os.replace(meta_tmp, store.meta)
-        return _DiskStored(self.shape, rest, store.features, _identity(store.features))
+        stored = _DiskStored(self.shape, rest, store.features, _identity(store.features))
+        stored.rows(slice(0, 0))  # map it now, before another build can replace the file
+        return stored
 
 
 class DiskStore:
