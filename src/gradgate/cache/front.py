@@ -303,8 +303,10 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                     cols[0], list(zip(*cols[1:], strict=True)) or [()] * len(cols[0]), None
                 )
             return
+        # An iterator, not the loader: a progress bar that calls iter() itself
+        # (tqdm.auto does) would otherwise start a second set of workers.
         yield from progress(
-            loader,
+            iter(loader),
             enabled=self.progress,
             total=math.ceil(self._n / self.batch_size),
             desc=desc,

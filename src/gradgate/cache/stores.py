@@ -314,9 +314,11 @@ class DiskStore:
         with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                for stale in self.path.glob(f"*{_TMP}"):
-                    stale.unlink(missing_ok=True)
-                yield True
+                writable = os.access(self.path, os.W_OK)
+                if writable:
+                    for stale in self.path.glob(f"*{_TMP}"):
+                        stale.unlink(missing_ok=True)
+                yield writable
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
