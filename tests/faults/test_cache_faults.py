@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -46,6 +46,13 @@ class Items(Dataset[tuple[torch.Tensor, int]]):
         return self.x[i], i % 3
 
 
+def _data(module: nn.Module, name: str) -> torch.Tensor:
+    """The ``.data`` of a tensor: writes through it leave version counters unchanged."""
+    t = getattr(module, name)
+    assert isinstance(t, torch.Tensor)
+    return t.data
+
+
 def _front() -> nn.Sequential:
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -56,7 +63,8 @@ def _front() -> nn.Sequential:
         nn.ReLU(),
         nn.Flatten(),
     )
-    net[1].running_mean.normal_()
+    with torch.no_grad():
+        _data(net[1], "running_mean").normal_()
     gg.freeze(net)
     return net
 
@@ -65,11 +73,11 @@ def _x(seed: int = 0) -> torch.Tensor:
     return torch.randn(N, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
 
 
-def _live(
-    front: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> torch.Tensor:
+def _live(front: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return front(fn(x) if fn else x)
+        out = front(x)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def _open(front: nn.Module, data: Any, path: Path, **kw: Any) -> gg.FeatureCache:
@@ -83,9 +91,10 @@ def _no_temp(path: Path) -> bool:
 
 # -- every key component, changed one at a time ----------------------------
 
-_IN_PLACE: dict[str, Callable[[nn.Sequential], None]] = {
-    "weight via .data": lambda f: f[0].weight.data.mul_(-1),
-    "buffer via .data": lambda f: f[1].running_var.data.add_(3),
+
+_IN_PLACE: dict[str, Callable[[nn.Sequential], object]] = {
+    "weight via .data": lambda f: _data(f[0], "weight").mul_(-1),
+    "buffer via .data": lambda f: _data(f[1], "running_var").add_(3),
     "relu -> tanh": lambda f: f.__setitem__(4, nn.Tanh()),
     "leaky slope": lambda f: setattr(f[2], "negative_slope", 0.5),
     "conv stride": lambda f: setattr(f[0], "stride", (2, 2)),
@@ -362,10 +371,12 @@ def test_read_only_folder_reads_a_valid_cache_and_refuses_to_build(tmp_path: Pat
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
-def test_spawned_worker_refuses_a_cache_whose_front_end_changed(tmp_path: Path, store: str) -> None:
+def test_spawned_worker_refuses_a_cache_whose_front_end_changed(
+    tmp_path: Path, store: Literal["memory", "disk"]
+) -> None:
     front, x = _front(), _x()
     cache = gg.FeatureCache(front, TensorDataset(x), store=store, path=tmp_path, progress=False)
-    front[0].weight.data.mul_(-1)  # bypasses version counters
+    _data(front[0], "weight").mul_(-1)
     loader = DataLoader(cache, batch_size=8, num_workers=1, multiprocessing_context="spawn")
     with (
         pytest.raises(StaleCacheError, match="worker cannot rebuild"),
@@ -405,7 +416,9 @@ class Augmented(Items):
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
 @pytest.mark.parametrize(("where", "what"), [(0, "the front-end input"), (1, "element 1")])
-def test_random_augmentation_is_reported(tmp_path: Path, store: str, where: int, what: str) -> None:
+def test_random_augmentation_is_reported(
+    tmp_path: Path, store: Literal["memory", "disk"], where: int, what: str
+) -> None:
     with pytest.raises(NondeterministicDatasetError, match=rf"item 0 changed.*\({what}"):
         gg.FeatureCache(
             _front(), Augmented(_x(), where), store=store, path=tmp_path, progress=False

@@ -576,6 +576,19 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self._check(full=True)
         return self._rows(slice(None))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored features take (in memory, or on disk for a disk store).
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> cache = gg.FeatureCache(torch.nn.Identity(), [(torch.ones(4),)], progress=False)
+            >>> cache.nbytes
+            16
+        """
+        shape = self._stored.shape
+        return shape.n * math.prod(shape.row) * shape.storage.itemsize
+
     def __repr__(self) -> str:
         return (
             f"FeatureCache({type(self.front_end).__name__}, {self._n} samples, "
