@@ -15,12 +15,14 @@ import functools
 import hashlib
 import re
 import types
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ..errors import InvalidArgumentError
 from ..freezing import is_sticky
@@ -52,6 +54,11 @@ _SKIPPED = frozenset(
         "_load_state_dict_pre_hooks",
         "_load_state_dict_post_hooks",
     }
+)
+
+
+_CODE_DIGESTS: weakref.WeakKeyDictionary[types.CodeType, tuple[str, frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
 )
 
 
@@ -154,7 +161,6 @@ class ValueHasher:
 
     def _add_function(self, fn: types.FunctionType) -> None:
         self._tag(f"function:{fn.__module__}.{fn.__qualname__}")
-        self._add_code(fn.__code__)
         self.add(fn.__defaults__)
         self.add(fn.__kwdefaults__)
         for cell in fn.__closure__ or ():
@@ -162,7 +168,8 @@ class ValueHasher:
                 self.add(cell.cell_contents)
             except ValueError:  # an empty cell (a name not yet bound)
                 self._tag("empty-cell")
-        for name in sorted(_global_names(fn.__code__)):
+        self._add_code(fn.__code__)
+        for name in sorted(_CODE_DIGESTS[fn.__code__][1]):
             if name not in fn.__globals__:
                 continue
             value = fn.__globals__[name]
@@ -176,13 +183,20 @@ class ValueHasher:
                 self.add(value)
 
     def _add_code(self, code: types.CodeType) -> None:
-        self.h.update(code.co_code)
-        self._tag(f"names:{code.co_names}:{code.co_varnames}:{code.co_freevars}")
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                self._add_code(const)
-            else:
-                self.add(const)
+        digest = _CODE_DIGESTS.get(code)
+        if digest is None:
+            # Code objects are immutable: hash each once per process.
+            sub = ValueHasher(strict=self.strict)
+            sub.h.update(code.co_code)
+            sub._tag(f"names:{code.co_names}:{code.co_varnames}:{code.co_freevars}")
+            for const in code.co_consts:
+                if isinstance(const, types.CodeType):
+                    sub._add_code(const)
+                else:
+                    sub.add(const)
+            digest = (sub.hexdigest(), frozenset(_global_names(code)))
+            _CODE_DIGESTS[code] = digest
+        self._tag(f"code:{digest[0]}")
 
     def _add_object(self, obj: Any) -> None:
         self._tag(f"object:{_qualified(type(obj))}")
@@ -215,6 +229,15 @@ def _qualified(obj: Any) -> str:
         return f"{type(obj).__qualname__}:{obj!r}"
     module = getattr(obj, "__module__", None) or ""
     return f"{module}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _plain(value: Any) -> bool:
+    """A scalar, or a tuple/list/set of scalars: ``repr`` is exact and deterministic."""
+    if isinstance(value, _SCALARS):
+        return True
+    if type(value) in (tuple, list):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return type(value) is set and not value  # an empty set (non-persistent buffers)
 
 
 def _global_names(code: types.CodeType) -> set[str]:
@@ -256,7 +279,7 @@ def module_digests(module: nn.Module) -> list[tuple[str, str]]:
             h._tag(f"script:{script}")
         for pname, p in m._parameters.items():
             h._tag(f"param:{pname}")
-            if isinstance(p, nn.parameter.UninitializedParameter):
+            if is_lazy(p):
                 raise InvalidArgumentError(
                     f"FeatureCache cannot key the front-end: {name or 'the root'}.{pname} is an "
                     "uninitialised lazy parameter; run one forward pass before caching"
@@ -269,14 +292,19 @@ def module_digests(module: nn.Module) -> list[tuple[str, str]]:
                 tensor_digest(b, h.h)
         h._tag(f"children:{list(m._modules)}")
         sticky = is_sticky(m)
+        plain = []  # settings that repr() describes exactly, hashed in one go
         for attr in sorted(m.__dict__):
             if attr in _SKIPPED or (attr == "train" and sticky):
                 continue
             value = m.__dict__[attr]
             if attr in _FORWARD_HOOKS:
                 value = list(value.values()) if isinstance(value, dict) else value
-            h._tag(f"attr:{attr}")
-            h.add(value)
+            if _plain(value):
+                plain.append((attr, value))
+            else:
+                h._tag(f"attr:{attr}")
+                h.add(value)
+        h._tag(f"plain:{plain!r}")
         out.append((name, h.hexdigest()))
     return out
 
