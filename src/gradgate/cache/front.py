@@ -92,42 +92,60 @@ def _take(col: Column, idx: torch.Tensor, indices: Sequence[int]) -> Column:
 class _Row(Sequence[Any]):
     """Sample ``i`` of a batch read by ``FeatureCache.__getitems__``, like ``(features, *rest)``."""
 
-    __slots__ = ("batch", "i")
+    __slots__ = ("columns", "i")
 
-    def __init__(self, batch: list[Column], i: int) -> None:
-        self.batch = batch
+    def __init__(self, columns: list[Column], i: int) -> None:
+        self.columns = columns
         self.i = i
 
     def __getitem__(self, k: Any) -> Any:
         if isinstance(k, slice):
-            return tuple(col[self.i] for col in self.batch[k])
-        return self.batch[k][self.i]
+            return tuple(col[self.i] for col in self.columns[k])
+        return self.columns[k][self.i]
 
     def __len__(self) -> int:
-        return len(self.batch)
+        return len(self.columns)
+
+
+class _Rows(Sequence[_Row]):
+    """The samples of one batch, made on demand; immutable, so ``collate_rows`` can
+    hand back the columns when it receives this very object."""
+
+    __slots__ = ("columns", "n")
+
+    def __init__(self, columns: list[Column], n: int) -> None:
+        self.columns = columns
+        self.n = n
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [_Row(self.columns, i) for i in range(self.n)[k]]
+        if not -self.n <= k < self.n:
+            raise IndexError(k)
+        return _Row(self.columns, k % self.n)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def collate_rows(rows: Sequence[Any]) -> Any:
     """Collate a batch read by ``FeatureCache.__getitems__``: the batch itself, not re-stacked.
 
-    Rows of one batch in their order come back as that batch's columns;
-    anything else goes through torch's ``default_collate``.
+    The batch as ``__getitems__`` returned it comes back as its columns;
+    anything else (rows picked or reordered) goes through torch's
+    ``default_collate``.
 
     Example:
         >>> import torch
-        >>> batch = [torch.zeros(2, 3), torch.tensor([4, 5])]
-        >>> collate_rows([_Row(batch, 0), _Row(batch, 1)])[1]
+        >>> columns = [torch.zeros(2, 3), torch.tensor([4, 5])]
+        >>> collate_rows(_Rows(columns, 2))[1]
         tensor([4, 5])
+        >>> collate_rows([_Rows(columns, 2)[1]])[1]
+        tensor([5])
     """
-    first = rows[0]
-    if isinstance(first, _Row):
-        batch = first.batch
-        if len(batch[0]) == len(rows) and all(
-            isinstance(r, _Row) and r.batch is batch and r.i == i for i, r in enumerate(rows)
-        ):
-            return list(batch)
-        return default_collate([tuple(r) for r in rows])
-    return default_collate(list(rows))
+    if type(rows) is _Rows:
+        return list(rows.columns)
+    return default_collate([tuple(r) for r in rows])
 
 
 class FeatureCache(Dataset[tuple[Any, ...]]):
@@ -143,12 +161,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
 
     The key is checked when the cache is opened, once in every process that
     reads it (DataLoader workers, fork or spawn), at the start of every pass
-    over it (``len()``, which every sampler calls), by ``features()``, and
-    before any read after a front-end tensor was written in place. A
-    mismatch rebuilds the cache with a ``RuntimeWarning``; in a DataLoader
-    worker, which cannot rebuild, it raises ``StaleCacheError``. A write that
-    bypasses version counters (``p.data[...] = ...``, a changed attribute) is
-    seen at the next of these checks, not in the middle of a pass.
+    over it (the first ``len()``, which every sampler calls, and the first
+    read after it), by ``features()``, and before any read after a front-end
+    tensor was written in place. A mismatch rebuilds the cache with a
+    ``RuntimeWarning``; in a DataLoader worker, which cannot rebuild, it
+    raises ``StaleCacheError`` (the main process has rebuilt by the next
+    pass). A write that bypasses version counters (``p.data[...] = ...``, a
+    changed attribute) is seen at the next of these checks, not in the middle
+    of a pass; persistent workers keep the snapshot they started with.
 
     Building reads every item twice, once to key the cache and once to run the
     front-end, and compares the two reads: a dataset that returns different
@@ -389,6 +409,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self._key = key
         self._front = front
         self._pid: int | None = os.getpid()
+        self._pending = False
         self._watch()
 
     def _build(
@@ -486,7 +507,8 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         """Make sure what is served matches the front-end; rebuild or raise if not."""
         if self._pid != os.getpid():
             self._check_new_process()
-        elif full or any(t._version != v for t, v in self._versions):
+        elif full or self._pending or any(t._version != v for t, v in self._versions):
+            self._pending = False
             if self._front_key()[1] != self._front:
                 warnings.warn(
                     "the front-end changed since its features were cached; rebuilding the cache",
@@ -505,8 +527,9 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         if get_worker_info() is not None:
             raise StaleCacheError(
                 "this FeatureCache no longer matches its front-end or its files (they changed "
-                "after the cache was opened), and a DataLoader worker cannot rebuild it; read "
-                "len(cache) in the main process before iterating, which rebuilds it there"
+                "after the cache was opened), and a DataLoader worker cannot rebuild it; call "
+                "len(cache) in the main process before starting the workers (a new DataLoader "
+                "with shuffle=True does), which rebuilds it there"
             )
         warnings.warn(
             "the front-end or the cache files changed since the features were cached; "
@@ -530,26 +553,27 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         return rows if rows.dtype == dtype else rows.to(dtype)
 
     def __len__(self) -> int:
-        self._check(full=True)
+        # A sampler calls len() several times as a pass starts: check at the
+        # first call, and again at the first read after the last one.
+        if not self._pending:
+            self._check(full=True)
+            self._pending = True
         return self._n
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         self._check(full=False)
         return (self._rows(index), *(col[index] for col in self._stored.rest))
 
-    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+    def __getitems__(self, indices: Sequence[int]) -> Sequence[Any]:
         """Read a whole batch with one indexing operation per column.
 
-        The rows returned are light views of that batch; ``collate_fn`` hands
-        the batch back whole instead of re-stacking the rows.
+        The rows returned are light views of that batch, made on demand;
+        ``collate_fn`` hands the batch back whole instead of re-stacking them.
         """
         self._check(full=False)
         idx = torch.as_tensor(indices, dtype=torch.long)
-        batch = [
-            self._rows(idx),
-            *(_take(col, idx, indices) for col in self._stored.rest),
-        ]
-        return [_Row(batch, i) for i in range(len(indices))]
+        columns = [self._rows(idx), *(_take(col, idx, indices) for col in self._stored.rest)]
+        return _Rows(columns, len(indices))
 
     collate_fn = staticmethod(collate_rows)
 
