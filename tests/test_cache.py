@@ -161,32 +161,6 @@ def test_input_fn_and_plain_lists() -> None:
     assert torch.equal(cache[3][0], torch.full((2,), 3.0))
 
 
-_BUILD = """
-import sys, torch, gradgate as gg
-from torch.utils.data import TensorDataset
-from gradgate.tools.seed import Agent
-torch.manual_seed(0)
-agent = Agent()
-gg.freeze(agent, "front_end")
-g = torch.Generator().manual_seed(0)
-x = torch.randn(200, 3, 28, 28, generator=g)
-data = TensorDataset(x, torch.randint(0, 10, (200,), generator=g))
-gg.FeatureCache(agent.front_end, data, store="disk", path=sys.argv[1], progress=False)
-"""
-
-
-def test_two_processes_share_one_path(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path)]) for _ in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0
-    agent = _frozen_agent()
-    cache = gg.FeatureCache(
-        agent.front_end, _data(200), store="disk", path=tmp_path, progress=False
-    )
-    assert not cache.rebuilt
-    assert not list(tmp_path.glob("*.tmp*"))
-
-
 @pytest.mark.parametrize("store", ["memory", "disk"])
 def test_collate_fn_gives_the_same_batches_as_default_collation(
     tmp_path: Path, store: Literal["memory", "disk"]

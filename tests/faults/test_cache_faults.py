@@ -486,9 +486,8 @@ if __name__ == "__main__":
         log = os.path.join(sys.argv[1], method + ".log")
         path = os.path.join(sys.argv[1], method)
         front = torch.nn.Linear(3, 2); gg.freeze(front)
-        for _ in range(2):  # a build, then a reopen of the disk cache
-            cache = gg.FeatureCache(front, Logged(log), store="disk", path=path,
-                                    batch_size=16, num_workers=2)
+        cache = gg.FeatureCache(front, Logged(log), store="disk", path=path,
+                                batch_size=16, num_workers=2)
         x = torch.stack([torch.full((3,), float(i)) for i in range(64)])
         with torch.no_grad():
             ok = torch.equal(cache.features(), front(x))
@@ -508,6 +507,6 @@ def test_workers_under_spawn_and_forkserver_build_once_each(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for method in ("spawn", "forkserver"):
-        # build: one keying read and one building read per item; reopen: one keying read.
-        # Each open starts its two workers once (persistent across both passes).
-        assert result[method] == {"reads": 3 * 64, "pids": 4, "ok": True}, (method, result)
+        # one keying read and one building read per item, by two workers started once
+        # (with the default progress bar, which once started them twice)
+        assert result[method] == {"reads": 2 * 64, "pids": 2, "ok": True}, (method, result)
