@@ -63,13 +63,18 @@ class _Batch:
 class _Collate:
     """Collates dataset items into a ``_Batch``; a class so spawn workers can unpickle it."""
 
-    def __init__(self, input_fn: Callable[[Any], Any]) -> None:
+    def __init__(self, input_fn: Callable[[Any], Any], hashing: bool) -> None:
         self.input_fn = input_fn
+        self.hashing = hashing
 
     def __call__(self, items: list[Any]) -> _Batch:
         inputs = [self.input_fn(it) for it in items]
         rest = [_rest(it) for it in items]
-        digests = [value_digests((x, *r)) for x, r in zip(inputs, rest, strict=True)]
+        digests = (
+            [value_digests((x, *r)) for x, r in zip(inputs, rest, strict=True)]
+            if self.hashing
+            else None
+        )
         return _Batch(default_collate(inputs), rest, digests)
 
 
@@ -341,7 +346,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=_Collate(self.input_fn),
+            collate_fn=_Collate(self.input_fn, hashing=self.dataset_key is None),
             persistent_workers=self.num_workers > 0,
         )
 
