@@ -16,6 +16,7 @@ from .cache import FeatureCache
 from .checkpoint import load_trainable, save_trainable
 from .errors import (
     AccelerationError,
+    CacheError,
     CheckpointError,
     CheckpointKeyError,
     FingerprintMismatch,
@@ -24,7 +25,9 @@ from .errors import (
     InvalidArgumentError,
     MissingDependencyError,
     NoMatchError,
+    NondeterministicDatasetError,
     SharedParameterError,
+    StaleCacheError,
     StaleWrapperError,
 )
 from .freezing import (
@@ -47,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Accelerated",
     "AccelerationError",
+    "CacheError",
     "CheckpointError",
     "CheckpointKeyError",
     "DEFAULT_NO_DECAY",
@@ -63,11 +67,13 @@ __all__ = [
     "LayerDecay",
     "MissingDependencyError",
     "NoMatchError",
+    "NondeterministicDatasetError",
     "ProgressiveFreeze",
     "Selection",
     "Selector",
     "SharedParameterError",
     "Stages",
+    "StaleCacheError",
     "StaleWrapperError",
     "Summary",
     "__version__",
