@@ -47,6 +47,6 @@ def unwrap_optimizer(optimizer: object, argument: str = "optimizer") -> torch.op
     if isinstance(current, torch.optim.Optimizer):
         return current
     raise InvalidArgumentError(
-        f"{argument} must be a torch.optim.Optimizer or a wrapper exposing one as "
+        f"{argument}: expected a torch.optim.Optimizer or a wrapper exposing one as "
         f"`.optimizer` (accelerate, Lightning); got {type(optimizer).__name__}"
     )
