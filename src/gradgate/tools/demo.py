@@ -13,8 +13,8 @@ floor or fingerprint check failed.
 Images are standardised per image (zero mean, unit variance), so an inverted
 digit is the negated clean one: a shift the front-end can undo by learning,
 whereas raw inverted pixels (background 1.0) give a first-batch loss near 10 and
-Adam silences every ReLU of the front-end within an epoch (``--raw-pixels``
-shows that failure and the demo's warning about it).
+Adam at lr 3e-3 silences the front-end's ReLUs within an epoch on some seeds.
+The demo warns when a trainable part goes dead like that (:func:`dead_parts`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ from .._format import render_table
 from .seed import Agent, FeatureExtractor, PolicyNetwork
 from .training import accuracy, train_epochs
 
-__all__ = ["CHANCE", "Split", "add_demo_arguments", "load_digits_28", "run_demo", "split_classes"]
+__all__ = [
+    "CHANCE",
+    "Split",
+    "add_demo_arguments",
+    "dead_parts",
+    "load_digits_28",
+    "run_demo",
+    "split_classes",
+]
 
 CHANCE = 0.2  # five classes per direction
 
@@ -87,12 +95,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.90,
         metavar="ACC",
         help="held-out accuracy the front-end direction must reach (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--raw-pixels",
-        action="store_true",
-        help="feed raw [0, 1] pixels instead of standardised images "
-        "(shows the dying-ReLU failure of the front-end direction)",
     )
     parser.add_argument(
         "--compare",
@@ -281,13 +283,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     show = not args.no_progress
-    standardize = not args.raw_pixels
-    x, y = load_digits_28(standardize=standardize)
+    x, y = load_digits_28()
     pre_data = split_classes(x, y, range(0, 5), args.seed)
     back_data = split_classes(x, y, range(5, 10), args.seed)
     out: dict[str, Any] = {
         "seed": args.seed,
-        "input": "standardised per image" if standardize else "raw pixels",
         "data": {
             "pretrain": len(pre_data.y),
             "backend": len(back_data.y),
@@ -350,7 +350,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     print("\n3) the title direction: adapt only the front-end to inverted digits, back-end fixed")
     adapt = _Stage("front-end", args.adapt_floor)
-    xi, _ = load_digits_28(invert=True, standardize=standardize)
+    xi, _ = load_digits_28(invert=True)
     inv = split_classes(xi, y, range(5, 10), args.seed)
     out["shifted_accuracy_before"] = accuracy(agent, inv.x_test, inv.y_test)
     print(f"  accuracy on inverted digits before adapting: {out['shifted_accuracy_before']:.3f}")
