@@ -20,6 +20,7 @@ from gradgate._progress import progress
 from gradgate.tools import demo
 from gradgate.tools.cli import main
 from gradgate.tools.seed import Agent
+from gradgate.tools.training import train_epochs
 
 pytest.importorskip("sklearn")
 
@@ -95,10 +96,8 @@ def test_a_missed_floor_exits_1_naming_the_stage(
 def test_a_changed_frozen_part_exits_1_naming_the_stage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = demo.train_epochs
-
     def tampering(model: Any, *args: Any, **kwargs: Any) -> Any:
-        records = real(model, *args, **kwargs)
+        records = train_epochs(model, *args, **kwargs)
         if kwargs.get("label") == "front-end":
             with torch.no_grad():  # a write through .data, as a careless loop would
                 model.back_end.fc2.bias.data.add_(1.0)

@@ -26,6 +26,8 @@ __all__ = [
     "add_bench_arguments",
     "build_scale_model",
     "machine_info",
+    "peak_rss_mb",
+    "per_step_cost_ms",
     "run_bench",
 ]
 
@@ -490,7 +492,7 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def _peak_rss_mb(workload: str, strategy: str, samples: int, epochs: int) -> float:
+def peak_rss_mb(workload: str, strategy: str, samples: int, epochs: int) -> float:
     """Peak RSS of one strategy run alone in a fresh process.
 
     Raises:
@@ -539,7 +541,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {},
     }
     for s in strategies:
-        rss = _peak_rss_mb(args.workload, s, args.samples, args.epochs) if args.rss else None
+        rss = peak_rss_mb(args.workload, s, args.samples, args.epochs) if args.rss else None
         result["strategies"][s] = {"seconds": _stats(times[s]), "peak_rss_mb": rss}
     for s in strategies:
         if s != baseline:
@@ -552,14 +554,26 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     if args.workload == "guard":
         result["fingerprint_gb_per_s"] = _fingerprint_speed()
         steps = args.epochs * math.ceil(args.samples / BATCH)
-        extra = statistics.median(
-            a - b for a, b in zip(times["guard_exact"], times["gradgate"], strict=True)
-        )
-        # A cost smaller than the run-to-run noise can come out negative; it
-        # is reported as zero and flagged rather than as a time below zero.
-        result["exact_ms_per_step"] = max(0.0, 1000.0 * extra / steps)
-        result["exact_cost_below_noise"] = extra <= 0
+        cost, below_noise = per_step_cost_ms(times["guard_exact"], times["gradgate"], steps)
+        result["exact_ms_per_step"] = cost
+        result["exact_cost_below_noise"] = below_noise
     return result
+
+
+def per_step_cost_ms(with_it: list[float], without: list[float], steps: int) -> tuple[float, bool]:
+    """Median extra milliseconds per step, and whether it was lost in the noise.
+
+    A cost smaller than the run-to-run noise can come out negative; it is
+    reported as 0.0 with the flag set, never as a time below zero.
+
+    Example:
+        >>> per_step_cost_ms([1.2, 1.3], [1.0, 1.0], 100)
+        (2.5, False)
+        >>> per_step_cost_ms([0.9, 1.0], [1.0, 1.1], 100)
+        (0.0, True)
+    """
+    extra = statistics.median(a - b for a, b in zip(with_it, without, strict=True))
+    return max(0.0, 1000.0 * extra / steps), extra <= 0
 
 
 def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
