@@ -152,3 +152,15 @@ def test_bench_tiny_run_writes_json_and_plot(tmp_path: Path) -> None:
     assert "gradgate_cache/limit" in data["ratios"]
     assert data["machine"]["torch"]
     assert "| gradgate_cache |" in (tmp_path / "b.md").read_text()
+
+
+def test_an_output_in_a_missing_folder_is_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "absent" / "out.json"
+    for argv in (["demo"], ["bench", "seed"], ["summary", "gradgate.tools.seed:Agent"]):
+        err = _one_line_error(capsys, [*argv, "--json", str(missing)])
+        assert err == (
+            f"gradgate {argv[0]}: --json {missing}: folder {missing.parent} does not exist; "
+            "create it first"
+        )

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -218,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output path in a missing folder before any work is done."""
+    for option in ("json_path", "plot_path", "markdown_path"):
+        path = getattr(args, option, None)
+        if path and path != "-" and not Path(path).resolve().parent.is_dir():
+            flag = "--" + option.removesuffix("_path")
+            raise InvalidArgumentError(
+                f"{flag} {path}: folder {Path(path).parent} does not exist; create it first"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradgate`` command; returns the exit status.
 
@@ -232,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(given)
     args.argv = given
     try:
+        _check_outputs(args)
         code: int = args.func(args)
     except (GradgateError, OSError) as e:
         print(f"gradgate {args.command}: {e}", file=sys.stderr)
