@@ -12,7 +12,9 @@ def test_seed_scenario_runs(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("sys.argv", ["seed_scenario.py", "--steps", "3"])
-    runpy.run_path(str(EXAMPLES / "seed_scenario.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as done:  # the script's exit status is its verdict
+        runpy.run_path(str(EXAMPLES / "seed_scenario.py"), run_name="__main__")
+    assert done.value.code == 0
     out = capsys.readouterr().out
     assert "front-end bit-identical: True" in out
     assert "unexpected gradients (frozen, has grad): none" in out
