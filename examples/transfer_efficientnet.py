@@ -14,7 +14,10 @@ features under a head fitted to the old ones, so accuracy dips at the epoch of
 the unfreeze and needs epochs to recover; with this little data the frozen
 backbone's probe is a strong baseline. gradgate's part is that the comparison is
 cheap (the probe's backbone runs once) and safe (the frozen stem is proven
-bit-identical), not that unfreezing always helps.
+bit-identical), not that unfreezing always helps. Measured with the defaults
+(600 images, 6 epochs, seed 0): the probe reached 0.740; gradual unfreezing
+peaked at 0.713 with the head alone (epoch 2), fell to 0.573 at the first
+unfreeze (epoch 4) and ended at 0.680.
 
 Run: python examples/transfer_efficientnet.py [--images N] [--epochs E]
 """
