@@ -182,7 +182,7 @@ def dead_parts(agent: Agent, x: torch.Tensor, y: torch.Tensor) -> list[str]:
     Example:
         >>> agent = Agent(classes=5)
         >>> with torch.no_grad():
-        ...     agent.front_end.conv2.bias.fill_(-1e3)
+        ...     _ = agent.front_end.conv2.bias.fill_(-1e3)
         >>> dead_parts(agent, torch.randn(4, 3, 28, 28), torch.zeros(4, dtype=torch.long))[0]
         'front-end features are all zero on held-out images: the back-end sees a constant'
     """
