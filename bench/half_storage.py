@@ -10,42 +10,41 @@ Run: python bench/half_storage.py OUT.json
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 
 import torch
 from torch.utils.data import TensorDataset
 
 import gradgate as gg
-from gradgate.tools.demo import _accuracy, _epochs, _split, load_digits_28
+from gradgate.tools.demo import load_digits_28, split_classes
 from gradgate.tools.seed import Agent, FeatureExtractor
+from gradgate.tools.training import accuracy, train_epochs
 
 
 def main(out: str) -> None:
     """Write one row per storage dtype."""
     torch.manual_seed(0)
     x, y = load_digits_28()
-    xa, ya, _, _ = _split(x, y, range(0, 5), 0)
-    xb, yb, xb_t, yb_t = _split(x, y, range(5, 10), 0)
+    pre_data = split_classes(x, y, range(0, 5), 0)
+    data = split_classes(x, y, range(5, 10), 0)
     front = FeatureExtractor()
     pre = torch.nn.Sequential(front, torch.nn.Linear(1568, 5))
     opt: torch.optim.Optimizer = torch.optim.Adam(pre.parameters(), lr=1e-3)
-    _epochs(pre, opt, TensorDataset(xa, ya), 4, lambda: 0.0, "pre-train", False, 0)
+    train_epochs(pre, opt, TensorDataset(pre_data.x, pre_data.y), 4, seed=0)
     gg.freeze(front)
     rows = []
     for dtype in (None, torch.bfloat16, torch.float16):
         torch.manual_seed(1)
         agent = Agent(classes=5)
         agent.front_end = front
-        cache = gg.FeatureCache(front, TensorDataset(xb, yb), dtype=dtype, progress=False)
+        cache = gg.FeatureCache(front, TensorDataset(data.x, data.y), dtype=dtype, progress=False)
         opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
-        evaluate = functools.partial(_accuracy, agent, xb_t, yb_t)
-        curve = _epochs(agent.back_end, opt, cache, 8, evaluate, "back-end", False, 0)
+        curve = train_epochs(agent.back_end, opt, cache, 8, seed=0)
         rows.append(
             {
                 "storage": str(dtype or torch.float32).replace("torch.", ""),
                 "cache MB": round(cache.nbytes / 2**20, 2),
-                "held-out accuracy": round(curve[-1]["accuracy"], 4),
+                "held-out accuracy": round(accuracy(agent, data.x_test, data.y_test), 4),
                 "final train loss": round(curve[-1]["loss"], 4),
             }
         )

@@ -35,7 +35,7 @@ COMMANDS = {
 }
 HEADER = """# Benchmarks
 
-Measured with `gradgate bench` (protocol: `shared/BENCHMARKS.md`): strategies interleaved
+Measured with `gradgate bench`, always the same way: strategies interleaved
 (A B C ... repeated), one warm-up round discarded, then the repetitions each command gives
 (`--repeats`); median and min-max; ratios are
 medians of per-repetition ratios. Peak RSS is `ru_maxrss` of a fresh process running one
@@ -55,15 +55,24 @@ def _table(result: dict[str, list[dict[str, object]]], command: str) -> str:
 
 
 def main(out: Path) -> None:
-    """Assemble the page from ``out/*.json`` and the notes in ``bench/notes/``."""
+    """Assemble the page from ``out/*.json`` and the notes in ``bench/notes/``.
+
+    Every workload of COMMANDS must be in ``out``: a partial folder is refused
+    before anything is written, so a section of the page is never dropped.
+    """
+    missing = [name for name in COMMANDS if not (out / f"{name}.json").exists()]
+    if missing:
+        todo = "\n".join("  " + COMMANDS[n].replace("OUT", str(out)) for n in missing)
+        raise SystemExit(
+            f"bench/make_docs.py: {out} lacks {', '.join(f'{n}.json' for n in missing)}; "
+            f"nothing was written. Run:\n{todo}"
+        )
+    results = {name: json.loads((out / f"{name}.json").read_text()) for name in COMMANDS}
     parts = [HEADER]
     dest = ROOT / "docs" / "bench"
     dest.mkdir(parents=True, exist_ok=True)
     for name, command in COMMANDS.items():
-        src = out / f"{name}.json"
-        if not src.exists():
-            continue
-        result = json.loads(src.read_text())
+        result = results[name]
         if "rows" in result:  # a plain table (bench/checkpoint_size.py)
             parts.append(_table(result, command.replace("OUT", str(out))))
         else:

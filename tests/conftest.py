@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +19,26 @@ def _seed() -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--regen-golden", action="store_true", help="rewrite tests/golden/*.txt")
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """Compare text with ``tests/golden/NAME``; only ``--regen-golden`` writes the file.
+
+    A missing golden file fails: writing it here would make the first run of a
+    broken build its own reference.
+    """
+    regen = bool(request.config.getoption("--regen-golden"))
+
+    def check(name: str, text: str) -> None:
+        path = GOLDEN / name
+        if regen:
+            path.write_text(text + "\n")
+        elif not path.exists():
+            pytest.fail(
+                f"golden file {path} is missing; review the output, then write it with "
+                f"`python -m pytest --regen-golden {request.node.nodeid}`"
+            )
+        assert text + "\n" == path.read_text()
+
+    return check

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,31 +11,18 @@ import gradgate as gg
 from cases import CASES, Case, TiedLM
 from gradgate.tools.seed import Agent
 
-GOLDEN = Path(__file__).parent / "golden"
 
-
-def _golden(name: str, text: str, regen: bool) -> None:
-    path = GOLDEN / name
-    if regen or not path.exists():
-        path.write_text(text + "\n")
-    assert text + "\n" == path.read_text()
-
-
-def test_summary_golden(request: pytest.FixtureRequest) -> None:
+def test_summary_golden(golden: Callable[[str, str], None]) -> None:
     agent = Agent()
     gg.freeze(agent, "front_end")
     agent.train()
-    _golden("summary_seed.txt", str(gg.summary(agent)), request.config.getoption("--regen-golden"))
+    golden("summary_seed.txt", str(gg.summary(agent)))
 
 
-def test_summary_train_only_golden(request: pytest.FixtureRequest) -> None:
+def test_summary_train_only_golden(golden: Callable[[str, str], None]) -> None:
     agent = Agent()
     gg.train_only(agent, "front_end")
-    _golden(
-        "summary_train_only.txt",
-        str(gg.summary(agent, depth=1)),
-        request.config.getoption("--regen-golden"),
-    )
+    golden("summary_train_only.txt", str(gg.summary(agent, depth=1)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

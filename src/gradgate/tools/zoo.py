@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +166,11 @@ class MiniLM(nn.Module):
 
 
 def minilm() -> tuple[MiniLM, Any]:
-    """The MiniLM front-end and its tokenizer, from the package folder (offline)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """The MiniLM front-end and its tokenizer, from the package folder (offline).
+
+    ``local_files_only=True`` on a folder path keeps transformers off the
+    network without touching the process environment (``HF_HUB_OFFLINE``).
+    """
     tf = optional_import("transformers", "bench")
     tf.utils.logging.disable_progress_bar()
     path = str(_minilm_dir())
