@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from gradgate.tools import bench_autofreeze, bench_integrations
 from gradgate.tools.bench import to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,14 @@ COMMANDS = {
     "checkpoint": "python bench/checkpoint_size.py OUT/checkpoint.json",
     "half_storage": "python bench/half_storage.py OUT/half_storage.json",
     "scale": "gradgate bench scale --repeats 3 --json OUT/scale.json --plot OUT/scale.png",
+    "autofreeze": "gradgate bench autofreeze --threads 1 --json OUT/autofreeze.json "
+    "--plot OUT/autofreeze.png",
+    "integrations": "gradgate bench integrations --repeats 3 --json OUT/integrations.json",
+}
+# workloads whose JSON has a format of its own
+RENDER = {
+    "autofreeze": bench_autofreeze.to_markdown,
+    "integrations": bench_integrations.to_markdown,
 }
 HEADER = """# Benchmarks
 
@@ -73,15 +82,19 @@ def main(out: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name, command in COMMANDS.items():
         result = results[name]
-        if "rows" in result:  # a plain table (bench/checkpoint_size.py)
-            parts.append(_table(result, command.replace("OUT", str(out))))
+        shown = command.replace("OUT", str(out))
+        if name in RENDER:
+            parts.append(RENDER[name](result, shown))
+        elif "rows" in result:  # a plain table (bench/checkpoint_size.py)
+            parts.append(_table(result, shown))
         else:
-            parts.append(to_markdown(result, command.replace("OUT", str(out))))
+            parts.append(to_markdown(result, shown))
         note = ROOT / "bench" / "notes" / f"{name}.md"
         if note.exists():
             parts.append(note.read_text())
         for ext in ("json", "png"):
-            if (out / f"{name}.{ext}").exists():
+            # out may be docs/bench itself: the page regenerated from the JSON there
+            if (out / f"{name}.{ext}").exists() and out.resolve() != dest.resolve():
                 shutil.copy(out / f"{name}.{ext}", dest / f"{name}.{ext}")
         if (out / f"{name}.png").exists():
             parts.append(f"![{name}](bench/{name}.png)\n")

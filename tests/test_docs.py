@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
@@ -23,19 +24,6 @@ BLOCK = re.compile(
     r"(?:\n?<!-- output -->\n```text\n(?P<output>.*?)```\n)?",
     re.DOTALL,
 )
-# Pages another branch owns whose snippets did not run when this test was
-# written. strict: the day one runs, this entry must go.
-PENDING = {
-    "docs/distributed.md": "needs a process group; its branch marks or rewrites it",
-    "docs/finetuning.md": "uses an undefined model; its branch makes it self-contained",
-    "docs/optimizers.md": "uses an undefined model; its branch makes it self-contained",
-}
-
-
-def _param(page: Path) -> object:
-    name = page.relative_to(ROOT).as_posix()
-    marks = [pytest.mark.xfail(reason=PENDING[name], strict=True)] if name in PENDING else []
-    return pytest.param(page, id=name, marks=marks)
 
 
 def test_the_block_pattern_finds_skips_and_outputs() -> None:
@@ -47,7 +35,7 @@ def test_the_block_pattern_finds_skips_and_outputs() -> None:
     assert found == [(False, "print(1)\n", "1\n"), (True, "raise SystemExit\n", None)]
 
 
-@pytest.mark.parametrize("page", [_param(p) for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_snippets_run_as_written(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -56,16 +44,22 @@ def test_snippets_run_as_written(
         pytest.skip(f"{page.name} has no python block")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__docs__"}
-    for number, block in enumerate(blocks, 1):
-        if block["skip"]:
-            continue
-        line = page.read_text()[: block.start()].count("\n") + 1
-        code = compile(block["code"], f"{page.name}:{line} (block {number})", "exec")
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            exec(code, namespace)
-        if block["output"] is not None:
-            assert printed.getvalue() == block["output"], f"{page.name} block {number} output"
+    try:
+        for number, block in enumerate(blocks, 1):
+            if block["skip"]:
+                continue
+            line = page.read_text()[: block.start()].count("\n") + 1
+            code = compile(block["code"], f"{page.name}:{line} (block {number})", "exec")
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(code, namespace)
+            if block["output"] is not None:
+                assert printed.getvalue() == block["output"], f"{page.name} block {number} output"
+    finally:
+        # a page that failed between its init_process_group and its
+        # destroy_process_group must not leave the group to the next page
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 PRIVATE = re.compile(r"^\s*(?:from|import)\s+gradgate(?:\.\w+)*\._\w+", re.MULTILINE)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ WORKLOADS = (
     "bn_cnn",
     "bn_cnn_pass",
     "text",
+    "autofreeze",
+    "integrations",
 )
 
 
@@ -117,6 +119,44 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress bars (they are drawn only on a terminal anyway)",
     )
+    auto = parser.add_argument_group("autofreeze (AutoFreeze against full fine-tuning)")
+    auto.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=["text", "image"],
+        default=["text", "image"],
+        help="MiniLM on sentences, EfficientNet-Lite0 on digits (default: both)",
+    )
+    auto.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds (default: 3)")
+    auto.add_argument(
+        "--threshold", type=float, default=0.05, help="AutoFreeze threshold (default: 0.05)"
+    )
+    auto.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=["full", "progressive", "autofreeze", "autofreeze_cache"],
+        default=["full", "progressive", "autofreeze", "autofreeze_cache"],
+        help="strategies run per seed, interleaved (default: all)",
+    )
+    auto.add_argument(
+        "--merge", nargs="+", default=None, metavar="JSON", help="combine earlier runs' JSON"
+    )
+    auto.add_argument("--tiny", action="store_true", help="a few steps, to check the wiring")
+    integ = parser.add_argument_group("integrations (the trainers' freezing against gradgate's)")
+    integ.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=["lightning", "hf"],
+        default=["lightning", "hf"],
+        help="which trainers (default: both)",
+    )
+    integ.add_argument(
+        "--images", type=int, default=128, metavar="N", help="Lightning: digits per epoch"
+    )
+    integ.add_argument(
+        "--per-class", type=int, default=24, metavar="N", help="HF: sentences per class (x6)"
+    )
+    integ.add_argument("--batch", type=int, default=32, metavar="N", help="batch (default: 32)")
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -417,8 +457,8 @@ def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
     if name == "gradgate":
         _loop(agent, opt, data, epochs)
         return
-    check = {"guard_fast": "fast", "guard_exact": "exact"}[name]
-    with gg.guard(agent, opt, check=check):
+    checks: dict[str, Literal["fast", "exact"]] = {"guard_fast": "fast", "guard_exact": "exact"}
+    with gg.guard(agent, opt, check=checks[name]):
         _loop(agent, opt, data, epochs)
 
 
@@ -770,6 +810,8 @@ def run_bench(args: argparse.Namespace) -> int:
         >>> code
         0
     """
+    if args.workload in ("autofreeze", "integrations"):
+        return _run_fine_tune(args)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.workload == "scale":
@@ -794,4 +836,38 @@ def run_bench(args: argparse.Namespace) -> int:
             f.write(to_markdown(result, command))
     if args.plot_path:
         _plot(result, args.plot_path)
+    return 0
+
+
+def _run_fine_tune(args: argparse.Namespace) -> int:
+    """The workloads on real pretrained models, each with its own JSON format and section."""
+    argv = getattr(args, "argv", None) or ["bench", args.workload]
+    command = "gradgate " + " ".join(argv)
+    if args.workload == "autofreeze":
+        from . import bench_autofreeze as auto
+
+        result = auto.measure(args)
+        auto.print_summary(result)
+        markdown = auto.to_markdown(result, command)
+    else:
+        from . import bench_integrations as integ
+
+        integ.quiet_frameworks()
+        result = integ.run(args)
+        print(integ.table(result))
+        markdown = integ.to_markdown(result, command)
+    result["argv"] = list(argv)
+    if args.json_path == "-":
+        print(json.dumps(result, indent=2))
+    elif args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if getattr(args, "markdown_path", None):
+        with open(args.markdown_path, "w") as f:
+            f.write(markdown)
+    if args.plot_path:
+        if args.workload == "autofreeze":
+            auto.plot(result, args.plot_path)
+        else:
+            _plot(result, args.plot_path)
     return 0

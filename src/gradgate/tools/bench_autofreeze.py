@@ -18,7 +18,7 @@ Reported per strategy: training wall time (held-out evaluation excluded; cache
 building included) until the held-out accuracy first reaches the ``full`` run's
 final accuracy of the same seed, the final accuracy, and the freeze decisions.
 
-Run: PYTHONPATH=src python bench/autofreeze.py --json docs/bench/autofreeze.json \
+Run: gradgate bench autofreeze --threads 1 --json docs/bench/autofreeze.json \
      --plot docs/bench/autofreeze.png          (add --tiny while developing)
 """
 
@@ -39,7 +39,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import gradgate as gg
-from gradgate.tools.bench import machine_info
+
+from .bench import machine_info
 
 STRATEGIES = ["full", "progressive", "autofreeze", "autofreeze_cache"]
 
@@ -380,30 +381,24 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    """Run every strategy for every seed (interleaved) on the chosen workloads."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workloads", nargs="+", default=["text", "image"])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--threshold", type=float, default=0.05)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--strategies", nargs="+", default=STRATEGIES)
-    p.add_argument("--merge", nargs="+", default=None, help="combine the JSON of earlier runs")
-    p.add_argument("--tiny", action="store_true", help="a few steps, to check the script")
-    p.add_argument("--json", dest="json_path", default=None)
-    p.add_argument("--plot", dest="plot_path", default=None)
-    args = p.parse_args()
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every strategy for every seed (interleaved) on ``args.tasks``; or merge ``args.merge``.
+
+    Example:
+        >>> measure(argparse.Namespace(merge=None, tasks=[], threads=1, seeds=1,
+        ...     threshold=0.05, tiny=True, strategies=STRATEGIES))["workloads"]
+        {}
+    """
     if args.merge:
         merged = []
         for path in args.merge:
             with open(path) as f:
                 merged.append(json.load(f))
-        combined = merged[0]
+        combined: dict[str, Any] = merged[0]
         for other in merged[1:]:
             combined["workloads"].update(other["workloads"])
         combined["wall_seconds"] = max(m["wall_seconds"] for m in merged)
-        _write(combined, args.json_path, args.plot_path)
-        return
+        return combined
     torch.set_num_threads(args.threads)
     builders = {"text": text_workload, "image": image_workload}
     result: dict[str, Any] = {
@@ -413,7 +408,7 @@ def main() -> None:
         "workloads": {},
     }
     wall = time.perf_counter()
-    for name in args.workloads:
+    for name in args.tasks:
         w = builders[name](args.tiny)
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.strategies}
         for seed in range(args.seeds):
@@ -438,25 +433,50 @@ def main() -> None:
             "summary": summarise(runs),
             "runs": runs,
         }
-        for s, v in result["workloads"][name]["summary"].items():
+    result["wall_seconds"] = time.perf_counter() - wall
+    return result
+
+
+def to_markdown(result: dict[str, Any], command: str) -> str:
+    """The docs/BENCHMARKS.md section: per task and strategy, accuracy and speed-up to target.
+
+    Example:
+        >>> r = {"machine": {"cpu": "c", "threads": 1, "torch": "t", "commit": "x"},
+        ...      "config": {"seeds": 1}, "workloads": {}}
+        >>> to_markdown(r, "gradgate bench autofreeze").splitlines()[0]
+        '### `autofreeze`'
+    """
+    m = result["machine"]
+    lines = [
+        "### `autofreeze`",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}",
+        "",
+        "| task | strategy | final acc (mean) | drop, points | reached target "
+        "| speed-up to target, CPU s (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    seeds = result["config"]["seeds"]
+    for task, data in result["workloads"].items():
+        for s, v in data["summary"].items():
+            speed = v["seconds"]["speedup_to_target_mean"]
+            lines.append(
+                f"| {task} | {s} | {v['final_acc']['mean']:.4f} | {v['acc_drop_points']:+.2f} | "
+                f"{v['reached']}/{seeds} | {'-' if speed is None else f'{speed:.2f}x'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """Print one line per task and strategy: accuracy, target reached, speed-ups."""
+    seeds = result["config"]["seeds"]
+    for name, data in result["workloads"].items():
+        for s, v in data["summary"].items():
             print(
                 f"{name} {s:17s} acc {v['final_acc']['mean']:.4f} "
-                f"(drop {v['acc_drop_points']:+.2f} pt) reached {v['reached']}/{args.seeds} "
+                f"(drop {v['acc_drop_points']:+.2f} pt) reached {v['reached']}/{seeds} "
                 f"speedup to target cpu {v['seconds']['speedup_to_target']} "
                 f"wall {v['wall']['speedup_to_target']}",
                 flush=True,
             )
-    result["wall_seconds"] = time.perf_counter() - wall
-    _write(result, args.json_path, args.plot_path)
-
-
-def _write(result: dict[str, Any], json_path: str | None, plot_path: str | None) -> None:
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-    if plot_path:
-        plot(result, plot_path)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ largest absolute difference between what the frozen part computes in the
 trainer's training mode and what it computes at inference, on a fixed batch.
 Ratios are medians of per-repetition ratios (gradgate / anchor).
 
-Run: python bench/integrations.py --json docs/bench/integrations.json
+Run: gradgate bench integrations --repeats 3 --json docs/bench/integrations.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import logging
 import os
 import statistics
@@ -35,7 +34,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,9 +42,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradgate as gg
-from gradgate._format import render_table
-from gradgate.tools import zoo
-from gradgate.tools.bench import machine_info
+
+from .._format import render_table
+from . import zoo
+from .bench import machine_info
 
 
 @dataclass
@@ -310,28 +309,40 @@ def table(result: dict[str, Any]) -> str:
     return render_table(headers, rows, right={1, 2, 4}) + "\n" + ratios
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--json", type=Path, help="write the result here")
-    parser.add_argument(
-        "--frameworks", nargs="+", choices=["lightning", "hf"], default=["lightning", "hf"]
-    )
-    parser.add_argument("--images", type=int, default=128, help="Lightning: digits per epoch")
-    parser.add_argument("--per-class", type=int, default=24, help="HF: sentences per class (x6)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+def quiet_frameworks() -> None:
+    """Keep the trainers' own logging and warnings out of the measured output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
-    result = run(args)
-    print(table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
-if __name__ == "__main__":
-    main()
+def to_markdown(result: dict[str, Any], command: str) -> str:
+    """The docs/BENCHMARKS.md section: seconds per epoch, frozen bytes, output difference.
+
+    Example:
+        >>> r = {"workload": "w", "machine": {"cpu": "c", "threads": 1, "torch": "t",
+        ...      "commit": "x"}, "strategies": {}, "ratios": {"a / b": 0.5}}
+        >>> "| a / b | 0.500 |" in to_markdown(r, "gradgate bench integrations")
+        True
+    """
+    m = result["machine"]
+    lines = [
+        "### `integrations`",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}",
+        f"Workload: {result['workload']}",
+        "",
+        "| strategy | s/epoch median | min s | max s | frozen bytes changed | out diff |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in result["strategies"].items():
+        sec = s["seconds"]
+        lines.append(
+            f"| {name} | {sec['median']:.3f} | {sec['min']:.3f} | {sec['max']:.3f} | "
+            f"{'yes' if s['frozen_bytes_changed'] else 'no'} | "
+            f"{s['frozen_output_max_diff']:.3g} |"
+        )
+    lines += ["", "| ratio (median of per-repetition ratios) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
