@@ -40,6 +40,7 @@ from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sy
 from .reports import GradReport, Summary, grad_report, summary
 from .schedules import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
 from .selection import Selection, Selector, select
+from .subtensor import Rows, rows
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "MissingDependencyError",
     "NoMatchError",
     "ProgressiveFreeze",
+    "Rows",
     "Selection",
     "Selector",
     "SharedParameterError",
@@ -81,6 +83,7 @@ __all__ = [
     "load_trainable",
     "named_trainable_parameters",
     "param_groups",
+    "rows",
     "save_trainable",
     "select",
     "stages",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import subtensor
 from .errors import CheckpointError, CheckpointKeyError, FingerprintMismatch
 from .freezing import frozen_modules
 from .integrity import frozen_tensors, tensor_digest
@@ -41,6 +42,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if p.requires_grad:
             seen.add(id(p))
             out[name] = p
+    out.update(subtensor.trainable_rows_state(model))  # rows (issue 16): rows and their numbers
     frozen = {id(m) for _, m in frozen_modules(model)}
     for mname, module in model.named_modules():
         if id(module) in frozen:
@@ -69,6 +71,7 @@ def _optimizer_payload(
     optimizer: torch.optim.Optimizer, model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     names = {id(p): n for n, p in model.named_parameters()}
+    names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
     tensors: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
     scalars: dict[str, dict[str, Any]] = {}
@@ -275,6 +278,7 @@ def load_trainable(
             raise CheckpointError(
                 f"{k!r}: checkpoint shape {tuple(v.shape)} != model shape {tuple(state[k].shape)}"
             )
+    subtensor.check_rows(state, saved)  # rows (issue 16): the file's rows are the model's
     opt_state: dict[str, Any] | None = None
     if optimizer is not None:
         opt_state = _optimizer_state(optimizer, model, tensors, meta, src)
@@ -282,6 +286,7 @@ def load_trainable(
         for k, v in saved.items():
             if k in state:
                 state[k].copy_(v)
+    subtensor.write_back_all(model)  # rows (issue 16): loaded rows reach W at once
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)
     return meta
@@ -298,6 +303,7 @@ def _optimizer_state(
         raise CheckpointError(f"checkpoint {str(src)!r} holds no optimizer state")
     info = json.loads(meta["gradgate.optimizer"])
     names = {id(p): n for n, p in model.named_parameters()}
+    names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
     current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
     saved_groups = [g["params"] for g in info["groups"]]
     if current != saved_groups:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 
 from torch import nn
 
+from . import subtensor
 from ._events import Change, announce
 from ._index import ModelIndex, gc_paused, is_float, owner_of, trainable_flags
 from ._options import choice
@@ -96,6 +97,7 @@ class Freezing:
         selection: what the selectors matched.
         frozen: names of parameters this call froze.
         unfrozen: names of parameters this call made trainable.
+        undo_hooks: reverts of sub-tensor (``gg.rows``) changes, run first by ``undo``.
 
     Example:
         >>> import torch, gradgate as gg
@@ -121,6 +123,7 @@ class Freezing:
         self.frozen: list[str] = []
         self.unfrozen: list[str] = []
         self._undone = False
+        self.undo_hooks: list[Callable[[], None]] = []
 
     def undo(self) -> None:
         """Restore every ``requires_grad``, ``training`` flag and sticky mark.
@@ -132,6 +135,8 @@ class Freezing:
             >>> h.undo(); lin.weight.requires_grad
             True
         """
+        for revert in reversed(self.undo_hooks):  # rows (issue 16): partial tensors first
+            revert()
         prior = self._prior
         frozen: list[nn.Parameter] = []
         unfrozen: list[nn.Parameter] = []
@@ -237,8 +242,11 @@ def _apply(
 ) -> Freezing:
     mode_e: Mode = choice(Mode, "mode", mode)
     shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
+    selectors, rows_plan = subtensor.plan(model, action, selectors, exclude)  # rows (issue 16)
     with gc_paused():
-        return _apply_walk(model, action, selectors, exclude, mode_e, shared_e)
+        handle = _apply_walk(model, action, selectors, exclude, mode_e, shared_e, rows_plan.want)
+    rows_plan.carry_out(handle)  # rows (issue 16): install the partial tensors
+    return handle
 
 
 def _apply_walk(
@@ -248,6 +256,7 @@ def _apply_walk(
     exclude: Selector | None,
     mode_e: Mode,
     shared_e: Shared | None,
+    rows_want: dict[int, bool],
 ) -> Freezing:
     index = ModelIndex(model)
     sel = resolve(index, selectors, exclude)
@@ -259,6 +268,8 @@ def _apply_walk(
             key = id(p)
             if key in forced:
                 want = forced[key]
+            elif key in rows_want:  # rows (issue 16): a partial tensor keeps requires_grad
+                want = rows_want[key]
             elif key in selected_ids:
                 want = action != "freeze"
             elif action == "train_only":
@@ -445,9 +456,10 @@ def named_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Param
         >>> [n for n, _ in gg.named_trainable_parameters(lin)]
         ['weight']
     """
+    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
     for name, p in model.named_parameters():
         if p.requires_grad:
-            yield name, p
+            yield name, rows.get(id(p), p)
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import subtensor
 from ._options import choice
 from .errors import FrozenTensorChanged, InvalidArgumentError
 from .freezing import frozen_modules
@@ -112,6 +113,7 @@ def frozen_tensors(model: nn.Module, buffers: bool = True) -> list[tuple[str, to
         if not p.requires_grad:
             seen.add(id(p))
             out.append((name, p, "parameter"))
+    out += subtensor.frozen_row_blocks(model)  # rows (issue 16): frozen rows of partial tensors
     if buffers:
         for mname, module in frozen_modules(model):
             prefix = mname + "." if mname else ""

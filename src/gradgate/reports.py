@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import subtensor
 from ._format import render_table
 from ._index import ModelIndex, gc_paused, owner_of
 from .errors import InvalidArgumentError
@@ -138,17 +139,20 @@ def _summary(model: nn.Module, depth: int) -> Summary:
         rows_of[i] = (*up, i) if level[i] <= depth else up
     seen: dict[int, set[int]] = {}
     shared = index.shared
+    partial = subtensor.partials(model)  # rows (issue 16): element counts of partial tensors
     for (_, p), owner in zip(index.aliases, index.alias_owner):
         key = id(p)
-        counts = train if p.requires_grad else froz
-        n = p.numel()
+        n_train, n_froz = (p.numel(), 0) if p.requires_grad else (0, p.numel())
+        if key in partial:
+            n_train, n_froz = partial[key].numel()
         for row in rows_of[owner]:
             if key in shared:
                 ids = seen.setdefault(row, set())
                 if key in ids:
                     continue
                 ids.add(key)
-            counts[row] += n
+            train[row] += n_train
+            froz[row] += n_froz
     rows = []
     for i in shown:
         name, module = names[i], index.mods[i]
@@ -167,6 +171,7 @@ def _summary(model: nn.Module, depth: int) -> Summary:
             )
         )
     total_train = sum(p.numel() for p in index.params.values() if p.requires_grad)
+    total_train -= sum(part.numel()[1] for part in partial.values())
     total = sum(p.numel() for p in index.params.values())
     return Summary(
         model=type(model).__name__,
@@ -252,11 +257,12 @@ def grad_report(model: nn.Module) -> GradReport:
     unexpected: list[str] = []
     sq: dict[str, float] = {}
     count: dict[str, int] = {}
+    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's grad is on R
     for name, p in index.params.items():
         owner = owner_of(name)
         sq.setdefault(owner, 0.0)
         count.setdefault(owner, 0)
-        g = p.grad
+        g = rows[id(p)].grad if id(p) in rows else p.grad
         if p.requires_grad and g is None:
             missing.append(name)
         elif not p.requires_grad and g is not None:

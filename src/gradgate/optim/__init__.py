@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 
+from .. import subtensor
 from ..errors import InvalidArgumentError
 from ..selection import Selector, select
 
@@ -118,7 +119,8 @@ def param_groups(
         [(['0.weight'], 0.01), (['0.bias', '1.weight', '1.bias'], 0.0)]
         >>> opt = torch.optim.AdamW(groups)
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
+    named = [(n, rows.get(id(p), p)) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     if not named:
         raise InvalidArgumentError(
@@ -266,13 +268,15 @@ def sync(
         ['0.weight', '0.bias']
     """
     names = {id(p): n for n, p in model.named_parameters()}
+    rows = subtensor.trainable_of(model)  # rows (issue 16): W leaves, its trainable rows join
+    names.update({id(r): names[key] for key, r in rows.items()})
     removed: list[str] = []
     present: set[int] = set()
     is_lbfgs = isinstance(optimizer, torch.optim.LBFGS)
     for group in optimizer.param_groups:
         keep, keep_names = [], []
         for p in group["params"]:
-            if p.requires_grad or id(p) not in names:
+            if (p.requires_grad and id(p) not in rows) or id(p) not in names:
                 keep.append(p)
                 present.add(id(p))
                 if "param_names" in group:
@@ -285,7 +289,9 @@ def sync(
         if "param_names" in group:
             group["param_names"] = keep_names
     fresh = [
-        (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in present
+        (n, rows.get(id(p), p))
+        for n, p in model.named_parameters()
+        if p.requires_grad and id(rows.get(id(p), p)) not in present
     ]
     added = [n for n, _ in fresh]
     if fresh:
@@ -373,6 +379,8 @@ def lint(
         ['GG103']
     """
     names = {id(p): n for n, p in model.named_parameters()}
+    rows = subtensor.trainable_of(model)  # rows (issue 16): W counts as frozen, R as trainable
+    names.update({id(r): names[key] for key, r in rows.items()})
     is_lbfgs = isinstance(optimizer, torch.optim.LBFGS)
     findings: list[Finding] = []
     seen: dict[int, int] = {}
@@ -385,7 +393,7 @@ def lint(
             if id(p) in seen:
                 dup.append(name)
             seen[id(p)] = gi
-            if id(p) in names and not p.requires_grad:
+            if id(p) in names and (not p.requires_grad or id(p) in rows):
                 if optimizer.state.get(p) or p.grad is not None:
                     stateful.append(name)
                 else:
@@ -426,7 +434,11 @@ def lint(
                 "gg.sync(optimizer, model)",
             )
         )
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and id(rows.get(id(p), p)) not in seen
+    ]
     if missing:
         findings.append(
             Finding(
