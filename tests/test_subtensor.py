@@ -405,3 +405,57 @@ def test_new_tokens_minilm_example_runs() -> None:
     assert out["old_rows_bit_identical"] is True
     assert out["optimizer_state_elements"] == 2 * 6 * 384
     assert out["after"]["train"] > out["before"]["train"]
+
+
+@pytest.mark.parametrize(
+    ("action", "selectors", "trains"),
+    [
+        ("freeze", (), False),
+        ("unfreeze", (), True),
+        ("train_only", ("body",), False),
+        ("freeze", ("embed",), False),
+        ("unfreeze", ("decoder",), True),
+    ],
+)
+def test_plain_selector_over_a_partial_tensor_settles_it(
+    action: str, selectors: tuple[str, ...], trains: bool
+) -> None:
+    model = TiedLM()
+    gg.train_only(model, gg.rows("embed.weight", NEW))
+    (r,) = gg.trainable_parameters(model)
+    r.grad = torch.ones_like(r)
+    before = _state(model)
+    with getattr(gg, action)(model, *selectors, shared="train" if trains else "freeze"):
+        w = model.embed.weight
+        assert not partials(model) and w.requires_grad is trains and r.grad is None
+        names = [n for n, p in gg.named_trainable_parameters(model) if p is w]
+        assert names == (["embed.weight"] if trains else [])
+        assert gg.summary(model).rows[1].state == ("trainable" if trains else "frozen")
+    assert _state(model) == before
+    assert next(iter(gg.trainable_parameters(model))) is r
+
+
+def test_plain_selector_elsewhere_keeps_the_partial_tensor() -> None:
+    model = TiedLM()
+    gg.train_only(model, gg.rows("embed.weight", NEW))
+    (r,) = gg.trainable_parameters(model)
+    gg.unfreeze(model, "body")
+    gg.freeze(model, "body")
+    assert list(gg.trainable_parameters(model)) == [r]
+
+
+def test_changes_are_announced_as_the_leaf_that_trains() -> None:
+    from gradgate._events import Change, subscribe
+
+    model = TiedLM()
+    seen: list[Change] = []
+    stop = subscribe(seen.append)
+    try:
+        h = gg.freeze(model, gg.rows("embed.weight", [0, 1]))
+        (r,) = [p for n, p in gg.named_trainable_parameters(model) if n == "embed.weight"]
+        h.undo()
+    finally:
+        stop()
+    rows_change = next(c for c in seen if c.unfrozen)
+    assert rows_change.frozen == (model.embed.weight,) and rows_change.unfrozen == (r,)
+    assert any(c.action == "undo" and c.frozen == (r,) for c in seen)

@@ -268,7 +268,7 @@ class PartialRows:
     def __init__(self, weight: nn.Parameter, index: torch.Tensor, prior: bool) -> None:
         self.weight = weight
         self.index = index.to(weight.device)
-        self.trainable = nn.Parameter(weight.detach().index_select(0, self.index).clone())
+        self.trainable = nn.Parameter(weight.detach().index_select(0, self.index))
         self.prior = prior
         self.owners: list[tuple[nn.Module, str]] = []
         self._handles: list[RemovableHandle] = []
@@ -299,6 +299,7 @@ class PartialRows:
 
     def attach(self, model: nn.Module, owners: Sequence[tuple[nn.Module, str]]) -> None:
         """Install hooks and registry entries on ``owners`` (and ``model``)."""
+        self.weight.requires_grad_(True)  # autograd must reach W; its frozen rows are held here
         self.weight.grad = None
         self.owners = list(owners)
         modules = {id(m): m for m, _ in self.owners}
@@ -319,6 +320,7 @@ class PartialRows:
     def release(self) -> None:
         """Write ``R`` into ``W`` and remove every hook: ``W`` is a plain parameter again."""
         self.write_back()
+        self.trainable.grad = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -473,9 +475,19 @@ class RowsPlan:
         if not done:
             return
         handle.undo_hooks.append(_Undo(model, done))
-        frozen = tuple(old.trainable for _, old, _ in done if old is not None)
-        unfrozen = tuple(new.trainable for _, _, new in done if new is not None)
-        announce(Change(model, self.action, frozen, unfrozen))
+        # What trains directly: a partial tensor's leaf R, or W itself when whole.
+        frozen: list[nn.Parameter] = []
+        unfrozen: list[nn.Parameter] = []
+        for weight, old, new in done:
+            if old is not None:
+                frozen.append(old.trainable)
+            elif new is not None and new.prior:
+                frozen.append(weight)
+            if new is not None:
+                unfrozen.append(new.trainable)
+            elif weight.requires_grad:
+                unfrozen.append(weight)
+        announce(Change(model, self.action, tuple(frozen), tuple(unfrozen)))
 
 
 def _owners(index: ModelIndex, weight: nn.Parameter) -> list[tuple[nn.Module, str]]:
@@ -521,13 +533,19 @@ class _Undo:
 
     def __call__(self) -> None:
         current = partials(self.model)
+        frozen: list[nn.Parameter] = []
+        unfrozen: list[nn.Parameter] = []
         for weight, old, new in reversed(self.done):
             if current.get(id(weight)) is not new:
                 continue
             if new is not None:
                 new.release()
+                frozen.append(new.trainable)
             if old is not None:
                 old.reattach(self.model)
+                unfrozen.append(old.trainable)
+        if frozen or unfrozen:
+            announce(Change(self.model, "undo", tuple(frozen), tuple(unfrozen)))
 
 
 def plan(
@@ -544,7 +562,9 @@ def plan(
             f"{action}(..., exclude=...): gg.rows(...) cannot be excluded; name the rows "
             "to train or to freeze as a selector instead"
         )
-    if not has_rows(selectors):
+    given = has_rows(selectors)
+    current = partials(model)
+    if not given and not current:
         return list(selectors), RowsPlan()
     from .selection import describe_selectors, resolve
 
@@ -552,9 +572,8 @@ def plan(
     items = [s for s in _flatten(selectors) if isinstance(s, Rows)]
     index = ModelIndex(model)
     plain_ids: set[int] = set()
-    if plain:
-        plain_ids = {id(p) for _, p in resolve(index, plain).named_parameters()}
-    current = partials(model)
+    if plain or not given:  # no selector at all means the whole model
+        plain_ids = {id(p) for _, p in resolve(index, plain, exclude).named_parameters()}
     picked: dict[int, tuple[str, nn.Parameter, torch.Tensor]] = {}
     for item in items:
         matched = list(resolve(index, [item.selector]).named_parameters())
@@ -587,6 +606,11 @@ def plan(
             merged = idx if prev is None else torch.unique(torch.cat([prev[2], idx]))
             picked[id(p)] = (n, p, merged)
     out = RowsPlan(model=model, action=action)
+    for key, settled in current.items():
+        # A partial tensor named whole, or frozen by train_only, stops being partial.
+        if key not in picked and (key in plain_ids or action == "train_only"):
+            out.want[key] = key in plain_ids and action != "freeze"
+            out.masks[key] = (settled.weight, None)
     for key, (_, weight, idx) in picked.items():
         n_rows = weight.shape[0]
         part = current.get(key)
@@ -607,7 +631,7 @@ def plan(
         whole = new.numel() == n_rows
         out.want[key] = new.numel() > 0
         out.masks[key] = (weight, None if whole or new.numel() == 0 else new)
-    replaced = plain + [weight for weight, _ in out.masks.values()]
+    replaced = plain + [picked[key][1] for key in picked]
     return replaced, out
 
 
