@@ -378,7 +378,15 @@ def partials(model: nn.Module) -> dict[int, PartialRows]:
 
 
 def trainable_of(model: nn.Module) -> dict[int, nn.Parameter]:
-    """``id(W) -> R`` for every partial tensor: what an optimizer gets in ``W``'s place."""
+    """``id(W) -> R`` for every partial tensor: what an optimizer gets in ``W``'s place.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> lin = torch.nn.Linear(3, 4)
+        >>> _ = gg.train_only(lin, gg.rows("weight", [0]))
+        >>> tuple(trainable_of(lin)[id(lin.weight)].shape)
+        (1, 3)
+    """
     return {key: part.trainable for key, part in partials(model).items()}
 
 
@@ -394,6 +402,13 @@ def frozen_row_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
     Views share ``W``'s version counter, so ``guard(check="fast")`` sees any
     in-place write to ``W``, and their digests cover exactly the frozen rows.
     Returned as ``(name[start:stop], view, "parameter")`` like ``frozen_tensors``.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> emb = torch.nn.Embedding(6, 2)
+        >>> _ = gg.train_only(emb, gg.rows("weight", [2]))
+        >>> [n for n, _, _ in frozen_row_blocks(emb)]
+        ['weight[0:2]', 'weight[3:6]']
     """
     found = partials(model)
     if not found:
@@ -444,7 +459,12 @@ def _flatten(selectors: Sequence[Any]) -> Iterator[Any]:
 
 
 def has_rows(selectors: Sequence[Any]) -> bool:
-    """Whether any selector (in nested lists too) is a ``Rows`` item."""
+    """Whether any selector (in nested lists too) is a ``Rows`` item.
+
+    Example:
+        >>> has_rows(["head", [rows("embed.weight", [0])]])
+        True
+    """
     return any(isinstance(s, Rows) for s in _flatten(selectors))
 
 
