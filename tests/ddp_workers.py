@@ -70,7 +70,8 @@ def frozen_before_wrap(rank: int) -> dict[str, Any]:
         ref_loss.backward()
         ref_opt.step()
     max_diff = max(
-        float((a - b).abs().max()) for a, b in zip(model.parameters(), reference.parameters())
+        float((a - b).abs().max())
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True)
     )
     trainable = sum(p.numel() for p in gg.trainable_parameters(model))
     return {
@@ -109,18 +110,39 @@ def gradual_unfreeze(rank: int) -> dict[str, Any]:
         fps = _gather(gg.fingerprint(model))
         same_after_step.append(fps[0] == fps[1])
     front_trained = any(p.grad is not None for p in model.front.parameters())
-    # freezing after wrap without rewrap is refused, not a stall
+    # freezing after wrap without rewrap is refused, not a stall; the
+    # announcement marks the wrapper stale before any forward
+    wrapped = sch.wrapped
+    assert isinstance(wrapped, ggd.GatedDDP)
     gg.freeze(model, "back")
+    announced_stale = wrapped.gg_stale
     try:
-        sch.wrapped(torch.randn(2, 8))
+        wrapped(torch.randn(2, 8))
         refused = False
     except gg.StaleWrapperError as e:
         refused = "rewrap" in str(e)
+    ddp = ggd.rewrap(wrapped, opt)
+    x, y = _batch(6)
+    loss = F.mse_loss(ddp(_half(x, rank)), _half(y, rank))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    fps = _gather(gg.fingerprint(model))
+    # a change by hand is not announced: the flags still tell at the next forward
+    model.back[2].weight.requires_grad_(True)
+    try:
+        ddp(torch.randn(2, 8))
+        hand_refused = False
+    except gg.StaleWrapperError:
+        hand_refused = True
     return {
         "same_after_every_step": same_after_step,
         "stale_raised": stale_raised,
         "front_trained_after_unfreeze": front_trained,
         "freeze_after_wrap_refused": refused,
+        "announced_stale": announced_stale,
+        "same_after_rewrap": fps[0] == fps[1],
+        "hand_change_refused": hand_refused,
     }
 
 
@@ -160,7 +182,7 @@ def fsdp2(rank: int, out: Path) -> dict[str, Any]:
         opt.zero_grad()
     moved = any(
         not torch.equal(b, p.detach().to_local())  # type: ignore[attr-defined]
-        for b, p in zip(before, model.front.parameters())
+        for b, p in zip(before, model.front.parameters(), strict=True)
     )
     return {
         "removed": report["removed"],

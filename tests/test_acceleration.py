@@ -76,8 +76,9 @@ def test_accelerate_leaves_original_untouched() -> None:
 
 
 def test_accelerate_refuses_trainable() -> None:
-    with pytest.raises(gg.GradgateError, match=r"still trains 0\.weight"):
+    with pytest.raises(gg.InvalidArgumentError, match=r"still trains 0\.weight") as info:
         gg.accelerate(nn.Sequential(nn.Linear(2, 2)))
+    assert isinstance(info.value, ValueError)
 
 
 def test_accelerated_output_feeds_training() -> None:
@@ -87,3 +88,65 @@ def test_accelerated_output_feeds_training() -> None:
     head = nn.Linear(1568, 2)
     head(fast(torch.randn(2, 3, 28, 28))).sum().backward()
     assert head.weight.grad is not None
+
+
+def test_accelerate_leaves_the_originals_submodule_modes() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU())
+    gg.freeze(model, mode="keep")
+    model.train()
+    model[1].eval()  # a mix the user chose
+    modes = [m.training for m in model.modules()]
+    gg.accelerate(model, torch.randn(1, 3, 5, 5))
+    assert [m.training for m in model.modules()] == modes
+    gg.accelerate(model)
+    assert [m.training for m in model.modules()] == modes
+
+
+class _SeqLinearBn(nn.Module):
+    """Linear over the last dim, then BatchNorm1d over dim 1 of a (N, C, L) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x)
+        return out
+
+
+def test_linear_batchnorm1d_on_3d_input_is_not_folded_wrongly() -> None:
+    torch.manual_seed(0)
+    model = _SeqLinearBn()
+    x = torch.randn(8, 4, 6)
+    _warm_bn(model, x)
+    gg.freeze(model)
+    with torch.no_grad():
+        want = model(x)
+    blind = gg.accelerate(model)  # no example: nothing proves the fold right
+    assert blind.folded == []
+    assert torch.allclose(blind(x), want, atol=1e-5, rtol=1e-5)
+    traced = gg.accelerate(model, x)  # the example shows a 3-d Linear output: no fold
+    assert traced.folded == []
+    assert torch.allclose(traced(x), want, atol=1e-5, rtol=1e-5)
+    flat = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    _warm_bn(flat, torch.randn(8, 6))
+    gg.freeze(flat)
+    assert gg.accelerate(flat).folded == []  # 2-d or 3-d input? only an example tells
+    assert gg.accelerate(flat, torch.randn(8, 6)).folded == [("0", "1")]
+
+
+def test_accelerate_reports_a_mismatch_with_a_named_error() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lin(x) + torch.randn_like(x)  # differs run to run
+            return out
+
+    model = Noisy()
+    gg.freeze(model)
+    with pytest.raises(gg.AccelerationError, match="changed the output by up to") as info:
+        gg.accelerate(model, torch.randn(4, 2))
+    assert isinstance(info.value, RuntimeError)

@@ -294,3 +294,192 @@ def test_onecycle_with_momentum_cycling_extends_new_groups() -> None:
     assert new["max_lr"] == 0.004 and "base_momentum" in new
     for _ in range(5):
         _step(model, opt, sched)
+
+
+def _two_part_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))  # "0" backbone, "2" head
+
+
+def _two_optimizers(
+    model: nn.Sequential,
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    head = torch.optim.Adam(model[2].parameters(), lr=0.01)
+    backbone = torch.optim.SGD(model[0].parameters(), lr=0.05, momentum=0.9)
+    return backbone, head
+
+
+def _steps(model: nn.Module, opts: Iterable[torch.optim.Optimizer], n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opts = list(opts)
+    for _ in range(n):
+        x = torch.randn(16, 4, generator=g)
+        for o in opts:
+            o.zero_grad()
+        model(x).pow(2).mean().backward()
+        for o in opts:
+            o.step()
+
+
+def _holders(model: nn.Module, *opts: torch.optim.Optimizer) -> dict[str, int]:
+    count = {n: 0 for n, _ in model.named_parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for o in opts:
+        for g in o.param_groups:
+            for p in g["params"]:
+                count[names[id(p)]] += 1
+    return count
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+@pytest.mark.parametrize("order", ["backbone_first", "head_first"])
+def test_sync_with_two_optimizers_steps_each_parameter_once(order: str, cycle: bool) -> None:
+    # Reference: plain torch, each optimizer over its own part, no gradgate.
+    ref = _two_part_model()
+    ref_opts = _two_optimizers(ref)
+    ref[0].requires_grad_(False)
+    _steps(ref, ref_opts, 3, seed=1)
+    ref[0].requires_grad_(True)
+    _steps(ref, ref_opts, 4, seed=2)
+
+    model = _two_part_model()
+    backbone, head = _two_optimizers(model)
+    gg.freeze(model, "0")
+    if cycle:  # both already synced once: each has a ledger of what it held
+        for o in (backbone, head):
+            gg.sync(o, model)
+    _steps(model, (backbone, head), 3, seed=1)
+    gg.unfreeze(model, "0")
+    order_ = (backbone, head) if order == "backbone_first" else (head, backbone)
+    reports = [gg.sync(o, model) for o in order_]
+    assert _holders(model, backbone, head) == dict.fromkeys(
+        ["0.weight", "0.bias", "2.weight", "2.bias"], 1
+    )
+    assert [p for g in backbone.param_groups for p in g["params"]] == list(model[0].parameters())
+    assert gg.lint(backbone, model) == [] and gg.lint(head, model) == []
+    if order == "backbone_first" or cycle:
+        assert reports[-1 if order == "backbone_first" else 0]["left"] == ["0.weight", "0.bias"]
+    _steps(model, (backbone, head), 4, seed=2)
+    for (n, a), b in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{n} was not stepped exactly as by its own optimizer alone"
+
+
+def test_sync_params_selects_what_joins_and_refuses_a_double_holding() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    gg.freeze(model, "0", "1")
+    a = torch.optim.Adam(gg.param_groups(model, lr=0.01))  # the head
+    b = torch.optim.SGD(model[1].parameters(), lr=0.1)  # layer 1, frozen for now
+    gg.sync(a, model)
+    gg.sync(b, model)
+    gg.unfreeze(model)
+    groups_before = [[id(p) for p in g["params"]] for g in a.param_groups]
+    with pytest.raises(gg.InvalidArgumentError, match=r"selects '1.weight', which another"):
+        gg.sync(a, model, params=["0", "1"])
+    assert [[id(p) for p in g["params"]] for g in a.param_groups] == groups_before
+    report = gg.sync(b, model, params="0")  # layer 1 returns to b, layer 0 joins by choice
+    assert report == {
+        "removed": [],
+        "added": ["0.weight", "0.bias", "1.weight", "1.bias"],
+        "left": ["2.weight", "2.bias"],
+    }
+    assert gg.sync(a, model)["left"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert _holders(model, a, b) == {n: 1 for n, _ in model.named_parameters()}
+    gg.freeze(model, "2")
+    with pytest.raises(gg.NoMatchError):  # a bad rule changes nothing either
+        gg.sync(a, model, rules={"nothing": {"lr": 1.0}})
+    assert [[id(p) for p in g["params"]] for g in a.param_groups] == groups_before
+
+
+def test_sync_announces_what_it_drops_and_adds() -> None:
+    from gradgate._events import subscribe
+
+    model = _model()
+    opt = torch.optim.SGD(gg.param_groups(model, lr=0.1), lr=0.1)
+    for p in model[0].parameters():  # by hand: sync is the first to hear of it
+        p.requires_grad_(False)
+    heard: list[Any] = []
+    stop = subscribe(heard.append)
+    try:
+        gg.sync(opt, model)
+        gg.sync(opt, model)  # nothing changed: nothing announced
+    finally:
+        stop()
+    assert [(c.action, c.model) for c in heard] == [("sync", model)]
+    assert heard[0].frozen == (model[0].weight, model[0].bias) and heard[0].unfrozen == ()
+
+
+def _accelerated(opt: torch.optim.Optimizer, sched: Any) -> tuple[Any, Any]:
+    from accelerate import Accelerator  # type: ignore[import-untyped]
+
+    acc = Accelerator(cpu=True)
+    prepared: tuple[Any, Any] = acc.prepare(opt, sched)
+    return prepared
+
+
+def _lightning(opt: torch.optim.Optimizer, sched: Any) -> tuple[Any, Any]:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    # Stepping a LightningOptimizer needs a Trainer's strategy; sync and lint do not.
+    wrapped = LightningOptimizer(opt)
+    wrapped.step = opt.step  # type: ignore[method-assign,assignment]
+    return wrapped, sched
+
+
+@pytest.mark.parametrize("wrap", [_accelerated, _lightning], ids=["accelerate", "lightning"])
+def test_sync_and_lint_see_through_optimizer_wrappers(
+    wrap: Callable[[torch.optim.Optimizer, Any], tuple[Any, Any]],
+) -> None:
+    from accelerate.state import AcceleratorState  # type: ignore[import-untyped]
+
+    model = _model()
+    gg.freeze(model, "0")
+    inner = torch.optim.Adam(gg.param_groups(model, lr=0.01))
+    inner_sched = lrs.LambdaLR(inner, lambda s: 0.9**s)
+    try:
+        opt, sched = wrap(inner, inner_sched)
+        assert opt is not inner
+        _step(model, opt, sched)
+        gg.unfreeze(model, "0")
+        gg.freeze(model, "2")
+        assert [f.code for f in gg.lint(opt, model, sched)] == ["GG101", "GG104"]
+        report = gg.sync(opt, model, sched, rules={"0": {"lr": 0.001}})
+        assert (report["added"], report["removed"]) == (
+            ["0.weight", "0.bias"],
+            ["2.weight", "2.bias"],
+        )
+        assert len(inner_sched.base_lrs) == len(inner.param_groups) == 2  # seen through the wrapper
+        assert gg.lint(opt, model, sched) == []
+        frozen = _frozen(model)
+        _step(model, opt, sched)
+        _assert_same(frozen, model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(gg.InvalidArgumentError, match=r"expected a torch\.optim\.Optimizer"):
+        gg.sync(object(), model)  # type: ignore[arg-type]
+
+
+def test_lint_tells_a_schedules_momentary_zero_from_an_lr_zero_freeze() -> None:
+    model = _model()
+    opt: torch.optim.Optimizer = torch.optim.AdamW(gg.param_groups(model, lr=0.01))
+    warmup = lrs.LambdaLR(opt, lambda s: min(1.0, s / 10))  # every group at lr 0 on step 0
+    assert all(g["lr"] == 0 for g in opt.param_groups)
+    assert gg.lint(opt, model, warmup) == []
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    decay = lrs.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=3)
+    for _ in range(3):
+        _step(model, opt, decay)
+    assert opt.param_groups[0]["lr"] == 0  # the end of a linear decay
+    assert gg.lint(opt, model, decay) == []
+
+    model = _model()
+    groups: list[dict[str, Any]] = [
+        {"params": model[0].parameters(), "lr": 0.0},  # a freeze by learning rate
+        {"params": list(model[2].parameters()) + list(model[4].parameters())},
+    ]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    warmup = lrs.LambdaLR(opt, lambda s: min(1.0, s / 10))
+    findings = gg.lint(opt, model, warmup)
+    assert [(f.code, f.params) for f in findings] == [("GG103", ["0.weight", "0.bias"])]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -179,7 +179,7 @@ def test_resume_with_a_different_optimizer_is_refused() -> None:
 
 @pytest.mark.parametrize("sched_name", list(SCHEDULERS))
 @pytest.mark.parametrize("curve", ["linear", "cubic"])
-def test_progressive_freeze(curve: str, sched_name: str) -> None:
+def test_progressive_freeze(curve: Literal["linear", "cubic"], sched_name: str) -> None:
     model = _model()
     opt = torch.optim.Adam(gg.param_groups(model, lr=0.01))
     make = SCHEDULERS[sched_name]
@@ -215,4 +215,108 @@ def test_cubic_freezes_later_than_linear() -> None:
     assert [lin.due(t) for t in range(11)] != [cub.due(t) for t in range(11)]
     assert all(cub.due(t) <= lin.due(t) for t in range(11))
     with pytest.raises(gg.InvalidArgumentError, match="curve must be one of"):
-        gg.ProgressiveFreeze(model, STAGES, start=0, end=10, curve="square")
+        gg.ProgressiveFreeze(model, STAGES, start=0, end=10, curve="square")  # type: ignore[arg-type]
+
+
+PEAK = 3e-3
+
+PEAK_SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "OneCycleLR": lambda o: lrs.OneCycleLR(o, max_lr=PEAK, total_steps=30),
+    "CosineAnnealingLR": lambda o: lrs.CosineAnnealingLR(o, T_max=10),
+    "CyclicLR": lambda o: lrs.CyclicLR(o, base_lr=PEAK / 10, max_lr=PEAK, step_size_up=4),
+}
+
+
+@pytest.mark.parametrize("sched_name", list(PEAK_SCHEDULERS))
+def test_gradual_unfreeze_rates_are_relative_to_the_schedules_peak(sched_name: str) -> None:
+    model = _model()
+    opt = torch.optim.SGD(gg.param_groups(model, lr=PEAK), lr=PEAK, momentum=0.9)
+    sched = PEAK_SCHEDULERS[sched_name](opt)
+    sch = gg.GradualUnfreeze(
+        model, STAGES, at=[6, 4, 2, 0], optimizer=opt, scheduler=sched, lr_mult=0.5
+    )
+    assert sch.base_lr == pytest.approx(PEAK)  # not OneCycleLR's starting max_lr / 25
+    expected = {s: PEAK * 0.5 ** (3 - i) for i, s in enumerate(STAGES)}
+    for epoch in range(10):
+        sch.step(epoch)
+        for _ in range(3):
+            x = torch.randn(8, 4)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            if sched_name != "CosineAnnealingLR":
+                sched.step()
+            lr0 = opt.param_groups[0]["lr"]
+            for group in opt.param_groups[1:]:
+                stage = group["param_names"][0].split(".")[0]
+                # every group follows the first group's curve, scaled to its own peak
+                assert group["lr"] / lr0 == pytest.approx(expected[stage] / PEAK)
+        if sched_name == "CosineAnnealingLR":
+            sched.step()
+    assert len(opt.param_groups) == 4
+    for g, group in enumerate(opt.param_groups):
+        stage = group["param_names"][0].split(".")[0]
+        if sched_name == "OneCycleLR":
+            assert group["max_lr"] == pytest.approx(expected[stage])
+        elif sched_name == "CyclicLR":
+            assert sched.max_lrs[g] == pytest.approx(expected[stage])
+        else:
+            assert group["initial_lr"] == pytest.approx(expected[stage])
+
+
+class _FakeWrapper(nn.Module):
+    """A Rewrappable stand-in: counts how often a schedule asked for a fresh wrapper."""
+
+    def __init__(self, module: nn.Module, built: list[tuple[str, ...]]) -> None:
+        super().__init__()
+        self.module = module
+        self.built = built
+        self.trainable = tuple(n for n, p in module.named_parameters() if p.requires_grad)
+        built.append(self.trainable)
+
+    def gg_refresh(self) -> nn.Module:
+        now = tuple(n for n, p in self.module.named_parameters() if p.requires_grad)
+        return self if now == self.trainable else _FakeWrapper(self.module, self.built)
+
+
+def test_gradual_unfreeze_refreshes_a_wrapper_it_was_given() -> None:
+    model = _model()
+    built: list[tuple[str, ...]] = []
+    opt = torch.optim.Adam(gg.param_groups(model, lr=0.01))
+    sch = gg.GradualUnfreeze(_FakeWrapper(model, built), STAGES, at=[2, 2, 1, 0], optimizer=opt)
+    assert sch.model is model and len(built) == 2  # built, then refreshed for the first freeze
+    first = sch.wrapped
+    assert sch.step(0) == [] and sch.wrapped is first
+    sch.step(1)
+    sch.step(2)
+    assert [len(t) for t in built] == [8, 2, 4, 8]
+    assert isinstance(sch.wrapped, _FakeWrapper) and sch.wrapped.trainable == built[-1]
+
+
+def test_schedules_never_import_the_distributed_helpers() -> None:
+    import ast
+    import inspect
+
+    import gradgate.schedules
+
+    tree = ast.parse(inspect.getsource(gradgate.schedules))
+    imported = [
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    ] + [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+    assert not [m for m in imported if "distributed" in m]
+
+
+def test_one_guard_spans_a_gradual_unfreeze_run() -> None:
+    model = _model()
+    opt = torch.optim.Adam(gg.param_groups(model, lr=0.01))
+    sch = gg.GradualUnfreeze(model, STAGES, at=[99, 3, 1, 0], optimizer=opt)
+    finished = False
+    with pytest.raises(gg.FrozenTensorChanged, match=r"\b0\.weight"), gg.guard(model, opt):
+        for epoch in range(5):
+            sch.step(epoch)  # stages 2 and 1 join mid-run and train under the same guard
+            _epoch(model, opt, None, epoch)
+        finished = True
+        with torch.no_grad():
+            _w(model, "0").add_(1.0)  # stage 0 is still frozen
+        _epoch(model, opt, None, 5)
+    assert finished and sch.unfrozen == [3, 2, 1]

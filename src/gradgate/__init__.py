@@ -15,6 +15,7 @@ from .acceleration import Accelerated, accelerate
 from .cache import FeatureCache
 from .checkpoint import load_trainable, save_trainable
 from .errors import (
+    AccelerationError,
     CheckpointError,
     CheckpointKeyError,
     FingerprintMismatch,
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accelerated",
+    "AccelerationError",
     "CheckpointError",
     "CheckpointKeyError",
     "DEFAULT_NO_DECAY",
@@ -93,3 +95,8 @@ __all__ = [
     "trainable_parameters",
     "unfreeze",
 ]
+
+from .adaptive import AutoFreeze
+
+__all__ += ["AutoFreeze"]
+__all__.sort()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from .errors import GradgateError
+from .errors import AccelerationError, InvalidArgumentError
 
 __all__ = ["Accelerated", "accelerate"]
 
@@ -69,9 +69,15 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _trace_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
-    """Find (conv/linear, batchnorm) pairs where the norm reads the producer's output directly."""
+    """Find (conv/linear, batchnorm) pairs that fold exactly, by running ``example``.
+
+    The norm must read the producer's output directly, and normalise the
+    producer's output channels: a Conv's channels are dim 1, which BatchNorm
+    normalises; a Linear's features are the last dim, which BatchNorm1d
+    normalises only on 2-d input (on 3-d input it normalises dim 1).
+    """
     names = {id(m): n for n, m in model.named_modules()}
-    produced: dict[int, tuple[str, int]] = {}
+    produced: dict[int, str] = {}
     pairs: list[tuple[str, str]] = []
     handles = []
 
@@ -79,12 +85,14 @@ def _trace_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
 
     def after(module: nn.Module, inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor):
-            produced[id(output)] = (names[id(module)], id(output))
+            if isinstance(module, nn.Linear) and output.dim() != 2:
+                return
+            produced[id(output)] = names[id(module)]
             keep.append(output)
 
     def before(module: nn.Module, inputs: Any) -> None:
         if isinstance(module, _BN) and inputs and id(inputs[0]) in produced:
-            pairs.append((produced[id(inputs[0])][0], names[id(module)]))
+            pairs.append((produced[id(inputs[0])], names[id(module)]))
 
     for m in model.modules():
         if isinstance(m, (*_CONV, nn.Linear)):
@@ -101,12 +109,17 @@ def _trace_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Conv -> BatchNorm neighbours in a Sequential: exact whatever the input's shape.
+
+    Linear -> BatchNorm1d is left out: without an input nothing proves the
+    input is 2-d, and on 3-d input the fold would normalise the wrong dim.
+    """
     pairs = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential):
             kids = list(mod.named_children())
             for (a, ma), (b, mb) in itertools.pairwise(kids):
-                if isinstance(ma, (*_CONV, nn.Linear)) and isinstance(mb, _BN):
+                if isinstance(ma, _CONV) and isinstance(mb, _BN):
                     prefix = name + "." if name else ""
                     pairs.append((prefix + a, prefix + b))
     return pairs
@@ -132,7 +145,12 @@ def accelerate(
     norm must read the producer's output directly) and the copy's output is
     checked against the original's within ``atol``/``rtol`` (float32 folding
     reorders arithmetic, so results agree to about 1e-5 relative, not
-    bitwise). Without it, only ``nn.Sequential`` neighbours are folded.
+    bitwise); a Linear -> BatchNorm1d pair is folded only when the Linear's
+    output is 2-d (on 3-d input BatchNorm1d normalises dim 1, not the
+    Linear's features). Without it, only Conv -> BatchNorm neighbours in an
+    ``nn.Sequential`` are folded (Linear -> BatchNorm1d needs the example).
+    The original's parameters, buffers and train/eval modes are left as
+    they were.
 
     Args:
         module: a frozen module (no trainable parameter).
@@ -147,7 +165,8 @@ def accelerate(
         An ``Accelerated`` module.
 
     Raises:
-        GradgateError: the module still trains, or the check failed.
+        InvalidArgumentError: the module still trains.
+        AccelerationError: the copy's output differs from the original's.
 
     Example:
         >>> import torch, gradgate as gg
@@ -160,7 +179,7 @@ def accelerate(
     """
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     if trainable:
-        raise GradgateError(
+        raise InvalidArgumentError(
             f"accelerate() makes an inference copy of a frozen part, but "
             f"{type(module).__name__} still trains {', '.join(trainable[:5])}; "
             "call gg.freeze on it first"
@@ -200,16 +219,18 @@ def accelerate(
     fast = Accelerated(inner, folded, channels_last)
     fast.eval()
     if example_input is not None:
-        was = ref.training
+        modes = [(m, m.training) for m in ref.modules()]
         ref.eval()
         try:
             with torch.no_grad():
                 want, got = ref(example_input), fast(example_input)
         finally:
-            ref.train(was)
+            # Each module's own flag, not ref.train(was): that would reset every submodule.
+            for m, training in modes:
+                m.training = training
         if not torch.allclose(want, got, atol=atol, rtol=rtol):
             diff = float((want - got).abs().max())
-            raise GradgateError(
+            raise AccelerationError(
                 f"accelerate({type(module).__name__}) changed the output by up to {diff:.3g} "
                 f"(atol={atol}, rtol={rtol}); pass a looser tolerance or report the model"
             )

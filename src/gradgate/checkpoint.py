@@ -1,21 +1,34 @@
-"""Trainable-only checkpoints (safetensors) bound to the fingerprint of the frozen base."""
+"""Trainable-only checkpoints (safetensors) that verify themselves and their frozen base.
+
+A file holds the trainable tensors (and optimizer state), the fingerprint of
+the frozen rest, and a SHA-256 digest of its own payload: every stored
+tensor's name, dtype, shape and bytes, and every metadata entry. A load
+checks all of it (file, digest, base, names, shapes, dtypes, optimizer
+groups and state) before it writes anything, then applies model and
+optimizer together, restoring both if applying fails part-way.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from . import subtensor
+from ._index import ModelIndex, gc_paused
+from ._optimizers import unwrap_optimizer
+from ._tempfiles import remove_orphans, temp_path
 from .errors import CheckpointError, CheckpointKeyError, FingerprintMismatch
 from .freezing import frozen_modules
-from .integrity import frozen_tensors, tensor_digest
+from .integrity import frozen_tensors, model_entries, named_digest, tensor_digest
 
 __all__ = [
     "load_trainable",
@@ -23,7 +36,14 @@ __all__ = [
     "trainable_state",
 ]
 
-_PER_TENSOR_LIMIT = 20_000  # above this many frozen tensors only the total digest is kept
+_FORMAT = "2"
+_DIGEST = "gradgate.payload_digest"
+# Above this many frozen tensors (or bytes of their names and digests) only the total
+# digest is kept: safetensors caps its header at 100 MB, and mismatch reports need no more.
+_PER_TENSOR_LIMIT = 20_000
+_PER_TENSOR_BYTES = 8 << 20
+_STATE = "__optim__."  # prefix of stored optimizer-state tensors
+_GROUP = "__optim_group__."  # prefix of tensor-valued group options (a tensor lr)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,66 +56,125 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> sorted(trainable_state(net))[:3]
         ['1.bias', '1.num_batches_tracked', '1.running_mean']
     """
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            seen.add(id(p))
-            out[name] = p
-    out.update(subtensor.trainable_rows_state(model))  # rows (issue 16): rows and their numbers
-    frozen = {id(m) for _, m in frozen_modules(model)}
-    for mname, module in model.named_modules():
-        if id(module) in frozen:
-            continue
-        prefix = mname + "." if mname else ""
-        for bname, b in module.named_buffers(recurse=False):
-            if b is not None and id(b) not in seen:
-                seen.add(id(b))
-                out[prefix + bname] = b
-    return out
+    with gc_paused():
+        frozen = {id(m) for _, m in frozen_modules(model)}
+        out: dict[str, torch.Tensor] = {}
+        for e in model_entries(ModelIndex(model)):
+            trains = e.tensor.requires_grad if e.kind == "parameter" else id(e.owner) not in frozen
+            if trains:
+                out[e.name] = e.tensor
+        out.update(subtensor.trainable_rows_state(model))  # rows (issue 16): rows and their numbers
+        return out
 
 
 def _frozen_digests(model: nn.Module) -> tuple[str, dict[str, str]]:
-    import hashlib
-
     total = hashlib.sha256()
     per: dict[str, str] = {}
     for name, t, _ in frozen_tensors(model):
-        d = tensor_digest(_full(t))
+        d = named_digest(name, _full(t))
         per[name] = d
         total.update(f"{name}\0{d}\n".encode())
     return total.hexdigest(), per
 
 
+def _payload_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0")
+        tensor_digest(tensors[name], h)
+    h.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k != _DIGEST)).encode())
+    return h.hexdigest()
+
+
+def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor], what: str) -> Any:
+    """A JSON spec of an optimizer value; its tensors go to ``tensors`` under ``key``."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"t": key}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, f"{key}.{i}", tensors, what) for i, v in enumerate(value)]
+        return {"list": items, "tuple": isinstance(value, tuple)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"v": value}
+    raise CheckpointError(
+        f"cannot save {what}: a {type(value).__name__} (only tensors, numbers, strings, "
+        "None and lists/tuples of them can be stored); save that optimizer with torch.save"
+    )
+
+
+def _decode(spec: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"malformed optimizer entry {spec!r}")
+    if "t" in spec:
+        if spec["t"] not in tensors:
+            raise CheckpointError(f"optimizer tensor {spec['t']!r} is missing from the file")
+        return tensors[spec["t"]]
+    if "list" in spec:
+        items = [_decode(s, tensors) for s in spec["list"]]
+        return tuple(items) if spec.get("tuple") else items
+    if "v" in spec:
+        return spec["v"]
+    raise CheckpointError(f"malformed optimizer entry {spec!r}")
+
+
 def _optimizer_payload(
     optimizer: torch.optim.Optimizer, model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = ModelIndex(model).canonical
     names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
     tensors: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
-    scalars: dict[str, dict[str, Any]] = {}
-    for group in optimizer.param_groups:
-        opts = {
-            k: v
-            for k, v in group.items()
-            if k != "params" and isinstance(v, (int, float, bool, str, type(None), list, tuple))
-        }
-        try:
-            pnames = [names[id(p)] for p in group["params"]]
-        except KeyError as e:
+    state: dict[str, dict[str, Any]] = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        missing = [i for i, p in enumerate(group["params"]) if id(p) not in names]
+        if missing:
             raise CheckpointError(
-                "the optimizer holds a parameter that is not part of the model"
-            ) from e
-        groups.append({"params": pnames, **opts})
+                f"optimizer group {gi} holds a parameter that is not part of "
+                f"{type(model).__name__} (position {missing[0]} in the group); save each "
+                "model with the optimizer over its own parameters"
+            )
+        options = {
+            k: _encode(v, f"{_GROUP}{gi}.{k}", tensors, f"optimizer group option {k!r}")
+            for k, v in group.items()
+            if k != "params"
+        }
+        groups.append({"params": [names[id(p)] for p in group["params"]], "options": options})
         for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                pname = names[id(p)]
-                if isinstance(value, torch.Tensor):
-                    tensors[f"__optim__.{pname}.{key}"] = value
-                else:
-                    scalars.setdefault(pname, {})[key] = value
-    return tensors, {"groups": groups, "scalars": scalars}
+            pname = names[id(p)]
+            state[pname] = {
+                k: _encode(
+                    v, f"{_STATE}{pname}.{k}", tensors, f"optimizer state {k!r} of {pname!r}"
+                )
+                for k, v in optimizer.state.get(p, {}).items()
+            }
+    info = {"class": _lineage(optimizer), "groups": groups, "state": state}
+    return tensors, info
+
+
+def _lineage(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's class and its bases below ``torch.optim.Optimizer`` (a subclass is kin)."""
+    out = []
+    for cls in type(optimizer).__mro__:
+        if cls is torch.optim.Optimizer:
+            break
+        out.append(cls.__name__)
+    return out
+
+
+def _storable(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A dense CPU copy safetensors can store (complex as real pairs), or a clear error."""
+    if is_lazy(t):
+        raise CheckpointError(
+            f"cannot save {name!r}: it is an uninitialised lazy parameter (no values yet); "
+            "run one forward pass through the model first"
+        )
+    if t.layout != torch.strided:
+        raise CheckpointError(
+            f"cannot save {name!r}: a {t.layout} tensor (safetensors stores dense tensors); "
+            "freeze it, or keep it dense while training"
+        )
+    data = t.detach().cpu().contiguous().clone()
+    return torch.view_as_real(data).clone() if data.is_complex() else data
 
 
 def save_trainable(
@@ -104,18 +183,28 @@ def save_trainable(
     """Write only what trains (and the optimizer state) to a safetensors file.
 
     The frozen rest is not stored: its fingerprint is, so loading onto a
-    different frozen base fails loudly. The file is written atomically.
-    Under ``torch.distributed`` every rank must call it (FSDP2 shards are
+    different frozen base fails loudly; a digest of the file's own payload
+    makes any damaged byte fail the load. The file is written to a temp file
+    named after this process and renamed into place, so a reader sees the
+    old file or the new one, never a torn one; temp files left by killed
+    processes are removed by the next save or load in that folder. Under
+    ``torch.distributed`` every rank must call it (FSDP2 shards are
     gathered); rank 0 writes.
 
     Args:
         model: the model whose trainable tensors are saved.
         path: destination ``.safetensors`` file.
-        optimizer: optionally, an optimizer whose state and groups are saved
-            by parameter name.
+        optimizer: optionally, an optimizer (or a wrapper exposing one as
+            ``.optimizer``) whose state and groups are saved by parameter
+            name; tensor-valued options such as a tensor ``lr`` are kept.
 
     Returns:
         The path written.
+
+    Raises:
+        CheckpointError: a tensor cannot be stored (uninitialised lazy,
+            sparse), or the optimizer holds a foreign parameter or a value
+            that cannot be stored.
 
     Example:
         >>> import tempfile, os, torch, gradgate as gg
@@ -128,34 +217,41 @@ def save_trainable(
     from ._deps import optional_import
 
     st = optional_import("safetensors.torch", "io")
+    opt = unwrap_optimizer(optimizer) if optimizer is not None else None
     state = {k: _full(v) for k, v in trainable_state(model).items()}
     total, per = _frozen_digests(model)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    tensors = {k: _storable(k, v) for k, v in state.items()}
     metadata = {
-        "gradgate.format": "1",
+        "gradgate.format": _FORMAT,
         "gradgate.version": _version(),
         "torch.version": torch.__version__,
         "gradgate.frozen_fingerprint": total,
         "gradgate.frozen_count": str(len(per)),
         "gradgate.trainable": json.dumps(sorted(state)),
+        "gradgate.complex": json.dumps(sorted(k for k, v in state.items() if v.is_complex())),
     }
     if len(per) <= _PER_TENSOR_LIMIT:
-        metadata["gradgate.frozen_digests"] = json.dumps(per)
-    if optimizer is not None:
-        opt_tensors, opt_meta = _optimizer_payload(optimizer, model)
-        tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in opt_tensors.items()})
+        per_json = json.dumps(per)
+        if len(per_json) <= _PER_TENSOR_BYTES:
+            metadata["gradgate.frozen_digests"] = per_json
+    if opt is not None:
+        opt_tensors, opt_meta = _optimizer_payload(opt, model)
+        tensors.update(opt_tensors)
         metadata["gradgate.optimizer"] = json.dumps(opt_meta)
+    metadata[_DIGEST] = _payload_digest(tensors, metadata)
     dest = Path(path)
     if not _is_writer():
         return dest  # under torch.distributed only rank 0 writes (all ranks gathered)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    remove_orphans(dest.parent)
+    tmp = temp_path(dest)
     try:
-        st.save_file(tensors, tmp, metadata=metadata)
+        st.save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and type(e).__module__.startswith("safetensors"):
+            raise CheckpointError(f"safetensors could not write {str(dest)!r}: {e}") from e
         raise
     return dest
 
@@ -179,6 +275,7 @@ def _version() -> str:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint and verify its payload digest; complex tensors come back complex."""
     from ._deps import optional_import
 
     st = optional_import("safetensors", "io")
@@ -192,18 +289,49 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or corrupted and was not loaded: {e}"
         ) from e
-    if meta.get("gradgate.format") != "1":
+    fmt = meta.get("gradgate.format")
+    if fmt is None:
         raise CheckpointError(f"{str(path)!r} is not a gradgate trainable-only checkpoint")
+    if fmt != _FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format {fmt!r}; this gradgate reads format "
+            f"{_FORMAT!r} (re-save it with the gradgate that wrote it, or a matching one)"
+        )
+    if meta.get(_DIGEST) != _payload_digest(tensors, meta):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: its payload digest does not match its "
+            "tensors and metadata (a changed byte, or an edited file); nothing was loaded"
+        )
+    complex_names = _json(meta, "gradgate.complex", path)
+    if not isinstance(complex_names, list):
+        raise CheckpointError(f"{str(path)!r}: malformed 'gradgate.complex' entry")
+    for name in complex_names:
+        if name not in tensors or tensors[name].shape[-1:] != (2,):
+            raise CheckpointError(f"{str(path)!r}: complex tensor {name!r} is malformed")
+        tensors[name] = torch.view_as_complex(tensors[name].contiguous())
     return tensors, meta
+
+
+def _json(meta: Mapping[str, str], key: str, path: Path) -> Any:
+    if key not in meta:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks its {key!r} entry")
+    try:
+        return json.loads(meta[key])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {key!r} is not valid JSON ({e})") from e
 
 
 def _check_base(model: nn.Module, meta: Mapping[str, str], path: Path) -> None:
     total, per = _frozen_digests(model)
+    if "gradgate.frozen_fingerprint" not in meta:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks the frozen base's fingerprint")
     if total == meta["gradgate.frozen_fingerprint"]:
         return
     detail = ""
     if "gradgate.frozen_digests" in meta:
-        saved: dict[str, str] = json.loads(meta["gradgate.frozen_digests"])
+        saved = _json(meta, "gradgate.frozen_digests", path)
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {str(path)!r}: malformed frozen digests")
         changed = [n for n in per if n in saved and saved[n] != per[n]]
         missing = [n for n in saved if n not in per]
         extra = [n for n in per if n not in saved]
@@ -229,23 +357,31 @@ def load_trainable(
 ) -> dict[str, Any]:
     """Load a ``save_trainable`` file into ``model`` (and ``optimizer``).
 
-    Everything is read and checked before anything is written, so a failed
-    load leaves the model and optimizer exactly as they were.
+    Everything is read and checked first (the file's payload digest, the
+    frozen base, names, shapes, dtypes, optimizer class, groups and state);
+    then model and optimizer are written together. If writing fails part-way
+    (a tensor that cannot be copied, an optimizer whose ``load_state_dict``
+    raises), both are restored, so a failed load leaves them exactly as they
+    were. Tensors are never cast: a dtype mismatch is an error.
 
     Args:
         model: the model to load into; its trainable set must match the file.
         path: the ``.safetensors`` file.
-        optimizer: optionally, an optimizer built over the same parameters.
+        optimizer: optionally, an optimizer (or a wrapper exposing one as
+            ``.optimizer``) built over the same parameters in the same groups.
         strict: check the frozen base's fingerprint and require exactly the
-            same trainable names.
+            same trainable names. With ``strict=False`` the names both sides
+            have are loaded; at least one must match.
 
     Returns:
         The checkpoint's metadata.
 
     Raises:
         FingerprintMismatch: the frozen base differs (naming what differs).
-        CheckpointKeyError: missing or unexpected trainable tensors.
-        CheckpointError: a truncated, corrupted or foreign file, or a shape mismatch.
+        CheckpointKeyError: missing or unexpected trainable tensors, or (with
+            ``strict=False``) no name in common.
+        CheckpointError: a missing, truncated, damaged or foreign file, or a
+            shape, dtype or optimizer mismatch.
 
     Example:
         >>> import tempfile, os, torch, gradgate as gg
@@ -254,7 +390,10 @@ def load_trainable(
         >>> p = gg.save_trainable(net, os.path.join(tempfile.mkdtemp(), "h.safetensors"))
         >>> _ = gg.load_trainable(net, p)
     """
+    opt = unwrap_optimizer(optimizer) if optimizer is not None else None
     src = Path(path)
+    if src.parent.is_dir():
+        remove_orphans(src.parent)
     tensors, meta = _read(src)
     if strict:
         _check_base(model, meta, src)
@@ -265,7 +404,7 @@ def load_trainable(
             f"loading into FSDP2-sharded parameters ({sharded[0]!r}, ...) is not supported; "
             "load_trainable before fully_shard"
         )
-    saved = {k: v for k, v in tensors.items() if not k.startswith("__optim__.")}
+    saved = {k: v for k, v in tensors.items() if not k.startswith((_STATE, _GROUP))}
     missing = [k for k in state if k not in saved]
     unexpected = [k for k in saved if k not in state]
     if strict and (missing or unexpected):
@@ -273,23 +412,66 @@ def load_trainable(
             f"checkpoint {str(src)!r} does not match the model's trainable set: "
             f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
         )
-    for k, v in saved.items():
-        if k in state and state[k].shape != v.shape:
+    load = {k: saved[k] for k in state if k in saved}  # in the model's order
+    if saved and not load:
+        raise CheckpointKeyError(
+            f"checkpoint {str(src)!r} shares no trainable name with {type(model).__name__}, "
+            f"so strict=False would load nothing: the file has {sorted(saved)[:5]}, the "
+            f"model trains {sorted(state)[:5]}; freeze/unfreeze the same parts as when saving"
+        )
+    for k, v in load.items():
+        if state[k].shape != v.shape:
             raise CheckpointError(
                 f"{k!r}: checkpoint shape {tuple(v.shape)} != model shape {tuple(state[k].shape)}"
             )
+        if state[k].dtype != v.dtype:
+            raise CheckpointError(
+                f"{k!r}: checkpoint dtype {v.dtype} != model dtype {state[k].dtype}; tensors "
+                "are never cast on load: convert the model (or the file) to the saved dtype"
+            )
     subtensor.check_rows(state, saved)  # rows (issue 16): the file's rows are the model's
-    opt_state: dict[str, Any] | None = None
-    if optimizer is not None:
-        opt_state = _optimizer_state(optimizer, model, tensors, meta, src)
-    with torch.no_grad():
-        for k, v in saved.items():
-            if k in state:
-                state[k].copy_(v)
+    opt_state = _optimizer_state(opt, model, tensors, meta, src) if opt is not None else None
+    _apply(state, load, opt, opt_state, src)
     subtensor.write_back_all(model)  # rows (issue 16): loaded rows reach W at once
-    if optimizer is not None and opt_state is not None:
-        optimizer.load_state_dict(opt_state)
     return meta
+
+
+def _apply(
+    state: Mapping[str, torch.Tensor],
+    load: Mapping[str, torch.Tensor],
+    opt: torch.optim.Optimizer | None,
+    opt_state: dict[str, Any] | None,
+    src: Path,
+) -> None:
+    """Write everything or nothing: on any failure, model and optimizer are restored."""
+    backup = {k: state[k].detach().clone() for k in load}
+    opt_backup = (
+        ({p: dict(s) for p, s in opt.state.items()}, [dict(g) for g in opt.param_groups])
+        if opt is not None
+        else None
+    )
+    written: list[str] = []
+    try:
+        with torch.no_grad():
+            for k, v in load.items():
+                try:
+                    state[k].copy_(v)
+                except RuntimeError as e:
+                    raise CheckpointError(
+                        f"could not write {k!r} from {str(src)!r} into the model ({e}); "
+                        "nothing was changed"
+                    ) from e
+                written.append(k)
+        if opt is not None and opt_state is not None:
+            opt.load_state_dict(opt_state)
+    except BaseException:
+        with torch.no_grad():
+            for k in written:
+                state[k].copy_(backup[k])
+        if opt is not None and opt_backup is not None:
+            old_state, old_groups = opt_backup
+            opt.__setstate__({"state": defaultdict(dict, old_state), "param_groups": old_groups})
+        raise
 
 
 def _optimizer_state(
@@ -299,32 +481,43 @@ def _optimizer_state(
     meta: Mapping[str, str],
     src: Path,
 ) -> dict[str, Any]:
+    """The optimizer's ``state_dict`` rebuilt from the file, validated against ``optimizer``."""
     if "gradgate.optimizer" not in meta:
         raise CheckpointError(f"checkpoint {str(src)!r} holds no optimizer state")
-    info = json.loads(meta["gradgate.optimizer"])
-    names = {id(p): n for n, p in model.named_parameters()}
+    info = _json(meta, "gradgate.optimizer", src)
+    try:
+        cls, saved_groups, saved_state = info["class"], info["groups"], info["state"]
+        saved_names = [list(g["params"]) for g in saved_groups]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(src)!r}: malformed optimizer entry ({e})") from e
+    if not isinstance(cls, list) or not set(map(str, cls)) & set(_lineage(optimizer)):
+        saved_cls = cls[0] if isinstance(cls, list) and cls else repr(cls)
+        raise CheckpointError(
+            f"checkpoint {str(src)!r} holds {saved_cls} state; the optimizer "
+            f"given is {type(optimizer).__name__}: build the same optimizer class before loading"
+        )
+    names = ModelIndex(model).canonical
     names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
     current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
-    saved_groups = [g["params"] for g in info["groups"]]
-    if current != saved_groups:
+    if current != saved_names:
         raise CheckpointError(
-            f"optimizer groups differ from the checkpoint's: saved {saved_groups}, "
+            f"optimizer groups differ from the checkpoint's: saved {saved_names}, "
             f"current {current}; rebuild the optimizer (or gg.sync) before loading"
         )
     state: dict[int, dict[str, Any]] = {}
     groups = []
     index = 0
-    for g_saved in info["groups"]:
-        ids = []
-        for pname in g_saved["params"]:
-            entry: dict[str, Any] = dict(info["scalars"].get(pname, {}))
-            prefix = f"__optim__.{pname}."
-            for key, value in tensors.items():
-                if key.startswith(prefix):
-                    entry[key[len(prefix) :]] = value
-            if entry:
-                state[index] = entry
-            ids.append(index)
-            index += 1
-        groups.append({**{k: v for k, v in g_saved.items() if k != "params"}, "params": ids})
+    try:
+        for g_saved in saved_groups:
+            ids = []
+            for pname in g_saved["params"]:
+                entry = {k: _decode(s, tensors) for k, s in saved_state.get(pname, {}).items()}
+                if entry:
+                    state[index] = entry
+                ids.append(index)
+                index += 1
+            options = {k: _decode(s, tensors) for k, s in g_saved["options"].items()}
+            groups.append({**options, "params": ids})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {str(src)!r}: malformed optimizer entry ({e})") from e
     return {"state": state, "param_groups": groups}

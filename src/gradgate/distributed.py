@@ -5,9 +5,12 @@ Changing the trainable set is safe too.
 DDP registers only the parameters that require gradients when it is built.
 Freezing after wrapping fails at the next forward ("Expected to have finished
 reduction ..."), and unfreezing after wrapping raises nothing while the ranks
-silently diverge. ``wrap`` records the trainable set; a forward after it
-changed raises ``StaleWrapperError``, and ``rewrap`` builds a fresh wrapper
-with the same options.
+silently diverge. ``wrap`` records the trainable set and listens to the
+changes gradgate announces (freeze, unfreeze, ``sync``, schedules); a forward
+after the trainable set changed (announced or by hand) raises
+``StaleWrapperError``, and ``rewrap`` builds a fresh wrapper with the same
+options. Schedules given the wrapper rebuild it through ``gg_refresh``: the
+dependency runs from here to the schedules, never back.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) reads ``requires_grad`` at
 each all-gather and reduce-scatters only parameters that have gradients, so
@@ -17,6 +20,7 @@ optimizer honest.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -24,6 +28,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import subtensor
+from ._events import Change, subscribe
+from ._index import ModelIndex
 from .errors import StaleWrapperError
 from .optim import Rules, sync
 
@@ -31,7 +37,7 @@ __all__ = ["CommCounter", "GatedDDP", "rewrap", "track_communication", "wrap"]
 
 
 def _trainable_names(module: nn.Module) -> tuple[str, ...]:
-    return tuple(n for n, p in module.named_parameters() if p.requires_grad)
+    return tuple(n for n, p in ModelIndex(module).params.items() if p.requires_grad)
 
 
 class CommCounter:
@@ -70,10 +76,44 @@ class GatedDDP(DistributedDataParallel):
         self.gg_ddp_kwargs = dict(ddp_kwargs)
         self.gg_trainable = _trainable_names(module)
         self.gg_counter: CommCounter | None = None
+        # Announced changes mark the wrapper stale at once; a hand-made
+        # ``requires_grad_`` is caught by comparing the flags at the next forward.
+        self.gg_stale = False
+        self._gg_params = tuple(ModelIndex(module).params.values())
+        self._gg_flags = tuple(p.requires_grad for p in self._gg_params)
+        ids = {id(p) for p in self._gg_params}
+        me = weakref.ref(self)
+
+        def hear(change: Change) -> None:
+            # A weak reference: a listener must not keep a dropped wrapper alive.
+            wrapper = me()
+            if wrapper is not None and any(
+                id(p) in ids for p in (*change.frozen, *change.unfrozen)
+            ):
+                wrapper.gg_stale = True
+
+        weakref.finalize(self, subscribe(hear))
+
+    def gg_is_stale(self) -> bool:
+        """Whether the trainable set differs from the one this wrapper was built for.
+
+        Example (needs a process group): ``ddp.gg_is_stale()``
+        """
+        flags = tuple(p.requires_grad for p in self._gg_params)
+        if self.gg_stale or flags != self._gg_flags:
+            self.gg_stale = _trainable_names(self.module) != self.gg_trainable
+        return self.gg_stale
+
+    def gg_refresh(self) -> GatedDDP:
+        """This wrapper if it fits the trainable set, else ``rewrap(self)`` (a collective call).
+
+        Example (needs a process group): ``ddp = ddp.gg_refresh()``
+        """
+        return rewrap(self) if self.gg_is_stale() else self
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        now = _trainable_names(self.module)
-        if now != self.gg_trainable:
+        if self.gg_is_stale():
+            now = _trainable_names(self.module)
             was, cur = set(self.gg_trainable), set(now)
             frozen = sorted(was - cur)
             unfrozen = sorted(cur - was)

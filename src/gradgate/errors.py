@@ -8,6 +8,7 @@ nothing.
 from __future__ import annotations
 
 __all__ = [
+    "AccelerationError",
     "CheckpointError",
     "CheckpointKeyError",
     "MissingDependencyError",
@@ -125,3 +126,13 @@ class CheckpointKeyError(CheckpointError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class AccelerationError(GradgateError, RuntimeError):
+    """``accelerate``'s optimised copy does not reproduce the original's output.
+
+    Example:
+        >>> import gradgate as gg
+        >>> issubclass(gg.AccelerationError, RuntimeError)
+        True
+    """

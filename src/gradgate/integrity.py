@@ -4,21 +4,42 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import getitem, is_not
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+from torch.nn.parameter import is_lazy
 
 from . import subtensor
+from ._events import Change, subscribe
+from ._index import ModelIndex, gc_paused
+from ._optimizers import unwrap_optimizer
 from ._options import choice
 from .errors import FrozenTensorChanged, InvalidArgumentError
 from .freezing import frozen_modules
 
-__all__ = ["Guard", "fingerprint", "frozen_tensors", "guard", "tensor_digest"]
+__all__ = [
+    "Guard",
+    "TensorEntry",
+    "fingerprint",
+    "frozen_entries",
+    "frozen_tensors",
+    "guard",
+    "model_entries",
+    "named_digest",
+    "tensor_digest",
+]
 
 TensorSource = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -26,7 +47,12 @@ TensorSource = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torc
 def tensor_digest(t: torch.Tensor, hasher: Any = None) -> str:
     """SHA-256 of one tensor's dtype, shape and bytes (device independent).
 
-    For a DTensor (FSDP2) it digests this rank's local shard.
+    For a DTensor (FSDP2) it digests this rank's local shard; a sparse tensor
+    is digested by its layout, coalesced indices and values.
+
+    Raises:
+        InvalidArgumentError: the tensor has no values (meta device, or an
+            uninitialised lazy parameter).
 
     Example:
         >>> import torch
@@ -36,16 +62,32 @@ def tensor_digest(t: torch.Tensor, hasher: Any = None) -> str:
         False
     """
     h = hasher if hasher is not None else hashlib.sha256()
+    if is_lazy(t):
+        raise InvalidArgumentError(
+            "cannot fingerprint an uninitialised lazy parameter (it has no values yet); "
+            "run one forward pass through the lazy module first"
+        )
     data = _local(t.detach())
     if data.device.type == "meta":
         raise InvalidArgumentError("cannot fingerprint a tensor on the meta device (no values)")
+    if data.layout != torch.strided:
+        coo = data.to_sparse_coo().coalesce() if data.layout != torch.sparse_coo else data
+        coo = coo.coalesce()
+        h.update(f"{data.layout}|{data.dtype}|{tuple(data.shape)}|".encode())
+        _update_bytes(h, coo.indices())
+        _update_bytes(h, coo.values())
+        return str(h.hexdigest())
     h.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
+    _update_bytes(h, data)
+    return str(h.hexdigest())
+
+
+def _update_bytes(h: Any, data: torch.Tensor) -> None:
     if data.numel():
         flat = data.cpu().contiguous().reshape(-1)
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
         h.update(flat.view(torch.uint8).numpy().data)
-    return str(h.hexdigest())
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -54,15 +96,59 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+@dataclass
+class TensorEntry:
+    """A named tensor of a model and where it lives: ``owner`` holds it as ``leaf``.
+
+    Example:
+        >>> import torch
+        >>> from gradgate._index import ModelIndex
+        >>> [(e.name, e.kind, e.leaf) for e in model_entries(ModelIndex(torch.nn.Linear(1, 1)))]
+        [('weight', 'parameter', 'weight'), ('bias', 'parameter', 'bias')]
+    """
+
+    name: str
+    tensor: torch.Tensor
+    kind: str  # "parameter" or "buffer"
+    owner: nn.Module
+    leaf: str
+    position: int  # the owner's position in the ModelIndex
+    base: torch.Tensor | None = None  # rows (issue 16): what the name holds when tensor is a view
+
+
+def model_entries(index: ModelIndex) -> list[TensorEntry]:
+    """Every parameter then every buffer of a model, tied tensors once, without recursion.
+
+    The order is ``named_parameters()`` then ``named_buffers()``, so
+    fingerprints match a walk with torch's own iterators, but the walk is
+    iterative: a 3000-deep chain of modules does not hit the recursion limit.
+    """
+    out: list[TensorEntry] = []
+    seen: set[int] = set()
+    mods = index.mods
+    for (name, p), owner in zip(index.aliases, index.alias_owner, strict=True):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(
+                TensorEntry(name, p, "parameter", mods[owner], name.rpartition(".")[2], owner)
+            )
+    visited: set[int] = set()
+    for i, (mname, module) in enumerate(zip(index.names, mods, strict=True)):
+        if id(module) in visited:
+            continue
+        visited.add(id(module))
+        prefix = mname + "." if mname else ""
+        for bname, b in module._buffers.items():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                out.append(TensorEntry(prefix + bname, b, "buffer", module, bname, i))
+    return out
+
+
 def _named_tensors(obj: TensorSource) -> list[tuple[str, torch.Tensor]]:
     if isinstance(obj, nn.Module):
-        seen: set[int] = set()
-        out: list[tuple[str, torch.Tensor]] = []
-        for name, t in [*obj.named_parameters(), *obj.named_buffers()]:
-            if id(t) not in seen:
-                seen.add(id(t))
-                out.append((name, t))
-        return out
+        with gc_paused():
+            return [(e.name, e.tensor) for e in model_entries(ModelIndex(obj))]
     if isinstance(obj, Mapping):
         return list(obj.items())
     return list(obj)
@@ -78,6 +164,10 @@ def fingerprint(obj: TensorSource) -> str:
     Returns:
         A hex SHA-256 string; any changed bit, name, shape or dtype changes it.
 
+    Raises:
+        InvalidArgumentError: a tensor has no values (an uninitialised lazy
+            parameter, the meta device); the message names it.
+
     Example:
         >>> import torch, gradgate as gg
         >>> lin = torch.nn.Linear(2, 2)
@@ -90,8 +180,57 @@ def fingerprint(obj: TensorSource) -> str:
     h = hashlib.sha256()
     for name, t in _named_tensors(obj):
         h.update(name.encode() + b"\0")
-        tensor_digest(t, h)
+        named_digest(name, t, h)
     return h.hexdigest()
+
+
+def named_digest(name: str, t: torch.Tensor, hasher: Any = None) -> str:
+    """``tensor_digest`` whose error names the tensor.
+
+    Example:
+        >>> import torch
+        >>> named_digest("w", torch.ones(1)) == tensor_digest(torch.ones(1))
+        True
+    """
+    try:
+        return tensor_digest(t, hasher)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{name!r}: {e}") from None
+
+
+def frozen_entries(index: ModelIndex, buffers: bool) -> list[TensorEntry]:
+    """Frozen parameters, then (with ``buffers``) the buffers of frozen modules.
+
+    Example:
+        >>> import torch
+        >>> from gradgate._index import ModelIndex
+        >>> lin = torch.nn.Linear(1, 1).requires_grad_(False)
+        >>> [e.name for e in frozen_entries(ModelIndex(lin), buffers=True)]
+        ['weight', 'bias']
+    """
+    entries = model_entries(index)
+    frozen_params = [e for e in entries if e.kind == "parameter" and not e.tensor.requires_grad]
+    frozen_params += _row_entries(index, entries)  # rows (issue 16): frozen rows of partial tensors
+    if not buffers:
+        return frozen_params
+    frozen_ids = {id(m) for _, m in frozen_modules(index.model)}
+    params = {id(e.tensor) for e in frozen_params}
+    return frozen_params + [
+        e
+        for e in entries
+        if e.kind == "buffer" and id(e.owner) in frozen_ids and id(e.tensor) not in params
+    ]
+
+
+def _row_entries(index: ModelIndex, entries: Sequence[TensorEntry]) -> list[TensorEntry]:
+    """rows (issue 16): each run of frozen rows of a partial tensor, a view named ``name[a:b]``."""
+    blocks = subtensor.frozen_row_blocks(index.model)
+    at = {id(e.tensor): e for e in entries} if blocks else {}
+    return [
+        TensorEntry(name, view, "parameter", e.owner, e.leaf, e.position, base=w)
+        for name, view, w in blocks
+        if (e := at.get(id(w))) is not None
+    ]
 
 
 def frozen_tensors(model: nn.Module, buffers: bool = True) -> list[tuple[str, torch.Tensor, str]]:
@@ -107,21 +246,8 @@ def frozen_tensors(model: nn.Module, buffers: bool = True) -> list[tuple[str, to
         >>> [(n, k) for n, _, k in frozen_tensors(net)][:3]
         [('1.weight', 'parameter'), ('1.bias', 'parameter'), ('1.running_mean', 'buffer')]
     """
-    out: list[tuple[str, torch.Tensor, str]] = []
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            seen.add(id(p))
-            out.append((name, p, "parameter"))
-    out += subtensor.frozen_row_blocks(model)  # rows (issue 16): frozen rows of partial tensors
-    if buffers:
-        for mname, module in frozen_modules(model):
-            prefix = mname + "." if mname else ""
-            for bname, b in module.named_buffers(recurse=False):
-                if b is not None and id(b) not in seen:
-                    seen.add(id(b))
-                    out.append((prefix + bname, b, "buffer"))
-    return out
+    with gc_paused():
+        return [(e.name, e.tensor, e.kind) for e in frozen_entries(ModelIndex(model), buffers)]
 
 
 class Check(enum.Enum):
@@ -141,21 +267,45 @@ class OnViolation(enum.Enum):
 
 @dataclass
 class _Watched:
+    """One frozen tensor under watch: the object, its name's slot, and its baseline."""
+
     name: str
     tensor: torch.Tensor
     kind: str
     owner: nn.Module
+    leaf: str
+    position: int
     version: int
     digest: str | None
+    lost: bool = False  # no longer anywhere in the model (its module was replaced)
+    base: torch.Tensor | None = None  # rows (issue 16): the partial tensor this block views
+
+    @property
+    def held(self) -> torch.Tensor:
+        """What the name's slot holds: the tensor itself, or the partial tensor of a row block."""
+        return self.tensor if self.base is None else self.base
+
+    @property
+    def slot_name(self) -> str:
+        """The name of the slot (a row block ``w[0:3]`` lives in ``w``)."""
+        return self.name if self.base is None else self.name.rpartition("[")[0]
 
 
-def _owner_of(model: nn.Module, name: str) -> nn.Module:
-    head = name.rpartition(".")[0]
-    return model.get_submodule(head) if head else model
+_REPLACED_CAUSE = (
+    "another tensor now sits under its name: load_state_dict(..., assign=True), or a new "
+    "Parameter/buffer (or module) assigned to the model"
+)
 
 
 class Guard:
     """The live guard returned by ``guard()``; also usable as a context manager.
+
+    While active it follows the model: parameters that gradgate makes
+    trainable (``unfreeze``, a schedule, ``sync``) leave its watch at that
+    moment, and parameters gradgate freezes join it, with their baseline
+    taken at the freeze. A parameter made trainable behind gradgate's back
+    (``requires_grad_(True)``) stays watched: if it changes, that is a
+    violation.
 
     Attributes:
         steps: optimizer steps seen so far.
@@ -188,25 +338,75 @@ class Guard:
         self.buffers = buffers
         self.steps = 0
         self.violations: list[str] = []
-        self._watched: list[_Watched] = []
+        self._watched: dict[int, _Watched] = {}
+        # (parent, key, child) for every module on the path to a watched
+        # tensor's owner: a replaced module replaces the names under it.
+        self._links: list[tuple[nn.Module, str, nn.Module]] = []
+        self._fast: _FastView | None = None  # rebuilt whenever the watch or a baseline changes
+        # Set when any module registers a parameter, buffer or submodule (torch's global
+        # registration hooks): only then can a name hold another tensor, so only then are
+        # names compared on a fast check. Deletions and raw ``_parameters`` writes fire no
+        # hook; exact checks and the check on exit compare names always.
+        self._renamed = True
         self._handles: list[Any] = []
+        self._unsubscribe: Callable[[], None] | None = None
+        self._lock = threading.RLock()
+        self._pending: list[str] = []
 
-    def _snapshot(self) -> None:
+    def _watch(self, entries: Sequence[TensorEntry], index: ModelIndex) -> None:
         exact = self.check_mode is not Check.FAST
-        self._watched = [
-            _Watched(
-                name=name,
-                tensor=t,
-                kind=kind,
-                owner=_owner_of(self.model, name),
-                version=t._version,
-                digest=tensor_digest(t) if exact else None,
+        for e in entries:
+            if id(e.tensor) in self._watched:
+                continue
+            if is_lazy(e.tensor):
+                raise InvalidArgumentError(
+                    f"guard cannot watch frozen {e.kind} {e.name!r}: it is an uninitialised "
+                    "lazy parameter (no values yet); run one forward pass first"
+                )
+            self._watched[id(e.tensor)] = _Watched(
+                name=e.name,
+                tensor=e.tensor,
+                kind=e.kind,
+                owner=e.owner,
+                leaf=e.leaf,
+                position=e.position,
+                version=e.tensor._version,
+                digest=named_digest(e.name, e.tensor) if exact else None,
+                base=e.base,  # rows (issue 16)
             )
-            for name, t, kind in frozen_tensors(self.model, self.buffers)
+        self._relink(index)
+
+    def _relink(self, index: ModelIndex) -> None:
+        # Positions change when modules come and go: take each tensor's place afresh.
+        place = {id(e.tensor): e for e in model_entries(index)}
+        needed: set[int] = set()
+        for w in self._watched.values():
+            e = place.get(id(w.held))  # rows (issue 16): a row block lives where its tensor does
+            if e is None:
+                w.lost = True
+                continue
+            w.owner, w.leaf, w.position = e.owner, e.leaf, e.position
+            i = w.position
+            while i > 0 and i not in needed:
+                needed.add(i)
+                i = index.parent[i]
+        self._links = [
+            (index.mods[index.parent[i]], index.names[i].rpartition(".")[2], index.mods[i])
+            for i in sorted(needed)
         ]
+        self._fast = None
 
     def __enter__(self) -> Guard:
-        self._snapshot()
+        with self._lock, gc_paused():
+            index = ModelIndex(self.model)
+            self._watched = {}
+            self._watch(frozen_entries(index, self.buffers), index)
+        self._unsubscribe = subscribe(self._on_change)
+        self._handles += [
+            register_module_parameter_registration_hook(self._on_register),
+            register_module_buffer_registration_hook(self._on_register),
+            register_module_module_registration_hook(self._on_register),
+        ]
         for opt in self.optimizers:
             self._handles.append(opt.register_step_post_hook(self._after_step))
         return self
@@ -220,16 +420,52 @@ class Guard:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if exc_type is None:
             self.check(exact=self.check_mode is not Check.FAST, where="on exit")
+
+    def _on_register(self, module: nn.Module, name: str, value: Any) -> None:
+        self._renamed = True
+
+    def _on_change(self, change: Change) -> None:
+        """Follow a change gradgate announced: unfrozen tensors leave, frozen ones join."""
+        with self._lock, gc_paused():
+            unfrozen = {id(p) for p in change.unfrozen}
+            for key in [k for k, w in self._watched.items() if id(w.held) in unfrozen]:
+                del self._watched[key]
+            self._fast = None
+            if not (change.frozen or change.unfrozen):
+                return
+            index = ModelIndex(self.model)
+            current = frozen_entries(index, self.buffers)
+            # rows (issue 16): a row block leaves with its partial tensor (undo, other rows)
+            blocks = {id(e.tensor) for e in current if e.base is not None}
+            for key in [k for k, w in self._watched.items() if w.base is not None]:
+                if key not in blocks:
+                    del self._watched[key]
+            if change.unfrozen and self.buffers:
+                # Buffers follow their module: once it trains (through gradgate) they may move.
+                still = {id(e.tensor) for e in current}
+                for key in [
+                    k for k, w in self._watched.items() if w.kind == "buffer" and k not in still
+                ]:
+                    del self._watched[key]
+            try:
+                self._watch(current, index)
+            except InvalidArgumentError as e:
+                # The change itself is done; a listener must not make it look failed.
+                self._pending.append(str(e))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         self.steps += 1
         exact = self.check_mode is not Check.FAST and self.steps % self.every == 0
-        self.check(exact=exact, where=f"after optimizer step {self.steps}")
+        where = f"after optimizer step {self.steps}"
+        self._check(exact, where, stepped=optimizer, names=False)
 
     def check(self, exact: bool | None = None, where: str = "on demand") -> None:
-        """Compare every watched tensor with its baseline now.
+        """Compare every watched tensor (and what its name holds) with its baseline now.
 
         Args:
             exact: also compare fingerprints (default: as the guard's ``check``).
@@ -237,62 +473,192 @@ class Guard:
 
         Raises:
             FrozenTensorChanged: a frozen tensor changed (``on_violation="raise"``).
+            InvalidArgumentError: a tensor frozen while the guard was active
+                cannot be watched (an uninitialised lazy parameter).
         """
+        self._check(exact, where, stepped=None, names=True)
+
+    def _check(
+        self,
+        exact: bool | None,
+        where: str,
+        stepped: torch.optim.Optimizer | None,
+        names: bool,
+    ) -> None:
         if exact is None:
             exact = self.check_mode is not Check.FAST
-        version = self.check_mode is not Check.EXACT
-        for w in self._watched:
-            how = ""
-            if version and w.tensor._version != w.version:
-                how = "written in place"
-            elif exact and w.digest is not None and tensor_digest(w.tensor) != w.digest:
-                how = "its values changed without an in-place version bump"
-            if how:
-                self._violation(w, how, where)
+        versions = self.check_mode is not Check.EXACT
+        with self._lock:
+            if self._pending:
+                message = self._pending.pop(0)
+                raise InvalidArgumentError(message)
+            # Read and clear before comparing: a registration from now on is seen next time.
+            names = names or self._renamed
+            self._renamed = False
+            if not exact:
+                if self._fast is None:
+                    self._fast = _FastView(self._watched.values(), self._links)
+                if self._fast.unchanged(versions, names=names):
+                    return
+            moved = any(_slot(up._modules, key) is not down for up, key, down in self._links)
+            moved = moved or any(w.lost for w in self._watched.values())
+            # A replaced module replaces every name under it: resolve names afresh then.
+            resolved = (
+                {e.name: e.tensor for e in model_entries(ModelIndex(self.model))} if moved else None
+            )
+            replaced = False
+            try:
+                for w in list(self._watched.values()):
+                    if resolved is not None:
+                        now = resolved.get(w.slot_name)
+                    else:
+                        now = _slot(
+                            w.owner._parameters if w.kind == "parameter" else w.owner._buffers,
+                            w.leaf,
+                        )
+                    if now is not w.held:
+                        replaced = True
+                        self._violation(
+                            w, "replaced" if now is not None else "removed", where, stepped
+                        )
+                        continue
+                    bumped = w.tensor._version != w.version
+                    if exact and w.digest is not None:
+                        if tensor_digest(w.tensor) != w.digest:
+                            self._violation(
+                                w, "bumped" if bumped else "unversioned", where, stepped
+                            )
+                    elif versions and bumped:
+                        self._violation(w, "bumped", where, stepped)
+            finally:
+                if replaced:  # watch what the names hold now; report a replacement once
+                    self._rebase()
 
-    def _cause(self, w: _Watched, how: str) -> str:
-        if w.kind == "buffer":
-            if w.owner.training:
-                return (
-                    f"{type(w.owner).__name__} is in training mode and updates its running "
-                    "statistics (frozen with mode='keep', or .train() called on it); "
-                    "freeze with mode='eval'"
-                )
-            return "an in-place write to the buffer (load_state_dict, copy_, or custom code)"
-        if "without" in how:
+    def _cause(self, w: _Watched, how: str, stepped: torch.optim.Optimizer | None) -> str:
+        if how == "replaced":
+            return _REPLACED_CAUSE
+        if how == "removed":
+            return (
+                "its name no longer holds a tensor (deleted, set to None, or its module replaced)"
+            )
+        if w.kind == "buffer" and w.owner.training:
+            return (
+                f"{type(w.owner).__name__} is in training mode and updates its running "
+                "statistics (frozen with mode='keep', or .train() called on it); "
+                "freeze with mode='eval'"
+            )
+        if how == "unversioned":
             return "a write through .data or another path that bypasses autograd's version counter"
-        for opt in self.optimizers:
+        if w.kind == "buffer":
+            return "an in-place write to the buffer (load_state_dict, copy_, or custom code)"
+        holders = [stepped] if stepped is not None else []
+        holders += [o for o in self.optimizers if o is not stepped]
+        for opt in holders:
             for group in opt.param_groups:
                 if any(p is w.tensor for p in group["params"]):
                     state = opt.state.get(w.tensor, {})
                     keys = ", ".join(sorted(state)) or "none"
                     return (
+                        "optimizer step (weight decay/momentum with a zero or stale gradient): "
                         f"{type(opt).__name__} still holds it (state: {keys}; weight_decay="
                         f"{group.get('weight_decay', 0)}) and moves it even with a zero or "
                         "missing gradient; call gg.sync(optimizer, model) after freezing"
                     )
         return "an in-place write (load_state_dict, copy_, or a custom update)"
 
-    def _violation(self, w: _Watched, how: str, where: str) -> None:
+    def _violation(
+        self, w: _Watched, how: str, where: str, stepped: torch.optim.Optimizer | None
+    ) -> None:
+        what = {
+            "replaced": "was replaced by another tensor",
+            "removed": "was removed",
+            "bumped": "was written in place",
+            "unversioned": "its values changed without an in-place version bump",
+        }[how]
+        behind = ""
+        if w.kind == "parameter" and w.tensor.requires_grad:
+            behind = (
+                " It was made trainable outside gradgate (requires_grad_(True)), so the guard "
+                "kept watching it; make parts trainable with gg.unfreeze (or enter a new "
+                "guard after the change) to let them train under a guard."
+            )
         msg = (
-            f"frozen {w.kind} {w.name!r} changed {where}: {how}. "
-            f"Likely cause: {self._cause(w, how)}"
+            f"frozen {w.kind} {w.name!r} changed {where}: {what}. "
+            f"Likely cause: {self._cause(w, how, stepped)}.{behind}"
         )
+        # Each change is reported once: what it left becomes the new baseline.
+        self._fast = None
+        w.version = w.tensor._version
+        if w.digest is not None and how not in ("replaced", "removed"):
+            w.digest = tensor_digest(w.tensor)
         if self.on_violation is OnViolation.RAISE:
             raise FrozenTensorChanged(msg)
         self.violations.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        w.version = w.tensor._version
-        if w.digest is not None:
-            w.digest = tensor_digest(w.tensor)
+
+    def _rebase(self) -> None:
+        """After a reported replacement (warn mode), watch what the names hold now."""
+        index = ModelIndex(self.model)
+        names = {w.name for w in self._watched.values()}
+        self._watched = {}
+        entries = model_entries(index)
+        entries += _row_entries(index, entries)  # rows (issue 16)
+        self._watch([e for e in entries if e.name in names], index)
+
+
+class _FastView:
+    """The watch as flat lists, so the per-step check runs in C-level ``map`` calls.
+
+    ``unchanged`` answers only "is everything as it was?"; when it is not,
+    the detailed loop finds and explains what changed. Names are compared
+    only when something was registered on a module since the last check.
+    """
+
+    def __init__(
+        self, watched: Iterable[_Watched], links: Sequence[tuple[nn.Module, str, nn.Module]]
+    ) -> None:
+        ws = list(watched)
+        self.lost = any(w.lost for w in ws)
+        self.tensors = [w.tensor for w in ws]
+        self.held = [w.held for w in ws]  # rows (issue 16): a row block's slot holds its tensor
+        self.versions = [w.version for w in ws]
+        self.slots = [
+            w.owner._parameters if w.kind == "parameter" else w.owner._buffers for w in ws
+        ]
+        self.leaves = [w.leaf for w in ws]
+        self.link_slots = [up._modules for up, _, _ in links]
+        self.link_keys = [key for _, key, _ in links]
+        self.link_children = [down for _, _, down in links]
+
+    def unchanged(self, versions: bool, names: bool) -> bool:
+        if self.lost:
+            return False
+        if not names:
+            return not versions or [t._version for t in self.tensors] == self.versions
+        try:
+            if any(map(is_not, map(getitem, self.link_slots, self.link_keys), self.link_children)):
+                return False
+            if any(map(is_not, map(getitem, self.slots, self.leaves), self.held)):
+                return False
+        except KeyError:
+            return False
+        return not versions or [t._version for t in self.tensors] == self.versions
+
+
+def _slot(slots: Any, key: str) -> Any:
+    """``slots[key]`` or None; works on dicts and TorchScript's dict wrappers (no ``.get``)."""
+    try:
+        return slots[key]
+    except KeyError:
+        return None
 
 
 def guard(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
-    check: str = "fast",
+    check: Literal["fast", "exact", "both"] = "fast",
     every: int = 1,
-    on_violation: str = "raise",
+    on_violation: Literal["raise", "warn"] = "raise",
     buffers: bool = True,
 ) -> Guard:
     """Watch every frozen tensor of ``model`` and fail at the step that changes one.
@@ -300,12 +666,17 @@ def guard(
     Watched: every parameter with ``requires_grad=False`` (however it was
     frozen) and, with ``buffers=True``, the buffers of frozen modules (also
     under ``mode="keep"``, where BatchNorm statistics moving are reported).
+    Names are watched, not only tensor objects: a frozen tensor replaced by
+    another under its name (``load_state_dict(assign=True)``, a new
+    Parameter assigned) is a change. The guard follows gradgate's own
+    freezes and unfreezes while it is active (see ``Guard``).
 
     Args:
         model: the model whose frozen part must not change.
-        optimizer: one or several optimizers; the guard checks after each
-            ``step()`` (a step post-hook). Without one, it checks on exit and
-            whenever ``Guard.check()`` is called.
+        optimizer: one or several optimizers, or wrappers exposing one as
+            ``.optimizer`` (accelerate, Lightning); the guard checks after
+            each ``step()`` (a step post-hook). Without one, it checks on
+            exit and whenever ``Guard.check()`` is called.
         check: ``"fast"`` compares tensor version counters (near-zero cost;
             misses writes through ``.data``), ``"exact"`` compares SHA-256
             fingerprints every ``every`` steps, ``"both"`` does both.
@@ -315,6 +686,10 @@ def guard(
 
     Returns:
         A ``Guard``, to be used as a context manager.
+
+    Raises:
+        InvalidArgumentError: a bad option, something that is not an
+            optimizer, or a frozen tensor without values (lazy, meta).
 
     Example:
         >>> import torch, gradgate as gg
@@ -334,15 +709,13 @@ def guard(
     on_e: OnViolation = choice(OnViolation, "on_violation", on_violation)
     if not isinstance(every, int) or every < 1:
         raise InvalidArgumentError(f"every must be a positive int; got {every!r}")
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"guard expects a torch.nn.Module; got {type(model).__name__}")
     if optimizer is None:
-        opts: list[torch.optim.Optimizer] = []
-    elif isinstance(optimizer, torch.optim.Optimizer):
-        opts = [optimizer]
+        given: list[object] = []
+    elif isinstance(optimizer, (list, tuple)):
+        given = list(optimizer)
     else:
-        opts = list(optimizer)
-    for opt in opts:
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise InvalidArgumentError(
-                f"optimizer must be a torch.optim.Optimizer; got {type(opt).__name__}"
-            )
+        given = [optimizer]
+    opts = [unwrap_optimizer(o) for o in given]
     return Guard(model, opts, check_e, every, on_e, buffers)

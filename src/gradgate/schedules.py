@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
 
+from ._index import ModelIndex
 from ._options import choice
 from .errors import InvalidArgumentError
 from .freezing import Freezing, freeze, unfreeze
-from .optim import Rules, _rule_items, sync
+from .optim import Rules, peak_lr, rule_items, sync
 from .selection import Selector, describe_selectors, select
 
 __all__ = ["GradualUnfreeze", "ProgressiveFreeze", "Stages", "freeze_to", "stages"]
@@ -113,8 +114,31 @@ def freeze_to(
 
 
 def _group_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = ModelIndex(model).canonical
     return [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+
+
+@runtime_checkable
+class Rewrappable(Protocol):
+    """A module wrapper that must be rebuilt when the trainable set changes.
+
+    ``gg.distributed.wrap``'s DDP wrapper is one: it hears every change
+    gradgate announces, and ``gg_refresh()`` returns it as it is or, if the
+    trainable set changed since it was built, a rebuilt wrapper. Schedules
+    given such a wrapper refresh it after each change; they never import
+    the distributed helpers.
+
+    Example:
+        >>> import torch
+        >>> isinstance(torch.nn.Linear(1, 1), Rewrappable)
+        False
+    """
+
+    module: nn.Module
+
+    def gg_refresh(self) -> nn.Module:
+        """This wrapper if it fits the trainable set, else a new one around ``module``."""
+        ...
 
 
 class GradualUnfreeze:
@@ -122,18 +146,22 @@ class GradualUnfreeze:
 
     Stage ``i`` (of ``n``, front to back) becomes trainable at ``at[i]`` (an
     epoch or a step: whatever you pass to ``step``) and trains at
-    ``base_lr * lr_mult ** (n - 1 - i)`` (or ``base_lr * lr_mult(i)``), where
-    ``base_lr`` defaults to the first group's initial ``lr``. Its group joins through
-    ``gg.sync``, so the scheduler follows it. Stages with ``at[i] <= 0`` train
-    from the start; the others are frozen when the schedule is made.
+    ``base_lr * lr_mult ** (n - 1 - i)`` (or ``base_lr * lr_mult(i)``) at the
+    schedule's peak. ``base_lr`` defaults to the peak of the first group: its
+    ``max_lr`` under OneCycleLR or CyclicLR, else its ``initial_lr`` (never a
+    warm-up's momentary value). Its group joins through ``gg.sync``, so the
+    scheduler follows it, at the point the schedule has reached. Stages with
+    ``at[i] <= 0`` train from the start; the others are frozen when the
+    schedule is made.
 
     Resume: ``load_state_dict`` re-applies the unfreezes and re-creates the
     optimizer groups in the same order, so load the schedule *before* the
     optimizer and scheduler state.
 
-    Under DDP pass the ``gg.distributed.wrap`` wrapper as ``model``: each
-    unfreeze rebuilds it, and ``schedule.wrapped`` is the one to run (the old
-    one raises ``StaleWrapperError`` instead of letting ranks diverge).
+    Under DDP pass the ``gg.distributed.wrap`` wrapper (any ``Rewrappable``)
+    as ``model``: each unfreeze rebuilds it, and ``schedule.wrapped`` is the
+    one to run (the old one raises ``StaleWrapperError`` instead of letting
+    ranks diverge).
 
     Example:
         >>> import torch, gradgate as gg
@@ -156,10 +184,8 @@ class GradualUnfreeze:
         rules: Rules = (),
         base_lr: float | None = None,
     ) -> None:
-        from .distributed import GatedDDP
-
-        self.wrapper: GatedDDP | None = model if isinstance(model, GatedDDP) else None
-        model = model.module if isinstance(model, GatedDDP) else model
+        self.wrapper: Rewrappable | None = model if isinstance(model, Rewrappable) else None
+        model = self.wrapper.module if self.wrapper is not None else model
         self.model = model
         self.stages = _as_stages(model, stages)
         if len(at) != len(self.stages):
@@ -177,10 +203,7 @@ class GradualUnfreeze:
         self.lr_mult = lr_mult
         self.warmup_steps = warmup_steps
         self.rules = rules
-        first = optimizer.param_groups[0]
-        self.base_lr = float(
-            base_lr if base_lr is not None else first.get("initial_lr", first["lr"])
-        )
+        self.base_lr = float(base_lr if base_lr is not None else peak_lr(optimizer, scheduler))
         self.unfrozen: list[int] = [i for i, t in enumerate(self.at) if t <= 0]
         self._warm: dict[int, tuple[float, int]] = {}
         self.events: list[list[int]] = []
@@ -193,15 +216,14 @@ class GradualUnfreeze:
         self._rewrap()
 
     def _rewrap(self) -> None:
-        from .distributed import _trainable_names, rewrap
-
-        if self.wrapper is not None and _trainable_names(self.model) != self.wrapper.gg_trainable:
-            self.wrapper = rewrap(self.wrapper)
+        if self.wrapper is not None:
+            fresh = self.wrapper.gg_refresh()
+            self.wrapper = fresh if isinstance(fresh, Rewrappable) else None
 
     @property
     def wrapped(self) -> nn.Module:
         """The module to run: the current DDP wrapper (rebuilt on unfreeze), else the model."""
-        return self.wrapper if self.wrapper is not None else self.model
+        return cast(nn.Module, self.wrapper) if self.wrapper is not None else self.model
 
     def lr_for(self, i: int) -> float:
         """The learning rate stage ``i`` gets when it is unfrozen."""
@@ -211,7 +233,7 @@ class GradualUnfreeze:
 
     def _unfreeze(self, due: list[int]) -> None:
         unfreeze(self.model, *[self.stages[i] for i in due])
-        rules = [*_rule_items(self.rules), *[(self.stages[i], {"lr": self.lr_for(i)}) for i in due]]
+        rules = [*rule_items(self.rules), *[(self.stages[i], {"lr": self.lr_for(i)}) for i in due]]
         before = len(self.optimizer.param_groups)
         sync(self.optimizer, self.model, self.scheduler, rules=rules)
         if self.warmup_steps:
@@ -298,7 +320,7 @@ class ProgressiveFreeze:
         stages: Stages | Sequence[Selector],
         start: int,
         end: int,
-        curve: str = "linear",
+        curve: Literal["linear", "cubic"] = "linear",
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
     ) -> None:

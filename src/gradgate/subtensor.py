@@ -368,7 +368,8 @@ def partials(model: nn.Module) -> dict[int, PartialRows]:
     if not _live:  # nothing partial anywhere: skip the walk
         return {}
     out: dict[int, PartialRows] = {}
-    for m in model.modules():
+    # ModelIndex walks iteratively: a 3000-deep chain stays within the recursion limit.
+    for m in ModelIndex(model).mods:
         reg = m.__dict__.get(_REGISTRY)
         if reg:
             for name, part in reg.items():
@@ -396,12 +397,14 @@ def write_back_all(model: nn.Module) -> None:
         part.write_back()
 
 
-def frozen_row_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
+def frozen_row_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, nn.Parameter]]:
     """The frozen rows of each partial tensor as views of ``W`` (one per run of rows).
 
     Views share ``W``'s version counter, so ``guard(check="fast")`` sees any
     in-place write to ``W``, and their digests cover exactly the frozen rows.
-    Returned as ``(name[start:stop], view, "parameter")`` like ``frozen_tensors``.
+    Returned as ``(name[start:stop], view, W)``. A partial tensor hands out
+    the same view objects on every call, so a guard that follows changes
+    watches each block once.
 
     Example:
         >>> import torch, gradgate as gg
@@ -409,24 +412,42 @@ def frozen_row_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
         >>> _ = gg.train_only(emb, gg.rows("weight", [2]))
         >>> [n for n, _, _ in frozen_row_blocks(emb)]
         ['weight[0:2]', 'weight[3:6]']
+        >>> frozen_row_blocks(emb)[0][1] is frozen_row_blocks(emb)[0][1]
+        True
     """
     found = partials(model)
     if not found:
         return []
-    out: list[tuple[str, torch.Tensor, str]] = []
-    for name, p in model.named_parameters():
+    out: list[tuple[str, torch.Tensor, nn.Parameter]] = []
+    for name, p in ModelIndex(model).params.items():
         part = found.get(id(p))
-        if part is None:
-            continue
-        frozen = part.frozen_index.tolist()
-        start = 0
-        while start < len(frozen):
-            stop = start
-            while stop + 1 < len(frozen) and frozen[stop + 1] == frozen[stop] + 1:
-                stop += 1
-            a, b = frozen[start], frozen[stop] + 1
-            out.append((f"{name}[{a}:{b}]", p.detach()[a:b], "parameter"))
-            start = stop + 1
+        if part is not None:
+            out += [(f"{name}[{a}:{b}]", view, p) for a, b, view in _blocks(part)]
+    return out
+
+
+_block_views: weakref.WeakKeyDictionary[PartialRows, list[tuple[int, int, torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _blocks(part: PartialRows) -> list[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, W[start:stop])`` per run of frozen rows, made once per partial tensor."""
+    w = part.weight
+    cached = _block_views.get(part)
+    if cached and cached[0][2].untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+        return cached
+    frozen = part.frozen_index.tolist()
+    out: list[tuple[int, int, torch.Tensor]] = []
+    start = 0
+    while start < len(frozen):
+        stop = start
+        while stop + 1 < len(frozen) and frozen[stop + 1] == frozen[stop] + 1:
+            stop += 1
+        a, b = frozen[start], frozen[stop] + 1
+        out.append((a, b, w.detach()[a:b]))
+        start = stop + 1
+    _block_views[part] = out
     return out
 
 
@@ -438,7 +459,7 @@ def refuse_distributed(model: nn.Module, where: str) -> None:
     """
     found = partials(model)
     if found:
-        names = [n for n, p in model.named_parameters() if id(p) in found]
+        names = [n for n, p in ModelIndex(model).params.items() if id(p) in found]
         raise InvalidArgumentError(
             f"{where}: {', '.join(repr(n) for n in names)} "
             f"{'is' if len(names) == 1 else 'are'} partially frozen (gg.rows), which "
@@ -668,7 +689,7 @@ def trainable_rows_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if not found:
         return out
-    for name, p in model.named_parameters():
+    for name, p in ModelIndex(model).params.items():
         part = found.get(id(p))
         if part is not None:
             out[name] = part.trainable

@@ -33,11 +33,13 @@ def test_frozen_before_wrap_matches_single_process(results: dict[str, Any]) -> N
         assert r["elements_communicated"] == r["trainable_elements_times_steps"]
 
 
-def test_gradual_unfreeze_with_rewrap_keeps_ranks_identical(results: dict[str, Any]) -> None:
+def test_gradual_unfreeze_and_rewrap_keep_ranks_identical(results: dict[str, Any]) -> None:
     for r in results["gradual_unfreeze"]:
         assert r["same_after_every_step"] == [True] * 6
         assert r["stale_raised"] and r["freeze_after_wrap_refused"]
         assert r["front_trained_after_unfreeze"]
+        assert r["announced_stale"]  # heard through gradgate._events, before any forward
+        assert r["same_after_rewrap"] and r["hand_change_refused"]
 
 
 def test_fsdp2_mixed_frozen_and_trainable(results: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -363,8 +363,8 @@ def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
     if name == "gradgate":
         _loop(agent, opt, data, epochs)
         return
-    check = {"guard_fast": "fast", "guard_exact": "exact"}[name]
-    with gg.guard(agent, opt, check=check):
+    check: dict[str, Literal["fast", "exact"]] = {"guard_fast": "fast", "guard_exact": "exact"}
+    with gg.guard(agent, opt, check=check[name]):
         _loop(agent, opt, data, epochs)
 
 

@@ -1,0 +1,196 @@
+"""Parameter groups: the one builder behind ``param_groups`` and ``sync``'s new groups."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .. import subtensor
+from .._index import ModelIndex
+from ..errors import InvalidArgumentError
+from ..selection import Selector, select
+
+__all__ = [
+    "DEFAULT_NO_DECAY",
+    "LayerDecay",
+    "NORM_TYPES",
+    "Rules",
+    "build_groups",
+    "param_groups",
+    "rule_items",
+]
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+"""Module types whose parameters ``DEFAULT_NO_DECAY`` keeps out of weight decay."""
+
+
+def _is_no_decay(name: str, module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
+
+
+DEFAULT_NO_DECAY: tuple[Selector, ...] = ("**.bias", _is_no_decay)
+"""Biases and every parameter of a normalisation layer get no weight decay."""
+
+Rules = Mapping[Any, Mapping[str, Any]] | Sequence[tuple[Selector, Mapping[str, Any]]]
+"""``{selector: {option: value}}`` or a list of ``(selector, options)`` pairs; later rules win."""
+
+
+@dataclass(frozen=True)
+class LayerDecay:
+    """Layer-wise learning-rate decay over stages ordered front to back.
+
+    Stage ``i`` of ``n`` trains at ``lr * decay ** (n - 1 - i)``: the last
+    stage (the head) at ``lr``, earlier ones ever slower (ULMFiT's
+    discriminative rates, fastai's ``slice``). Parameters in no stage train
+    at ``lr``.
+
+    Example:
+        >>> LayerDecay(["front_end", "back_end"], 0.5).factors()
+        [0.5, 1.0]
+    """
+
+    stages: Sequence[Selector]
+    decay: float
+
+    def factors(self) -> list[float]:
+        """The learning-rate multiplier of each stage, front to back."""
+        n = len(self.stages)
+        return [self.decay ** (n - 1 - i) for i in range(n)]
+
+
+def rule_items(rules: Rules) -> list[tuple[Selector, Mapping[str, Any]]]:
+    """``rules`` as a list of ``(selector, options)`` pairs, in order.
+
+    Example:
+        >>> rule_items({"head": {"lr": 0.1}})
+        [('head', {'lr': 0.1})]
+    """
+    if isinstance(rules, Mapping):
+        return list(rules.items())
+    return [(sel, opts) for sel, opts in rules]
+
+
+def build_groups(
+    model: nn.Module,
+    named: Sequence[tuple[str, nn.Parameter]],
+    rules: Rules = (),
+    defaults: Callable[[str], Mapping[str, Any]] | None = None,
+    with_names: bool = True,
+) -> list[dict[str, Any]]:
+    """Group ``named`` parameters by their options, in parameter order.
+
+    A parameter's options are ``defaults(name)`` overridden by every rule
+    whose selector matches it (later rules win); parameters with equal
+    options share a group. Options left out are the optimizer's defaults.
+
+    Raises:
+        NoMatchError: a rule's selector matches nothing in ``model``.
+        InvalidArgumentError: a rule's options are not a mapping.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> groups = build_groups(net, list(net.named_parameters()), {"1": {"lr": 0.5}})
+        >>> [(g["param_names"], g.get("lr")) for g in groups]
+        [(['0.weight', '0.bias'], None), (['1.weight', '1.bias'], 0.5)]
+    """
+    options: dict[str, dict[str, Any]] = {
+        n: dict(defaults(n)) if defaults is not None else {} for n, _ in named
+    }
+    for sel, opts in rule_items(rules):
+        if not isinstance(opts, Mapping):
+            raise InvalidArgumentError(
+                f"rule for {sel!r} must map option names to values, e.g. {{'lr': 1e-3}}; "
+                f"got {opts!r}"
+            )
+        for pname in select(model, sel).parameters:
+            if pname in options:
+                options[pname].update(opts)
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for name, p in named:
+        opts = options[name]
+        key = tuple(sorted((k, repr(v)) for k, v in opts.items()))
+        group = groups.setdefault(
+            key, {"params": [], **({"param_names": []} if with_names else {}), **opts}
+        )
+        group["params"].append(p)
+        if with_names:
+            group["param_names"].append(name)
+    return list(groups.values())
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    rules: Rules = (),
+    no_decay: Selector | Sequence[Selector] | None = DEFAULT_NO_DECAY,
+    layer_decay: LayerDecay | tuple[float, Sequence[Selector]] | None = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups of the trainable parameters, for any ``torch.optim`` optimizer.
+
+    Each group carries ``param_names`` (so a resumed run can rebuild it by
+    name). Frozen parameters are left out entirely.
+
+    Args:
+        model: the model, already frozen as wanted.
+        lr: base learning rate.
+        weight_decay: weight decay for parameters not matched by ``no_decay``.
+        rules: ``{selector: {option: value}}`` (or a list of pairs) applied in
+            order, e.g. ``{"back_end.fc2": {"lr": 1e-2}}``; an explicit
+            ``lr`` in a rule is not scaled by ``layer_decay``.
+        no_decay: selectors whose parameters get ``weight_decay=0`` (default:
+            biases and normalisation layers); ``None`` decays everything.
+        layer_decay: a ``LayerDecay`` (or ``(decay, stages)``) for
+            discriminative learning rates.
+
+    Returns:
+        A list of group dicts: ``params``, ``param_names``, ``lr``,
+        ``weight_decay`` and any rule options.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        >>> groups = gg.param_groups(net, lr=0.1, weight_decay=0.01)
+        >>> [(g["param_names"], g["weight_decay"]) for g in groups]
+        [(['0.weight'], 0.01), (['0.bias', '1.weight', '1.bias'], 0.0)]
+        >>> opt = torch.optim.AdamW(groups)
+    """
+    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
+    named = [
+        (n, rows.get(id(p), p)) for n, p in ModelIndex(model).params.items() if p.requires_grad
+    ]
+    if not named:
+        raise InvalidArgumentError(
+            f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"
+        )
+    if isinstance(layer_decay, tuple):
+        layer_decay = LayerDecay(stages=layer_decay[1], decay=layer_decay[0])
+    decay_off: set[str] = set()
+    if no_decay is not None:
+        sels = list(no_decay) if isinstance(no_decay, (list, tuple)) else [no_decay]
+        for sel in sels:
+            with contextlib.suppress(LookupError):  # a model without biases is fine
+                decay_off.update(select(model, sel).parameters)
+    factor: dict[str, float] = {}
+    if layer_decay is not None:
+        for sel, f in zip(layer_decay.stages, layer_decay.factors(), strict=True):
+            factor.update(dict.fromkeys(select(model, sel).parameters, f))
+
+    def defaults(name: str) -> dict[str, Any]:
+        return {
+            "lr": lr * factor.get(name, 1.0),
+            "weight_decay": 0.0 if name in decay_off else weight_decay,
+        }
+
+    return build_groups(model, named, rules, defaults)

@@ -1,0 +1,253 @@
+"""``sync``: an optimizer (and its scheduler) follows the model's trainable set.
+
+With several optimizers over one model each keeps its own parameters. Every
+optimizer ``sync`` has seen has a ledger of the parameters it holds or has
+held; a newly trainable parameter goes to the optimizer whose ledger has it,
+never to a second one.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import subtensor
+from .._events import Change, announce
+from .._index import ModelIndex
+from .._optimizers import unwrap_optimizer
+from ..errors import InvalidArgumentError
+from ..selection import Selector, select
+from .groups import Rules, build_groups
+from .schedulers import extend_scheduler, schedulers
+
+__all__ = ["Ledger", "held_elsewhere", "sync"]
+
+
+class Ledger:
+    """The parameters one optimizer holds or has held, as ``sync`` saw them.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> ledger = Ledger()
+        >>> ledger.note(p); ledger.has(p), ledger.has(torch.nn.Parameter(torch.zeros(1)))
+        (True, False)
+    """
+
+    def __init__(self) -> None:
+        # Weak references: a ledger never keeps a parameter alive, and an id
+        # reused by a later tensor is told apart by the referent's identity.
+        self.held: dict[int, weakref.ref[torch.Tensor]] = {}
+        self.adopted: set[int] = set()
+
+    def note(self, p: torch.Tensor, adopted: bool = False) -> None:
+        """Record that the optimizer holds ``p`` (``adopted``: only because nobody else did)."""
+        if not self.has(p):
+            self.adopted.discard(id(p))
+        self.held[id(p)] = weakref.ref(p)
+        if adopted:
+            self.adopted.add(id(p))
+
+    def has(self, p: torch.Tensor) -> bool:
+        """Whether the optimizer holds or has held ``p``."""
+        ref = self.held.get(id(p))
+        return ref is not None and ref() is p
+
+    def forget(self, p: torch.Tensor) -> None:
+        """Drop ``p`` from the ledger (it now belongs to another optimizer)."""
+        self.held.pop(id(p), None)
+        self.adopted.discard(id(p))
+
+
+_lock = threading.Lock()
+_ledgers: weakref.WeakKeyDictionary[torch.optim.Optimizer, Ledger] = weakref.WeakKeyDictionary()
+
+
+def _ledger(optimizer: torch.optim.Optimizer) -> Ledger:
+    with _lock:
+        ledger = _ledgers.get(optimizer)
+        if ledger is None:
+            ledger = _ledgers[optimizer] = Ledger()
+        return ledger
+
+
+def _others(optimizer: torch.optim.Optimizer) -> list[tuple[torch.optim.Optimizer, Ledger]]:
+    with _lock:
+        return [(o, led) for o, led in list(_ledgers.items()) if o is not optimizer]
+
+
+def _ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def held_elsewhere(optimizer: Any, params: Sequence[torch.Tensor]) -> set[int]:
+    """The ids of those ``params`` that another optimizer ``sync`` has seen holds or held.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> a = torch.optim.SGD([net.weight], lr=0.1)
+        >>> b = torch.optim.SGD([net.bias], lr=0.1)
+        >>> _ = sync(b, net, params=[])
+        >>> held_elsewhere(a, [net.bias]) == {id(net.bias)}, held_elsewhere(b, [net.bias])
+        (True, set())
+    """
+    opt = unwrap_optimizer(optimizer)
+    others = [(led, _ids(o)) for o, led in _others(opt)]
+    return {id(p) for p in params if any(led.has(p) or id(p) in ids for led, ids in others)}
+
+
+def _drop(optimizer: torch.optim.Optimizer, gone: set[int], names: dict[int, str]) -> None:
+    """Take the parameters ``gone`` out of every group, with their state."""
+    for group in optimizer.param_groups:
+        keep = [p for p in group["params"] if id(p) not in gone]
+        for p in group["params"]:
+            if id(p) in gone:
+                optimizer.state.pop(p, None)
+        group["params"][:] = keep  # in place: LBFGS keeps a reference to this list
+        if "param_names" in group:
+            group["param_names"] = [names.get(id(p), "?") for p in keep]
+    if gone and isinstance(optimizer, torch.optim.LBFGS):
+        # Its curvature history spans the old flat parameter vector.
+        optimizer.state.clear()
+        optimizer._numel_cache = None
+
+
+def sync(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    scheduler: Any = None,
+    rules: Rules = (),
+    params: Selector | Sequence[Selector] | None = None,
+) -> dict[str, list[str]]:
+    """Bring an optimizer (and scheduler) in line with the model's trainable set.
+
+    Call it after any freeze or unfreeze. Newly frozen parameters lose their
+    gradient and optimizer state and leave their group (groups stay, possibly
+    empty, so schedulers keep their per-group lists aligned); newly trainable
+    ones join in new groups with options from ``rules`` (else the optimizer's
+    defaults; a rule's ``lr`` is the group's peak), and the scheduler learns
+    the new groups' schedules. Optimizer wrappers exposing ``.optimizer``
+    (accelerate, Lightning) are accepted.
+
+    Which optimizer a newly trainable parameter joins, with one or several
+    optimizers over the model (call ``sync`` on each):
+
+    1. the optimizer that held it before it was frozen gets it back;
+    2. an optimizer never adds a parameter another optimizer holds or held;
+    3. with ``params=``, the selected parameters no other optimizer holds or
+       held join this one (and only those); selecting one another optimizer
+       holds or held is refused;
+    4. otherwise a parameter no optimizer ever held joins the one synced. If a
+       second optimizer that ``sync`` had not seen yet turns out to hold it,
+       syncing that one takes it back from the first.
+
+    Args:
+        optimizer: any ``torch.optim`` optimizer over (some of) ``model``.
+        model: the model whose ``requires_grad`` flags are the truth.
+        scheduler: optional LR scheduler (Sequential/Chained included).
+        rules: ``{selector: {option: value}}`` for the new groups.
+        params: selectors of the new parameters this optimizer takes.
+
+    Returns:
+        ``{"removed": [...], "added": [...], "left": [...]}`` parameter names;
+        ``left`` are trainable parameters left to another optimizer (or not
+        selected by ``params``).
+
+    Raises:
+        InvalidArgumentError: ``params`` selects a parameter another optimizer
+            holds or held (it would be stepped twice). Nothing is changed then.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> opt = torch.optim.Adam(gg.param_groups(net, lr=1e-3))
+        >>> _ = gg.freeze(net, "0")
+        >>> gg.sync(opt, net)["removed"]
+        ['0.weight', '0.bias']
+    """
+    opt = unwrap_optimizer(optimizer)
+    index = ModelIndex(model)
+    names = index.canonical
+    rows = subtensor.trainable_of(model)  # rows (issue 16): W leaves, its trainable rows R join
+    names.update({id(r): names[key] for key, r in rows.items()})
+    ledger = _ledger(opt)
+    others = _others(opt)
+    other_ids = [(o, led, _ids(o)) for o, led in others]
+    held_now = [p for g in opt.param_groups for p in g["params"]]
+    present = {id(p) for p in held_now}
+    chosen: set[str] | None = None
+    if params is not None:
+        sels = list(params) if isinstance(params, (list, tuple)) else [params]
+        chosen = set(select(model, *sels).parameters) if sels else set()
+
+    fresh: list[tuple[str, nn.Parameter]] = []
+    adopted: set[int] = set()
+    left: list[str] = []
+    for name, w in index.params.items():
+        p = rows.get(id(w), w)  # rows (issue 16)
+        if not p.requires_grad or id(p) in present:
+            continue
+        holders = [o for o, led, ids in other_ids if id(p) in ids or led.has(p)]
+        if holders:
+            if chosen is not None and name in chosen:
+                raise InvalidArgumentError(
+                    f"params= selects {name!r}, which another optimizer "
+                    f"({type(holders[0]).__name__}) holds or held: it returns there when that "
+                    "one is synced, and in both it would be stepped twice. Leave it out of params="
+                )
+            left.append(name)
+        elif ledger.has(p) or chosen is None or name in chosen:
+            fresh.append((name, p))
+            if chosen is None and not ledger.has(p):
+                adopted.add(id(p))  # a default choice: a holder seen later takes it back
+        else:
+            left.append(name)
+    is_lbfgs = isinstance(opt, torch.optim.LBFGS)
+    with_names = "param_names" in opt.param_groups[0]
+    # Built before anything changes (also with nothing new, so that a rule
+    # that matches nothing is reported at once): a failure leaves all as it was.
+    new_groups = build_groups(model, fresh, rules, with_names=with_names)
+
+    # Parameters this optimizer holds that another one only adopted by default.
+    for o, led, ids in other_ids:
+        reclaimed = {id(p) for p in held_now if id(p) in led.adopted and id(p) in ids}
+        if reclaimed:
+            _drop(o, reclaimed, names)
+            for p in held_now:
+                if id(p) in reclaimed:
+                    led.forget(p)
+
+    gone = [p for p in held_now if id(p) in names and (not p.requires_grad or id(p) in rows)]
+    for p in gone:
+        p.grad = None
+    _drop(opt, {id(p) for p in gone}, names)
+    for p in held_now:
+        ledger.note(p)
+    for _, p in fresh:
+        ledger.note(p, adopted=id(p) in adopted)
+        for _, led, _ in other_ids:
+            led.forget(p)
+
+    if is_lbfgs and fresh:
+        first = opt.param_groups[0]
+        first["params"].extend(p for _, p in fresh)
+        if with_names:
+            first["param_names"].extend(n for n, _ in fresh)
+        opt.state.clear()
+        opt._numel_cache = None  # type: ignore[attr-defined]
+    elif fresh:
+        start = len(opt.param_groups)
+        for group in new_groups:
+            opt.add_param_group(group)
+        positions = list(range(start, len(opt.param_groups)))
+        for sched in schedulers(scheduler):
+            extend_scheduler(sched, opt, positions)
+    removed = [names[id(p)] for p in gone]
+    added = [n for n, _ in fresh]
+    if gone or fresh:
+        announce(Change(model, "sync", tuple(gone), tuple(p for _, p in fresh)))
+    return {"removed": removed, "added": added, "left": left}

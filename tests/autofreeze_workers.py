@@ -1,0 +1,105 @@
+"""Code that runs inside the 2-rank gloo processes of tests/distributed/test_autofreeze_ddp.py.
+
+Each scenario writes ``<out>/<scenario>.<rank>.json``; the pytest side compares
+the ranks, so a disagreement shows up as a readable test failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import gradgate as gg
+
+SCENARIOS = ["wrapped", "local"]
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    )  # fmt: skip
+
+
+def wrapped(rank: int) -> dict[str, Any]:
+    """DDP through gg.distributed.wrap: each rank sees its own half of every batch."""
+    model = _model()
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=2e-2, weight_decay=0.1))
+    af = gg.AutoFreeze(gg.distributed.wrap(model), optimizer=opt, every=4, threshold=0.15)
+    first_wrapper = af.wrapped
+    prints: list[str] = []
+    frozen_prints: dict[str, str] = {}
+    frozen_unchanged = True
+    for step in range(40):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(32, 8, generator=g)
+        y = (x[:, :4] * 2).tanh()
+        loss = F.mse_loss(af.wrapped(x.chunk(2)[rank]), y.chunk(2)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for name in af.step():
+            frozen_prints[name] = gg.fingerprint(model.get_submodule(name))
+        frozen_unchanged &= all(
+            gg.fingerprint(model.get_submodule(n)) == fp for n, fp in frozen_prints.items()
+        )
+        prints.append(gg.fingerprint(model))
+    return {
+        "history": [d.to_dict() for d in af.history],
+        "frozen": af.frozen,
+        "fingerprints": prints,
+        "rewrapped": af.wrapped is not first_wrapper,
+        "frozen_unchanged": frozen_unchanged,
+    }
+
+
+def local(rank: int) -> dict[str, Any]:
+    """No DDP: rank 1's first stage changes by 30%, rank 0's not at all.
+
+    Alone, rank 0 would freeze stage 0 (change 0 < 0.2) and rank 1 would not
+    (0.3); the all-reduced means change by 0.15, so both must freeze it (and the
+    unchanging stage 1 behind it).
+    """
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    af = gg.AutoFreeze(model, optimizer=opt, every=2, threshold=0.2)
+    local_sums = [0.0, 0.0]
+    for step in range(4):
+        window = step // 2
+        norms = [1.0 + (0.3 if rank == 1 and window == 1 else 0.0), 1.0, 1.0]
+        local_sums[window] += norms[0]
+        for path, norm in zip(["0", "2", "4"], norms, strict=True):
+            params = list(model.get_submodule(path).parameters())
+            total = sum(p.numel() for p in params)
+            for p in params:
+                p.grad = torch.full_like(p, norm / math.sqrt(total))
+        af.step()
+    return {
+        "history": [d.to_dict() for d in af.history],
+        "frozen": af.frozen,
+        "local_change": abs(local_sums[0] - local_sums[1]) / local_sums[0],
+    }
+
+
+def run(rank: int, init: str, out: str) -> None:
+    """Entry point for ``torch.multiprocessing.spawn``."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        for name in SCENARIOS:
+            result = globals()[name](rank)
+            (Path(out) / f"{name}.{rank}.json").write_text(json.dumps(result))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,41 @@
+"""Two gloo ranks on CPU: AutoFreeze takes the same decisions on every rank (one spawn)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from torch.multiprocessing.spawn import spawn
+
+import autofreeze_workers
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("autofreeze_ddp")
+    spawn(autofreeze_workers.run, args=(str(out / "init"), str(out)), nprocs=2, join=True)
+    return {
+        name: [json.loads((out / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
+        for name in autofreeze_workers.SCENARIOS
+    }
+
+
+def test_wrapped_ranks_freeze_alike_and_stay_identical(results: dict[str, Any]) -> None:
+    r0, r1 = results["wrapped"]
+    assert r0["history"] == r1["history"]
+    assert r0["frozen"] and r0["frozen"] == r1["frozen"]
+    assert r0["fingerprints"] == r1["fingerprints"]  # every step, across each rewrap
+    assert r0["rewrapped"] and r1["rewrapped"]
+    assert r0["frozen_unchanged"] and r1["frozen_unchanged"]
+
+
+def test_decisions_come_from_all_reduced_statistics(results: dict[str, Any]) -> None:
+    r0, r1 = results["local"]
+    # each rank alone would decide differently ...
+    assert r0["local_change"] == pytest.approx(0.0)
+    assert r1["local_change"] == pytest.approx(0.3)
+    # ... but both see the mean and freeze the same stage at the same step
+    assert r0["history"] == r1["history"]
+    assert r0["history"][1]["change"][0] == pytest.approx(0.15)
+    assert r0["frozen"] == r1["frozen"] == ["0", "2"]

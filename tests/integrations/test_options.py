@@ -1,0 +1,107 @@
+"""Options, optional imports, checkpoint state and the HF extras of ``GradgateFinetuning``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gradgate as gg
+
+pytest.importorskip("lightning")
+pytest.importorskip("transformers")
+
+from gradgate.integrations import lightning, transformers
+from integrations import frameworks as fw
+
+CALLBACKS = [
+    pytest.param(lightning.GradgateFinetuning, id="lightning"),
+    pytest.param(transformers.GradgateFinetuning, id="hf"),
+]
+
+
+def test_import_gradgate_imports_neither_framework() -> None:
+    code = (
+        "import sys, gradgate, gradgate.integrations\n"
+        "print(sorted(m for m in ('lightning', 'transformers', 'pytorch_lightning') "
+        "if m in sys.modules))"
+    )
+    src = str(Path(gg.__file__).parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src, "PATH": ""},
+    )
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("callback", CALLBACKS)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"freeze": "a", "train_only": "b"}, "both freeze= and train_only="),
+        ({"guard": "fastest"}, "guard must be one of 'fast', 'exact', 'both'; got 'fastest'"),
+        ({"mode": "evel"}, "mode must be one of"),
+        ({"lr_mult": 0}, "lr_mult must be a positive number; got 0"),
+        ({"unfreeze": [(1.5, "late")]}, "unfreeze epoch must be a whole number >= 0; got 1.5"),
+        ({"unfreeze": ["late"]}, "unfreeze must be a list of (epoch, selectors) pairs"),
+    ],
+)
+def test_bad_options_fail_at_construction(
+    callback: Any, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(gg.InvalidArgumentError) as err:
+        callback(**kwargs)
+    assert message in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_a_checkpoint_from_another_schedule_is_refused() -> None:
+    saved = lightning.GradgateFinetuning("backbone", unfreeze=[(1, "late")]).state_dict()
+    other = lightning.GradgateFinetuning("backbone", unfreeze=[(2, "late")])
+    with pytest.raises(gg.CheckpointError, match=r"unfreeze epochs \[1\], this one has \[2\]"):
+        other.load_state_dict(saved)
+
+
+def test_a_selector_that_matches_nothing_fails_the_fit_before_training(tmp_path: Path) -> None:
+    with pytest.raises(gg.NoMatchError, match="bakbone"):
+        fw.fit_lightning(tmp_path, lightning.GradgateFinetuning("bakbone"))
+
+
+def test_two_optimizers_are_refused_with_a_reason(tmp_path: Path) -> None:
+    class TwoOptimizers(fw.Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def configure_optimizers(self) -> Any:
+            return [torch.optim.SGD(self.head.parameters(), lr=0.1) for _ in range(2)]
+
+    trainer = fw.lightning_trainer(tmp_path, callbacks=[lightning.GradgateFinetuning("backbone")])
+    with pytest.raises(gg.InvalidArgumentError, match="exactly one optimizer"):
+        trainer.fit(TwoOptimizers(), fw.DataLoader(fw.image_data(), batch_size=8))
+
+
+def test_hf_saves_only_what_trains_bound_to_the_frozen_base(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cb = transformers.GradgateFinetuning(train_only="classifier", save_trainable=True, summary=True)
+    run = fw.fit_hf(tmp_path, cb, epochs=1, save_every_epoch=True)
+    assert "classifier" in capsys.readouterr().out  # the summary table at train start
+    path = run.checkpoints[-1] / transformers.TRAINABLE_FILE
+    fresh = fw.hf_model()
+    gg.train_only(fresh, "classifier")
+    gg.load_trainable(fresh, path)
+    assert gg.fingerprint(fresh) == gg.fingerprint(run.model)
+    other = fw.hf_model()
+    with torch.no_grad():
+        other.get_parameter("bert.embeddings.word_embeddings.weight")[0, 0] += 1
+    gg.train_only(other, "classifier")
+    with pytest.raises(gg.FingerprintMismatch):
+        gg.load_trainable(other, path)

@@ -1,0 +1,332 @@
+from __future__ import annotations
+
+import math
+import runpy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.optim import lr_scheduler as lrs
+
+import gradgate as gg
+
+STAGES = ["0", "2", "4", "6"]
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+        nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(32, 8, generator=g)
+    return x, (x[:, :4] * 2).tanh()
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    x, y = _batch(step)
+    loss = F.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _set_grads(model: nn.Sequential, norms: list[float]) -> None:
+    """Give stage ``i`` a gradient of exactly norm ``norms[i]`` (trainable parameters only)."""
+    for path, norm in zip(STAGES, norms, strict=True):
+        params = [p for p in model.get_submodule(path).parameters() if p.requires_grad]
+        total = sum(p.numel() for p in params)
+        for p in params:
+            p.grad = torch.full_like(p, norm / math.sqrt(total))
+
+
+def _flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _frozen_prefix_holds(model: nn.Sequential, af: gg.AutoFreeze) -> None:
+    for i, path in enumerate(STAGES):
+        want = i >= af.boundary
+        assert all(p.requires_grad is want for p in model.get_submodule(path).parameters())
+    assert af.frozen == STAGES[: af.boundary]
+
+
+def test_freezes_only_a_converged_prefix() -> None:
+    # stage 1 is perfectly converged, but stage 0 in front of it keeps changing
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    af = gg.AutoFreeze(model, optimizer=opt, every=2, threshold=0.1)
+    assert af.stages.names == STAGES
+    for step in range(12):
+        _set_grads(model, [1.0 + (step // 2) % 2, 1.0, 1.0, 1.0])
+        assert af.step() == []
+    assert af.frozen == [] and all(_flags(model).values())
+    assert len(af.history) == 6
+    assert af.history[0].change == [None] * 4  # no previous window yet
+    assert af.history[-1].change == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    assert af.history[-1].grad_norm == pytest.approx([2.0, 1.0, 1.0, 1.0])
+    # once stage 0 settles, the converged prefix runs up to the last stage
+    for _ in range(4):
+        _set_grads(model, [1.0, 1.0, 1.0, 1.0])
+        froze = af.step()
+    assert froze == ["0", "2", "4"] and af.boundary == 3
+    _frozen_prefix_holds(model, af)
+    assert [n for g in opt.param_groups for n in g["params"]] == list(model[6].parameters())
+
+
+def test_aggressive_threshold_respects_min_trainable_and_never_unfreezes() -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    af = gg.AutoFreeze(model, optimizer=opt, every=3, threshold=1e9, min_trainable=2)
+    boundaries = []
+    for step in range(20):
+        _train_step(model, opt, step)
+        af.step()
+        boundaries.append(af.boundary)
+        _frozen_prefix_holds(model, af)
+    # the first window has nothing to compare with; the second freezes all it may
+    assert boundaries == [0] * 5 + [2] * 15
+    assert af.frozen == ["0", "2"]
+    assert [d.froze for d in af.history] == [[], ["0", "2"], [], [], [], []]
+    assert [d.step for d in af.history] == [3, 6, 9, 12, 15, 18]
+
+
+def test_threshold_zero_never_freezes_even_when_nothing_changes() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    af = gg.AutoFreeze(model, optimizer=opt, every=1, threshold=0.0)
+    for _ in range(10):
+        _train_step(model, opt, 0)  # the same batch: gradients repeat exactly
+        af.step()
+    assert af.frozen == [] and all(_flags(model).values())
+    assert all(d.froze == [] for d in af.history)
+    assert af.history[-1].change == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_frozen_stages_are_bit_identical_from_the_step_they_froze() -> None:
+    model = _model()
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=1e-2, weight_decay=0.1))
+    sched = lrs.CosineAnnealingLR(opt, T_max=60, eta_min=1e-4)
+    af = gg.AutoFreeze(model, optimizer=opt, scheduler=sched, every=4, threshold=1e9)
+    prints: dict[str, str] = {}
+    for step in range(40):
+        _train_step(model, opt, step)
+        for name in af.step():
+            stage = model.get_submodule(name)
+            prints[name] = gg.fingerprint(stage)
+            assert all(p.grad is None and p not in opt.state for p in stage.parameters())
+            assert not stage.training and gg.is_sticky(stage)
+        sched.step()
+        for name, fp in prints.items():
+            assert gg.fingerprint(model.get_submodule(name)) == fp, (name, step)
+    assert sorted(prints) == ["0", "2", "4"]
+    assert not gg.lint(opt, model, sched)
+    assert model[6].weight.requires_grad
+
+
+def _run(steps: int, every: int, state: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    model = _model()
+    opt = torch.optim.Adam(gg.param_groups(model, lr=3e-2, weight_decay=0.01))
+    sched = lrs.StepLR(opt, step_size=7, gamma=0.7)
+    af = gg.AutoFreeze(model, optimizer=opt, scheduler=sched, every=every, threshold=0.05)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        af.load_state_dict(state["af"])  # before the optimizer: it rebuilds the groups
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = af.steps
+    for step in range(start, steps):
+        _train_step(model, opt, step)
+        af.step()
+        sched.step()
+    return model, opt, sched, af
+
+
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    every, total, stop = 5, 60, 23  # the stop falls inside a window
+    reference = _run(total, every)
+    ref_model, _, _, ref_af = reference
+    assert ref_af.boundary > 0, "the run must freeze something to test resuming it"
+    froze_at = [d.step for d in ref_af.history if d.froze]
+    assert froze_at[0] < stop < froze_at[-1], froze_at
+    model, opt, sched, af = _run(stop, every)
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "af": af.state_dict(),
+        },
+        path,
+    )
+    resumed_model, _, _, resumed_af = _run(total, every, torch.load(path, weights_only=True))
+    assert resumed_af.history == ref_af.history
+    assert resumed_af.frozen == ref_af.frozen
+    for (name, a), b in zip(ref_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert gg.fingerprint(resumed_model) == gg.fingerprint(ref_model)
+
+
+def test_resume_refuses_other_stages_and_unfreezing() -> None:
+    _, _, _, af = _run(30, 5)
+    state = af.state_dict()
+    model = _model()
+    other = gg.AutoFreeze(
+        model,
+        ["0", ["2", "4"], "6"],
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    with pytest.raises(gg.InvalidArgumentError, match=r"saved for stages \['0', '2', '4', '6'\]"):
+        other.load_state_dict(state)
+    assert all(_flags(model).values())
+    fewer = dict(state, boundary=0)
+    with pytest.raises(gg.InvalidArgumentError, match="never unfreezes"):
+        af.load_state_dict(fewer)
+    assert af.boundary > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    every=st.integers(1, 4),
+    threshold=st.sampled_from([0.0, 0.05, 0.3, 1.0, 1e9]),
+    min_trainable=st.integers(1, 4),
+    lr=st.sampled_from([0.0, 1e-3, 5e-2]),
+)
+def test_invariants_hold_for_any_setting(
+    every: int, threshold: float, min_trainable: int, lr: float
+) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    af = gg.AutoFreeze(
+        model, optimizer=opt, every=every, threshold=threshold, min_trainable=min_trainable
+    )
+    last = 0
+    for step in range(12):
+        _train_step(model, opt, step)
+        af.step()
+        assert af.boundary >= last  # never unfreezes
+        assert len(STAGES) - af.boundary >= min_trainable
+        _frozen_prefix_holds(model, af)
+        last = af.boundary
+    for d in af.history:
+        for name in d.froze:
+            change = d.change[STAGES.index(name)]
+            assert change is not None and change < threshold
+    if threshold == 0.0:
+        assert af.frozen == []
+
+
+def test_split_serves_the_frozen_prefix_from_a_feature_cache() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    af = gg.AutoFreeze(model, optimizer=opt, every=1, threshold=0.5, min_trainable=2)
+    head, rest = af.split()
+    assert len(head) == 0 and rest is model
+    for step in range(2):
+        _train_step(model, opt, step)
+        af.step()
+    assert af.frozen == ["0", "2"]
+    head, rest = af.split()
+    assert [type(m) for m in head] == [nn.Linear, nn.Tanh, nn.Linear]
+    x, y = _batch(0)
+    cache = gg.FeatureCache(head, torch.utils.data.TensorDataset(x, y), progress=False)
+    feats = torch.stack([cache[i][0] for i in range(len(x))])
+    assert torch.equal(rest(feats), model(x))
+    assert torch.equal(cache[3][1], y[3])
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Linear(4, 4)
+        self.back = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.back(self.front(x))
+        return out
+
+
+def test_split_needs_a_sequential() -> None:
+    model = _Pair()
+    af = gg.AutoFreeze(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(gg.InvalidArgumentError, match=r"needs an nn\.Sequential.*got _Pair"):
+        af.split()
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"every": 0}, r"every must be a whole number >= 1; got 0"),
+    ({"every": 2.5}, r"every must be a whole number >= 1; got 2.5"),
+    ({"every": True}, r"every must be a whole number >= 1; got True"),
+    ({"threshold": -0.1}, r"threshold must be a finite number >= 0 .*got -0.1"),
+    ({"threshold": float("nan")}, r"threshold must be a finite number >= 0 .*got nan"),
+    ({"threshold": "0.1"}, r"threshold must be a finite number >= 0 .*got '0.1'"),
+    ({"min_trainable": 0}, r"min_trainable must be a whole number >= 1; got 0"),
+    ({"min_trainable": 5}, r"min_trainable=5 asks for more trainable stages than there are \(4\)"),
+    ({"stages": ["0", "2"]}, r"do not cover the trainable parameters 4.weight, 4.bias, 6.wei"),
+    ({"stages": ["0", "**.weight"]}, r"stages overlap: '0.weight'"),
+    ({"stages": ["0", "nope"]}, r"nope"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD)
+def test_bad_arguments_are_refused_and_change_nothing(kwargs: dict[str, Any], message: str) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before, flags, groups = (
+        gg.fingerprint(model),
+        _flags(model),
+        list(opt.param_groups[0]["params"]),
+    )
+    with pytest.raises(gg.GradgateError, match=message) as info:
+        gg.AutoFreeze(model, optimizer=opt, **kwargs)
+    assert isinstance(info.value, (ValueError, LookupError))
+    assert gg.fingerprint(model) == before and _flags(model) == flags
+    assert opt.param_groups[0]["params"] == groups and len(opt.param_groups) == 1
+
+
+def test_a_frozen_stage_and_a_short_optimizer_are_refused() -> None:
+    model = _model()
+    gg.freeze(model, "0")
+    with pytest.raises(ValueError, match="stage '0' has no trainable parameter"):
+        gg.AutoFreeze(model, STAGES, optimizer=torch.optim.SGD(model[2].parameters(), lr=0.1))
+    # by default only the children that still train are stages
+    assert gg.AutoFreeze(
+        model, optimizer=torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
+    ).stages.names == ["2", "4", "6"]
+    with pytest.raises(
+        gg.InvalidArgumentError,
+        match=r"optimizer does not hold the trainable parameters 4.weight, 4.bias, 6.weight",
+    ):
+        gg.AutoFreeze(model, optimizer=torch.optim.SGD(model[2].parameters(), lr=0.1))
+
+
+def test_step_without_gradients_says_when_to_call_it() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    af = gg.AutoFreeze(model, optimizer=opt)
+    _train_step(model, opt, 0)
+    opt.zero_grad()
+    with pytest.raises(gg.InvalidArgumentError, match=r"after optimizer\.step\(\) and before"):
+        af.step()
+    assert af.steps == 0
+
+
+def test_example_moves_the_cache_boundary(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    example = Path(__file__).parent.parent / "examples" / "autofreeze_cache.py"
+    out = runpy.run_path(str(example))["main"](epochs=4, every=5, threshold=0.1)
+    printed = capsys.readouterr().out
+    assert out["frozen"] and out["cached"] > 0, printed
+    assert out["unchanged"] and "bit-identical since they froze: True" in printed
+    assert out["accuracy"] > 0.6
