@@ -41,12 +41,10 @@ def main(out: str) -> None:
         opt = torch.optim.Adam(gg.param_groups(agent, lr=1e-3))
         evaluate = functools.partial(_accuracy, agent, xb_t, yb_t)
         curve = _epochs(agent.back_end, opt, cache, 8, evaluate, "back-end", False, 0)
-        stored = cache._features
-        assert stored is not None
         rows.append(
             {
                 "storage": str(dtype or torch.float32).replace("torch.", ""),
-                "cache MB": round(stored.numel() * stored.element_size() / 2**20, 2),
+                "cache MB": round(cache.nbytes / 2**20, 2),
                 "held-out accuracy": round(curve[-1]["accuracy"], 4),
                 "final train loss": round(curve[-1]["loss"], 4),
             }

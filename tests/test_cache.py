@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _frozen_agent() -> Agent:
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
-def test_features_equal_live_output(tmp_path: Path, store: str) -> None:
+def test_features_equal_live_output(tmp_path: Path, store: Literal["memory", "disk"]) -> None:
     agent, data = _frozen_agent(), _data()
     cache = gg.FeatureCache(agent.front_end, data, store=store, path=tmp_path, batch_size=32)
     with torch.no_grad():
@@ -43,7 +44,9 @@ def test_features_equal_live_output(tmp_path: Path, store: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("store", ["memory", "disk"])
-def test_half_storage_within_tolerance(tmp_path: Path, store: str, dtype: torch.dtype) -> None:
+def test_half_storage_within_tolerance(
+    tmp_path: Path, store: Literal["memory", "disk"], dtype: torch.dtype
+) -> None:
     agent, data = _frozen_agent(), _data()
     cache = gg.FeatureCache(agent.front_end, data, store=store, path=tmp_path, dtype=dtype)
     with torch.no_grad():
@@ -128,7 +131,7 @@ def test_damaged_disk_cache_is_rebuilt(tmp_path: Path, damage: str) -> None:
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
-def test_dataloader_with_workers(tmp_path: Path, store: str) -> None:
+def test_dataloader_with_workers(tmp_path: Path, store: Literal["memory", "disk"]) -> None:
     agent, data = _frozen_agent(), _data(64)
     cache = gg.FeatureCache(agent.front_end, data, store=store, path=tmp_path, progress=False)
     seen = []
@@ -149,7 +152,7 @@ def test_refuses_trainable_or_nondeterministic_front_end() -> None:
     with pytest.raises(gg.InvalidArgumentError, match="path"):
         gg.FeatureCache(nn.Identity(), [(torch.randn(4),)], store="disk")
     with pytest.raises(gg.InvalidArgumentError, match="store must be one of"):
-        gg.FeatureCache(nn.Identity(), [(torch.randn(4),)], store="ram")
+        gg.FeatureCache(nn.Identity(), [(torch.randn(4),)], store="ram")  # type: ignore[arg-type]
 
 
 def test_input_fn_and_plain_lists() -> None:
@@ -158,27 +161,105 @@ def test_input_fn_and_plain_lists() -> None:
     assert torch.equal(cache[3][0], torch.full((2,), 3.0))
 
 
-_BUILD = """
-import sys, torch, gradgate as gg
-from torch.utils.data import TensorDataset
-from gradgate.tools.seed import Agent
-torch.manual_seed(0)
-agent = Agent()
-gg.freeze(agent, "front_end")
-g = torch.Generator().manual_seed(0)
-x = torch.randn(200, 3, 28, 28, generator=g)
-data = TensorDataset(x, torch.randint(0, 10, (200,), generator=g))
-gg.FeatureCache(agent.front_end, data, store="disk", path=sys.argv[1], progress=False)
-"""
-
-
-def test_two_processes_share_one_path(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path)]) for _ in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0
-    agent = _frozen_agent()
-    cache = gg.FeatureCache(
-        agent.front_end, _data(200), store="disk", path=tmp_path, progress=False
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_collate_fn_gives_the_same_batches_as_default_collation(
+    tmp_path: Path, store: Literal["memory", "disk"]
+) -> None:
+    agent, data = _frozen_agent(), _data(50)
+    cache = gg.FeatureCache(agent.front_end, data, store=store, path=tmp_path, progress=False)
+    plain = list(DataLoader(cache, batch_size=16, shuffle=True, generator=torch.Generator()))
+    fast = list(cache.loader(batch_size=16, shuffle=True, generator=torch.Generator()))
+    assert len(plain) == len(fast) == 4
+    for (xa, ya), (xb, yb) in zip(plain, fast, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # rows that are not one whole batch in order still collate correctly
+    rows = cache.__getitems__([5, 6, 7])
+    x, y = cache.collate_fn([rows[2], rows[0]])
+    assert (
+        torch.equal(x, cache.features()[[7, 5]]) and y.tolist() == data.tensors[1][[7, 5]].tolist()
     )
-    assert not cache.rebuilt
-    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_import_registers_nothing_in_torch() -> None:
+    code = (
+        "from torch.utils.data._utils.collate import default_collate_fn_map as m\n"
+        "before = dict(m)\n"
+        "import gradgate\n"
+        "assert dict(m) == before, set(m) - set(before)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Counted(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.reads += 1
+        return self.x[i], i
+
+
+def test_verify_sample_reads_fewer_items_and_sees_only_sampled_changes(tmp_path: Path) -> None:
+    agent, x = _frozen_agent(), _data(100).tensors[0].clone()
+    data = _Counted(x)
+    first = gg.FeatureCache(
+        agent.front_end, data, store="disk", path=tmp_path, progress=False, verify="sample"
+    )
+    assert first.rebuilt and data.reads == 16 + 100
+    data.reads = 0
+    x[1] += 1  # not one of the 16 sampled items (0, 7, 13, ...): documented as unseen
+    again = gg.FeatureCache(
+        agent.front_end, data, store="disk", path=tmp_path, progress=False, verify="sample"
+    )
+    assert not again.rebuilt and data.reads == 16
+    x[99] += 1  # the last item is always sampled
+    seen = gg.FeatureCache(
+        agent.front_end, data, store="disk", path=tmp_path, progress=False, verify="sample"
+    )
+    assert seen.rebuilt
+    with torch.no_grad():
+        assert torch.equal(seen.features(), agent.front_end(x))
+    with pytest.raises(gg.InvalidArgumentError, match="verify must be one of 'all', 'sample'"):
+        gg.FeatureCache(agent.front_end, data, verify="some")  # type: ignore[arg-type]
+
+
+def test_full_verify_reads_twice_to_build_once_to_reopen(tmp_path: Path) -> None:
+    agent, x = _frozen_agent(), _data(40).tensors[0]
+    data = _Counted(x)
+    gg.FeatureCache(agent.front_end, data, store="disk", path=tmp_path, progress=False)
+    assert data.reads == 80
+    data.reads = 0
+    gg.FeatureCache(agent.front_end, data, store="disk", path=tmp_path, progress=False)
+    assert data.reads == 40
+
+
+def test_dataset_key_replaces_reading_the_samples(tmp_path: Path) -> None:
+    agent, x = _frozen_agent(), _data(30).tensors[0]
+    data = _Counted(x)
+    gg.FeatureCache(
+        agent.front_end, data, store="disk", path=tmp_path, progress=False, dataset_key="v1"
+    )
+    assert data.reads == 30
+    again = gg.FeatureCache(
+        agent.front_end, data, store="disk", path=tmp_path, progress=False, dataset_key="v1"
+    )
+    assert not again.rebuilt and data.reads == 30
+    bumped = gg.FeatureCache(
+        agent.front_end, data, store="disk", path=tmp_path, progress=False, dataset_key="v2"
+    )
+    assert bumped.rebuilt
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_pickled_cache_reads_the_same(tmp_path: Path, store: Literal["memory", "disk"]) -> None:
+    import pickle
+
+    agent, data = _frozen_agent(), _data(20)
+    cache = gg.FeatureCache(agent.front_end, data, store=store, path=tmp_path, progress=False)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert torch.equal(copy[4][0], cache[4][0])
+    assert copy.nbytes == cache.nbytes == 20 * 1568 * 4

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import warnings
+from typing import Literal
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,12 +205,23 @@ def test_shared_parameter_across_boundary_raises() -> None:
 
 
 @pytest.mark.parametrize(("shared", "trains"), [("freeze", False), ("train", True)])
-def test_shared_choice(shared: str, trains: bool) -> None:
+def test_shared_choice(shared: Literal["freeze", "train"], trains: bool) -> None:
     model = TiedLM()
-    gg.freeze(model, "embed", shared=shared)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gg.freeze(model, "embed", shared=shared)
     assert model.embed.weight.requires_grad is trains
+    # a freeze whose every parameter was handed to the trainable side says so
+    assert [str(w.message)[:40] for w in caught] == (
+        ["freeze('embed', shared='train') froze no"] if trains else []
+    )
     model2 = TiedLM()
-    gg.train_only(model2, "decoder", shared=shared)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gg.train_only(model2, "decoder", shared=shared)
+    assert [str(w.message)[:42] for w in caught] == (
+        [] if trains else ["train_only('decoder', shared='freeze') tra"]
+    )
     assert model2.decoder.weight.requires_grad is trains
     assert not model2.body[0].weight.requires_grad
 
@@ -224,10 +238,12 @@ def test_shared_inside_selection_is_fine() -> None:
 def test_bad_mode_names_valid_values() -> None:
     agent = Agent()
     before = state_of(agent)
-    with pytest.raises(gg.InvalidArgumentError, match="mode must be one of 'eval', 'keep'"):
-        gg.freeze(agent, "front_end", mode="evel")
+    with pytest.raises(
+        gg.InvalidArgumentError, match="mode must be one of 'eval', 'norm', 'keep'; got 'evel'"
+    ):
+        gg.freeze(agent, "front_end", mode="evel")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shared must be one of"):
-        gg.freeze(agent, "front_end", shared="both")
+        gg.freeze(agent, "front_end", shared="both")  # type: ignore[arg-type]
     assert state_of(agent) == before
 
 

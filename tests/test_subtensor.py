@@ -459,3 +459,57 @@ def test_changes_are_announced_as_the_leaf_that_trains() -> None:
     rows_change = next(c for c in seen if c.unfrozen)
     assert rows_change.frozen == (model.embed.weight,) and rows_change.unfrozen == (r,)
     assert any(c.action == "undo" and c.frozen == (r,) for c in seen)
+
+
+def test_out_of_order_undo_reverts_only_each_calls_surviving_rows() -> None:
+    model = TiedLM()
+    a = gg.train_only(model, gg.rows("embed.weight", NEW))
+    b = gg.unfreeze(model, "embed")  # W whole again: b owns the tensor now
+    c = gg.freeze(model, "embed", shared="freeze")  # and c froze it since
+    w = model.embed.weight
+    a.undo()  # a's partial was replaced since: left alone
+    b.undo()  # b's whole W was frozen since by c: left alone
+    assert not partials(model) and not w.requires_grad
+    c.undo()
+    assert w.requires_grad and not partials(model)
+
+
+def test_undo_in_reverse_of_a_replaced_partial_reattaches_it() -> None:
+    model = TiedLM()
+    gg.train_only(model, gg.rows("embed.weight", NEW))
+    (r,) = gg.trainable_parameters(model)
+    with gg.unfreeze(model, "embed"):
+        assert not partials(model)
+    assert list(gg.trainable_parameters(model)) == [r]
+
+
+def test_extend_takes_over_the_rows_undo() -> None:
+    model = TiedLM()
+    before = _state(model)
+    h = gg.freeze(model, "body")
+    h.extend(gg.train_only(model, gg.rows("embed.weight", NEW)))
+    assert len(partials(model)) == 1
+    h.undo()
+    assert _state(model) == before
+
+
+def test_failure_while_installing_rows_rolls_back_the_call(monkeypatch: Any) -> None:
+    from gradgate import subtensor
+
+    model = TiedLM()
+    gg.train_only(model, gg.rows("embed.weight", NEW))
+    before = _state(model)
+
+    attach, calls = subtensor.PartialRows.attach, []
+
+    def interrupted_once(self: Any, *args: Any) -> None:
+        calls.append(self)
+        if len(calls) == 1:  # Ctrl-C after the old partial was released
+            raise KeyboardInterrupt
+        attach(self, *args)
+
+    monkeypatch.setattr(subtensor.PartialRows, "attach", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):  # the type is kept
+        gg.train_only(model, "body", gg.rows("embed.weight", [0, 1]))
+    assert len(calls) == 2  # the roll-back re-attached the released partial
+    assert _state(model) == before  # flags, modes and the partial as they were

@@ -16,6 +16,7 @@ from .cache import FeatureCache
 from .checkpoint import load_trainable, save_trainable
 from .errors import (
     AccelerationError,
+    CacheError,
     CheckpointError,
     CheckpointKeyError,
     FingerprintMismatch,
@@ -24,7 +25,9 @@ from .errors import (
     InvalidArgumentError,
     MissingDependencyError,
     NoMatchError,
+    NondeterministicDatasetError,
     SharedParameterError,
+    StaleCacheError,
     StaleWrapperError,
 )
 from .freezing import (
@@ -40,7 +43,7 @@ from .integrity import Guard, fingerprint, guard
 from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sync
 from .reports import GradReport, Summary, grad_report, summary
 from .schedules import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
-from .selection import Selection, Selector, select
+from .selection import Selection, Selector, norms, select
 from .subtensor import Rows, rows
 
 __version__ = "0.1.0"
@@ -48,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Accelerated",
     "AccelerationError",
+    "CacheError",
     "CheckpointError",
     "CheckpointKeyError",
     "DEFAULT_NO_DECAY",
@@ -64,12 +68,14 @@ __all__ = [
     "LayerDecay",
     "MissingDependencyError",
     "NoMatchError",
+    "NondeterministicDatasetError",
     "ProgressiveFreeze",
     "Rows",
     "Selection",
     "Selector",
     "SharedParameterError",
     "Stages",
+    "StaleCacheError",
     "StaleWrapperError",
     "Summary",
     "__version__",
@@ -84,6 +90,7 @@ __all__ = [
     "lint",
     "load_trainable",
     "named_trainable_parameters",
+    "norms",
     "param_groups",
     "rows",
     "save_trainable",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -117,18 +117,29 @@ class ModelIndex:
     def module_text(self) -> str:
         """Every module path but the root, each between newlines (for regex scans)."""
         if self._module_text is None:
-            self._module_text = "\n" + "\n".join(self.names[1:]) + "\n"
+            self._module_text = _joined(self.names[1:])
         return self._module_text
 
     def alias_text(self) -> str:
         """Every parameter alias, each between newlines (for regex scans)."""
         if self._alias_text is None:
-            self._alias_text = "\n" + "\n".join(n for n, _ in self.aliases) + "\n"
+            self._alias_text = _joined([n for n, _ in self.aliases])
         return self._alias_text
+
+    def names_have_newlines(self) -> bool:
+        """Whether a module or parameter name holds a newline (joined scans would be wrong)."""
+        mods, aliases = self.module_text(), self.alias_text()
+        # The joined texts hold exactly one more newline than names unless a
+        # name brings its own: a C-level count instead of a Python loop.
+        return mods.count("\n") != len(self.names) or aliases.count("\n") != len(self.aliases) + 1
 
     def all_names(self) -> list[str]:
         """Every module path (root excluded) and parameter alias."""
         return [n for n in self.modules if n] + [n for n, _ in self.aliases]
+
+
+def _joined(names: list[str]) -> str:
+    return "\n" + "\n".join(names) + "\n" if names else "\n"
 
 
 def trainable_flags(index: ModelIndex) -> list[bool]:
@@ -163,3 +174,17 @@ def gc_paused() -> Iterator[None]:
 def is_float(p: torch.Tensor) -> bool:
     """Whether a tensor's dtype can carry gradients."""
     return p.is_floating_point() or p.is_complex()
+
+
+def sizes(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """Elements of each tensor, as ``numel`` counts them (one fast pass when none is lazy)."""
+    items = list(tensors)
+    try:
+        return [t.numel() for t in items]
+    except ValueError:  # an uninitialised lazy parameter has no size yet
+        return [numel(t) for t in items]
+
+
+def numel(p: torch.Tensor) -> int:
+    """Elements of a tensor; 0 for an uninitialised lazy parameter (it has no shape yet)."""
+    return 0 if nn.parameter.is_lazy(p) else p.numel()

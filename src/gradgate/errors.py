@@ -9,15 +9,18 @@ from __future__ import annotations
 
 __all__ = [
     "AccelerationError",
+    "CacheError",
     "CheckpointError",
     "CheckpointKeyError",
-    "MissingDependencyError",
     "FingerprintMismatch",
     "FrozenTensorChanged",
     "GradgateError",
     "InvalidArgumentError",
+    "MissingDependencyError",
     "NoMatchError",
+    "NondeterministicDatasetError",
     "SharedParameterError",
+    "StaleCacheError",
     "StaleWrapperError",
 ]
 
@@ -41,7 +44,7 @@ class InvalidArgumentError(GradgateError, ValueError):
         ...     gg.freeze(torch.nn.Linear(2, 2), mode="evel")
         ... except gg.InvalidArgumentError as e:
         ...     print(e)
-        mode must be one of 'eval', 'keep'; got 'evel'
+        mode must be one of 'eval', 'norm', 'keep'; got 'evel'
     """
 
 
@@ -134,5 +137,36 @@ class AccelerationError(GradgateError, RuntimeError):
     Example:
         >>> import gradgate as gg
         >>> issubclass(gg.AccelerationError, RuntimeError)
+        True
+    """
+
+
+class CacheError(GradgateError, OSError):
+    """A disk ``FeatureCache`` folder cannot be used (not writable, no space, not a folder).
+
+    Example:
+        >>> issubclass(CacheError, OSError)
+        True
+    """
+
+
+class StaleCacheError(GradgateError, RuntimeError):
+    """A ``FeatureCache`` no longer matches its front-end where it cannot rebuild.
+
+    Raised in a DataLoader worker: a worker reads, it never builds.
+
+    Example:
+        >>> issubclass(StaleCacheError, RuntimeError)
+        True
+    """
+
+
+class NondeterministicDatasetError(GradgateError, ValueError):
+    """A dataset returned different values for the same item on two reads.
+
+    A ``FeatureCache`` stores one pass; random augmentation belongs after it.
+
+    Example:
+        >>> issubclass(NondeterministicDatasetError, ValueError)
         True
     """

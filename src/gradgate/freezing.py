@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import enum
+import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Literal
 
+import torch
 from torch import nn
 
 from . import subtensor
 from ._events import Change, announce
 from ._index import ModelIndex, gc_paused, is_float, owner_of, trainable_flags
 from ._options import choice
-from .errors import GradgateError, SharedParameterError
+from .errors import GradgateError, InvalidArgumentError, SharedParameterError
 from .selection import Selection, Selector, describe_selectors, resolve
 
 __all__ = [
@@ -25,11 +29,15 @@ __all__ = [
     "unfreeze",
 ]
 
+ModeName = Literal["eval", "norm", "keep"]
+SharedName = Literal["freeze", "train"]
+
 
 class Mode(enum.Enum):
     """What happens to the train/eval mode of frozen modules."""
 
     EVAL = "eval"
+    NORM = "norm"
     KEEP = "keep"
 
 
@@ -40,29 +48,107 @@ class Shared(enum.Enum):
     TRAIN = "train"
 
 
+def _set_flag(p: nn.Parameter, flag: bool) -> None:
+    # An uninitialised lazy parameter refuses requires_grad_() but keeps the
+    # attribute through its materialisation.
+    if nn.parameter.is_lazy(p):
+        p.requires_grad = flag
+    else:
+        p.requires_grad_(flag)
+
+
+def _children(module: nn.Module) -> list[nn.Module]:
+    return [c for c in module.__dict__["_modules"].values() if c is not None]
+
+
+def _any_trains(module: nn.Module) -> bool:
+    """Whether a parameter under ``module`` trains (iterative: no recursion limit)."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        for p in d["_parameters"].values():
+            if p is not None and p.requires_grad:
+                return True
+        stack.extend(_children(m))
+    return False
+
+
 class _StickyEval:
-    """Replaces a frozen module's ``train`` so that it stays in inference mode.
+    """The mark of a module held in inference mode by a freeze; replaces its ``train``.
 
     Stored on the module instance itself (the model is the only registry), so
-    it survives ``copy.deepcopy`` and ``torch.save``; children still receive
-    the requested mode and decide for themselves.
+    it survives ``copy.deepcopy`` and ``torch.save``. ``anchor`` is the module
+    whose parameters decide: the module itself, or for a parameter-free module
+    the nearest ancestor with parameters (it takes its parent's state). The
+    hold lasts while no parameter under the anchor trains: the flags are the
+    truth, however they were changed. ``wanted`` is the mode the trainer last
+    asked for; the module returns to it when released.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, anchor: nn.Module, wanted: bool) -> None:
         self.module = module
+        self.anchor = anchor
+        self.wanted = wanted
+
+    def __repr__(self) -> str:
+        # Stable across runs and modes: structure digests may render module attributes.
+        return "<gradgate sticky eval>"
+
+    def holds(self) -> bool:
+        """Whether every parameter under the anchor is still frozen."""
+        return not _any_trains(self.anchor)
 
     def __call__(self, mode: bool = True) -> nn.Module:
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
         module = self.module
-        module.training = False
-        for child in module.children():
-            child.train(mode)
+        if not self.holds():
+            _release(module)
+            return module.train(mode)
+        # One check covers the whole subtree: every sticky mark anchored
+        # inside it holds too, so model.train() stays linear in the model size.
+        held = {id(self.anchor), id(module)}
+        self.wanted = mode
+        module.__dict__["training"] = False
+        stack = _children(module)
+        while stack:
+            m = stack.pop()
+            mark = m.__dict__.get("train")
+            if isinstance(mark, _StickyEval) and (mark.anchor is m or id(mark.anchor) in held):
+                held.add(id(m))
+                mark.wanted = mode
+                m.__dict__["training"] = False
+                stack.extend(_children(m))
+            else:
+                m.train(mode)
         return module
+
+
+def _hold_eval(module: nn.Module, args: object) -> None:
+    """Forward pre-hook of a sticky module: re-assert inference mode, or let go.
+
+    Code that writes ``module.training = True`` directly (Lightning restores
+    modes that way after validation) bypasses ``train()``; this runs before
+    every forward and undoes such a write while the freeze holds.
+    """
+    mark = module.__dict__.get("train")
+    if not isinstance(mark, _StickyEval):
+        return
+    if mark.holds():
+        if module.training:
+            mark.wanted = True
+            module.__dict__["training"] = False
+    else:
+        _release(module)
+        module.__dict__["training"] = mark.wanted
 
 
 def is_sticky(module: nn.Module) -> bool:
     """Whether ``module`` is held in inference mode by a freeze.
+
+    A module whose parameters were made trainable by any means is not held
+    (it lets go at its next ``train()`` or forward).
 
     Example:
         >>> import torch, gradgate as gg
@@ -70,34 +156,152 @@ def is_sticky(module: nn.Module) -> bool:
         >>> _ = gg.freeze(bn)
         >>> gg.is_sticky(bn), bn.train().training
         (True, False)
+        >>> _ = bn.requires_grad_(True)
+        >>> gg.is_sticky(bn), bn.train().training
+        (False, True)
     """
-    return isinstance(module.__dict__.get("train"), _StickyEval)
+    mark = module.__dict__.get("train")
+    return isinstance(mark, _StickyEval) and mark.holds()
 
 
-def _set_sticky(module: nn.Module) -> None:
-    # Plain attribute writes: nn.Module.__setattr__ is slow on large trees.
-    module.__dict__["train"] = _StickyEval(module)
-    module.__dict__["training"] = False
+def sticky_flags(
+    index: ModelIndex, rows: Iterable[int] | None = None, trains: list[bool] | None = None
+) -> dict[int, bool]:
+    """For modules at positions ``rows`` (default all): whether a freeze holds them in eval."""
+    out: dict[int, bool] = {}
+    position: dict[int, int] | None = None
+    mods = index.mods
+    for i in range(len(mods)) if rows is None else rows:
+        m = mods[i]
+        mark = m.__dict__.get("train")
+        if not isinstance(mark, _StickyEval):
+            out[i] = False
+            continue
+        if trains is None:
+            trains = trainable_flags(index)
+        if mark.anchor is m:
+            out[i] = not trains[i]
+            continue
+        if position is None:
+            position = {id(x): j for j, x in enumerate(mods)}
+        j = position.get(id(mark.anchor))
+        out[i] = not (trains[j] if j is not None else _any_trains(mark.anchor))
+    return out
+
+
+# Torch classes whose forward never reads ``self.training``: a direct write
+# cannot change what they compute, so they need no pre-hook (exact types: a
+# subclass may read it). Skipping them keeps torch's hook-free fast path.
+_INERT = frozenset(
+    {
+        nn.Linear,
+        nn.Bilinear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.Embedding,
+        nn.EmbeddingBag,
+        nn.Sequential,
+        nn.ModuleList,
+        nn.ModuleDict,
+        nn.Identity,
+        nn.Flatten,
+        nn.Unflatten,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.GELU,
+        nn.SiLU,
+        nn.Mish,
+        nn.Tanh,
+        nn.Sigmoid,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.Softmax,
+        nn.LogSoftmax,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.RMSNorm,
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d,
+        nn.AdaptiveMaxPool3d,
+    }
+)
+
+
+def _stick(module: nn.Module, mark: _StickyEval) -> None:
+    # Plain dict writes: nn.Module.__setattr__ and register_forward_pre_hook
+    # cost more than the whole walk on models with 10^5 modules. Negative
+    # keys never meet the non-negative ids torch hands out for hooks.
+    d = module.__dict__
+    d["train"] = mark
+    d["training"] = False
+    if type(module) in _INERT:
+        return
+    hooks = d["_forward_pre_hooks"]
+    key = next(_hook_keys)
+    hooks[key] = _hold_eval
+    hooks.move_to_end(key, last=False)  # before user hooks, which may read .training
+
+
+_hook_keys = itertools.count(-1, -1)
 
 
 def _release(module: nn.Module) -> None:
     module.__dict__.pop("train", None)
+    hooks = module.__dict__["_forward_pre_hooks"]
+    for key in [k for k, h in hooks.items() if h is _hold_eval]:
+        del hooks[key]
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    buffers = module.__dict__["_buffers"]  # a mapping, also on TorchScript modules
+    return any(k in buffers and buffers[k] is not None for k in ("running_mean", "running_var"))
+
+
+ModeRecord = tuple[nn.Module, _StickyEval | None, _StickyEval | None]
 
 
 class Freezing:
     """The record of one freeze, unfreeze or train_only call.
 
     Called plainly the change persists; ``undo()`` or leaving a ``with``
-    block restores the exact prior ``requires_grad`` of every parameter and
-    ``training`` (and stickiness) of every module, also on an exception.
-    Gradients cleared by a freeze are not restored.
+    block reverts it, also on an exception. Undo is honest: it reverts only
+    what this call changed and what nothing has changed since, per
+    parameter flag and per module mode:
+
+    - a ``requires_grad`` flag this call set is restored only while it still
+      holds the value this call gave it;
+    - a module this call put in sticky eval is released (back to the mode the
+      trainer last asked for) only while this call's mark is still on it; a
+      module this call released is held again only while nothing re-marked it.
+
+    So handles can be undone in any order, and two threads may each run
+    ``with gg.freeze(model, their_part):`` on disjoint parts of one model.
+    Undoing out of order reverts each handle's own surviving changes: after
+    ``a = freeze(m)`` and ``b = unfreeze(m, "x")``, ``a.undo()`` makes all but
+    ``x`` trainable (``x`` was changed since) and a later ``b.undo()``
+    freezes ``x`` again. Gradients cleared by a freeze are not restored; a
+    second ``undo()`` does nothing.
 
     Attributes:
         action: ``"freeze"``, ``"unfreeze"`` or ``"train_only"``.
         selection: what the selectors matched.
         frozen: names of parameters this call froze.
         unfrozen: names of parameters this call made trainable.
-        undo_hooks: reverts of sub-tensor (``gg.rows``) changes, run first by ``undo``.
+        undo_hooks: reverts of sub-tensor (``gg.rows``) changes, run first by ``undo``
+            and by a failed call's roll-back.
 
     Example:
         >>> import torch, gradgate as gg
@@ -109,24 +313,19 @@ class Freezing:
         True
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        action: str,
-        selection: Selection,
-        prior: _Snapshot,
-    ) -> None:
+    def __init__(self, model: nn.Module, action: str, selection: Selection) -> None:
         self.model = model
         self.action = action
         self.selection = selection
-        self._prior = prior
         self.frozen: list[str] = []
         self.unfrozen: list[str] = []
+        self._params: list[tuple[nn.Parameter, bool]] = []
+        self._modes: list[ModeRecord] = []
         self._undone = False
         self.undo_hooks: list[Callable[[], None]] = []
 
     def undo(self) -> None:
-        """Restore every ``requires_grad``, ``training`` flag and sticky mark.
+        """Revert this call's changes that nothing has changed since.
 
         Example:
             >>> import torch, gradgate as gg
@@ -135,24 +334,48 @@ class Freezing:
             >>> h.undo(); lin.weight.requires_grad
             True
         """
+        self._revert(notify=True)
+
+    def extend(self, other: Freezing) -> None:
+        """Take over ``other``'s changes so that one ``undo()`` reverts both.
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> h = gg.freeze(net, "0"); h.extend(gg.freeze(net, "1")); h.undo()
+            >>> all(p.requires_grad for p in net.parameters())
+            True
+        """
+        self.frozen += other.frozen
+        self.unfrozen += other.unfrozen
+        self._params += other._params
+        self._modes += other._modes
+        self.undo_hooks += other.undo_hooks  # rows (issue 16)
+        other._params, other._modes, other.undo_hooks = [], [], []
+
+    def _revert(self, notify: bool) -> None:
+        if self._undone:
+            return
+        self._undone = True
         for revert in reversed(self.undo_hooks):  # rows (issue 16): partial tensors first
             revert()
-        prior = self._prior
         frozen: list[nn.Parameter] = []
         unfrozen: list[nn.Parameter] = []
         with gc_paused():
-            for p, flag in zip(prior.params, prior.requires_grad):
-                if p.requires_grad != flag:
-                    (unfrozen if flag else frozen).append(p)
-                p.requires_grad_(flag)
-            for m, training, train_attr in zip(prior.modules, prior.training, prior.train_attr):
-                if train_attr is None:
+            for p, before in self._params:
+                if p.requires_grad != before:
+                    _set_flag(p, before)
+                    (unfrozen if before else frozen).append(p)
+            for m, old, new in reversed(self._modes):
+                if m.__dict__.get("train") is not new:
+                    continue  # changed since: another call or the flags own it now
+                if new is not None:
                     _release(m)
-                else:
-                    m.__dict__["train"] = train_attr
-                m.__dict__["training"] = training
-        self._undone = True
-        if frozen or unfrozen:
+                    m.__dict__["training"] = new.wanted
+                elif old is not None:
+                    old.wanted = m.training
+                    _stick(m, old)
+        if notify and (frozen or unfrozen):
             announce(Change(self.model, "undo", tuple(frozen), tuple(unfrozen)))
 
     def __enter__(self) -> Freezing:
@@ -172,17 +395,6 @@ class Freezing:
             f"{len(self.frozen)} frozen, {len(self.unfrozen)} unfrozen"
             f"{', undone' if self._undone else ''})"
         )
-
-
-class _Snapshot:
-    """Every flag a call may change, as parallel lists (few objects on large models)."""
-
-    def __init__(self, index: ModelIndex) -> None:
-        self.params = list(index.params.values())
-        self.requires_grad = [p.requires_grad for p in self.params]
-        self.modules = index.mods
-        self.training = [m.training for m in self.modules]
-        self.train_attr = [m.__dict__.get("train") for m in self.modules]
 
 
 def _check_shared(
@@ -244,9 +456,168 @@ def _apply(
     shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
     selectors, rows_plan = subtensor.plan(model, action, selectors, exclude)  # rows (issue 16)
     with gc_paused():
-        handle = _apply_walk(model, action, selectors, exclude, mode_e, shared_e, rows_plan.want)
-    rows_plan.carry_out(handle)  # rows (issue 16): install the partial tensors
-    return handle
+        return _apply_walk(model, action, selectors, exclude, mode_e, shared_e, rows_plan)
+
+
+def _plan_flags(
+    index: ModelIndex,
+    sel: Selection,
+    action: str,
+    forced: dict[int, bool],
+    rows_want: dict[int, bool],
+) -> list[tuple[str, nn.Parameter, bool]]:
+    """The ``(name, parameter, new requires_grad)`` changes a call makes."""
+    selected_ids = {id(p) for _, p in sel.named_parameters()}
+    changes = []
+    for name, p in index.params.items():
+        key = id(p)
+        if key in forced:
+            want = forced[key]
+        elif key in rows_want:  # rows (issue 16): a partial tensor keeps requires_grad
+            want = rows_want[key]
+        elif key in selected_ids:
+            want = action != "freeze"
+        elif action == "train_only":
+            want = False
+        else:
+            continue
+        want = want and is_float(p)
+        if want != p.requires_grad:
+            changes.append((name, p, want))
+    return changes
+
+
+def _plan_modes(
+    index: ModelIndex,
+    sel: Selection,
+    action: str,
+    mode: Mode,
+    unfrozen: set[int],
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Which modules a call releases, and which it holds in eval (with their anchors).
+
+    Runs after the call has set the parameter flags; ``unfrozen`` holds the
+    ids of the parameters it made trainable.
+
+    A module is frozen when no parameter under it trains; a parameter-free
+    module takes the state of its parent (or is frozen when it is itself a
+    root of a freeze). Only modules in the call's scope go sticky: the
+    selection for ``freeze``, everything outside it for ``train_only``.
+    Only modules whose anchor gains a trainable parameter through this call
+    (or, for ``unfreeze``/``train_only``, that lie in the selection) are
+    released, so calls on disjoint parts never touch each other's modules.
+    """
+    names, mods, parent = index.names, index.mods, index.parent
+    n = len(names)
+    selected = set(sel.modules)
+    release: list[int] = []
+    if action != "freeze":  # a freeze makes nothing trainable: nothing to release
+        gained = [False] * n
+        for (_, p), o in zip(index.aliases, index.alias_owner, strict=True):
+            if id(p) in unfrozen:
+                gained[o] = True
+        for i in range(n - 1, 0, -1):
+            if gained[i]:
+                gained[parent[i]] = True
+        position: dict[int, int] | None = None
+        released: set[int] = set()
+        for i, m in enumerate(mods):
+            mark = m.__dict__.get("train")
+            if not isinstance(mark, _StickyEval):
+                continue
+            if mark.anchor is m:
+                a = i
+            else:
+                if position is None:
+                    position = {id(x): j for j, x in enumerate(mods)}
+                a = position.get(id(mark.anchor), i)
+            if (gained[a] or names[i] in selected) and id(m) not in released:
+                released.add(id(m))
+                release.append(i)
+    stick: list[tuple[int, int]] = []
+    if mode is Mode.KEEP or action == "unfreeze":
+        return release, stick
+    has_params = [False] * n
+    trains = [False] * n
+    for (_, p), o in zip(index.aliases, index.alias_owner, strict=True):
+        has_params[o] = True
+        if p.requires_grad:
+            trains[o] = True
+    for i in range(n - 1, 0, -1):
+        up = parent[i]
+        if has_params[i]:
+            has_params[up] = True
+        if trains[i]:
+            trains[up] = True
+    roots = set(sel.roots) if action == "freeze" else set()
+    frozen = [h and not t for h, t in zip(has_params, trains, strict=True)]
+    anchor = list(range(n))
+    for i in [i for i, h in enumerate(has_params) if not h]:  # pre-order: parents first
+        if names[i] in roots:
+            frozen[i] = True
+        elif i:
+            frozen[i] = frozen[parent[i]]
+            anchor[i] = anchor[parent[i]]
+    inside = action == "freeze"
+    candidates = [
+        i
+        for i, (name, f) in enumerate(zip(names, frozen, strict=True))
+        if f and (name in selected) is inside
+    ]
+    seen: set[int] = set()
+    for i in candidates:
+        m = mods[i]
+        if mode is Mode.NORM and not _has_running_stats(m):
+            continue
+        if id(m) in seen or isinstance(m.__dict__.get("train"), _StickyEval):
+            continue
+        seen.add(id(m))
+        stick.append((i, anchor[i]))
+    return release, stick
+
+
+def _refuse_script(index: ModelIndex, stick: list[tuple[int, int]], action: str) -> None:
+    for i, _ in stick:
+        m = index.mods[i]
+        if isinstance(m, torch.jit.ScriptModule):
+            raise InvalidArgumentError(
+                f"{action} cannot hold TorchScript module {index.names[i] or '(root)'!r} "
+                f"({type(m).__name__}) in inference mode: TorchScript runs no forward "
+                "hooks, so a later `module.training = True` would go unseen; pass "
+                "mode='keep' and call .eval() on it yourself, or exclude it"
+            )
+
+
+def _warn_nothing(
+    action: str,
+    shared: Shared | None,
+    sel: Selection,
+    forced: dict[int, bool],
+    selectors: Sequence[object],
+) -> None:
+    """Warn when ``shared=`` handed every selected parameter to the other side."""
+    if not forced or not len(sel):
+        return
+    ids = [id(p) for _, p in sel.named_parameters()]
+    if action == "freeze" and shared is Shared.TRAIN and all(forced.get(k) is True for k in ids):
+        message = (
+            f"freeze({describe_selectors(selectors)}, shared='train') froze nothing: "
+            "every selected parameter is tied to a part that trains; pass "
+            "shared='freeze' to freeze them"
+        )
+    elif (
+        action == "train_only"
+        and shared is Shared.FREEZE
+        and all(forced.get(k) is False for k in ids)
+    ):
+        message = (
+            f"train_only({describe_selectors(selectors)}, shared='freeze') trains "
+            "nothing: every selected parameter is tied to a part that is frozen; "
+            "pass shared='train' to train them"
+        )
+    else:
+        return
+    warnings.warn(message, UserWarning, stacklevel=5)
 
 
 def _apply_walk(
@@ -256,113 +627,111 @@ def _apply_walk(
     exclude: Selector | None,
     mode_e: Mode,
     shared_e: Shared | None,
-    rows_want: dict[int, bool],
+    rows_plan: subtensor.RowsPlan,  # rows (issue 16)
 ) -> Freezing:
+    # Selectors (predicates included: their exceptions keep their type) and
+    # tied-weight checks run before anything changes; what fails later (a
+    # TorchScript module that cannot be held, Ctrl-C) is rolled back.
     index = ModelIndex(model)
     sel = resolve(index, selectors, exclude)
     forced = _check_shared(index, sel, action, shared_e, selectors)
-    handle = Freezing(model, action, sel, _Snapshot(index))
-    selected_ids = {id(p) for _, p in sel.named_parameters()}
+    changes = _plan_flags(index, sel, action, forced, rows_plan.want)
+    _warn_nothing(action, shared_e, sel, forced, selectors)
+    handle = Freezing(model, action, sel)
+    mods, parent = index.mods, index.parent
+    announced = False
     try:
-        for name, p in index.params.items():
-            key = id(p)
-            if key in forced:
-                want = forced[key]
-            elif key in rows_want:  # rows (issue 16): a partial tensor keeps requires_grad
-                want = rows_want[key]
-            elif key in selected_ids:
-                want = action != "freeze"
-            elif action == "train_only":
-                want = False
+        record_flag = handle._params.append
+        plain = nn.Parameter
+        for name, p, want in changes:
+            record_flag((p, not want))
+            if type(p) is plain:
+                p.requires_grad_(want)
             else:
-                continue
-            want = want and is_float(p)
-            if want == p.requires_grad:
-                continue
-            p.requires_grad_(want)
+                _set_flag(p, want)
             if want:
                 handle.unfrozen.append(name)
             else:
                 p.grad = None
                 handle.frozen.append(name)
-        _update_modes(index, sel, action, mode_e)
-    except BaseException as e:
-        handle.undo()
-        if isinstance(e, GradgateError):
-            raise
-        raise GradgateError(
-            f"error while running {action}({describe_selectors(selectors)}) on "
-            f"{type(model).__name__}: {e}"
-        ) from e
-    if handle.frozen or handle.unfrozen:
-        params = index.params
-        announce(
-            Change(
-                model,
-                action,
-                tuple(params[n] for n in handle.frozen),
-                tuple(params[n] for n in handle.unfrozen),
+        unfrozen = {id(p) for _, p, want in changes if want}
+        release, stick = _plan_modes(index, sel, action, mode_e, unfrozen)
+        _refuse_script(index, stick, action)
+        for i in release:  # pre-order: a parent is settled before its children
+            m = mods[i]
+            old = m.__dict__["train"]
+            handle._modes.append((m, old, None))
+            _release(m)
+            m.__dict__["training"] = mods[parent[i]].training if i else old.wanted
+        record = handle._modes.append
+        for i, a in stick:
+            m = mods[i]
+            mark = _StickyEval(m, mods[a], m.__dict__["training"])
+            record((m, None, mark))
+            _stick(m, mark)
+        if handle.frozen or handle.unfrozen:
+            announced = True
+            params = index.params
+            announce(
+                Change(
+                    model,
+                    action,
+                    tuple(params[n] for n in handle.frozen),
+                    tuple(params[n] for n in handle.unfrozen),
+                )
             )
-        )
+        rows_plan.carry_out(handle)  # rows (issue 16): install the partial tensors
+    except BaseException as e:
+        # Roll back, then let the exception out with its own type (Ctrl-C
+        # must stay a KeyboardInterrupt); only our own errors get context.
+        handle._revert(notify=announced)
+        if isinstance(e, GradgateError):
+            e.add_note(
+                f"while running {action}({describe_selectors(selectors)}) on "
+                f"{type(model).__name__}; the model was left as it was"
+            )
+        raise
     return handle
-
-
-def _update_modes(index: ModelIndex, sel: Selection, action: str, mode: Mode) -> None:
-    trains = trainable_flags(index)
-    selected = set(sel.modules)
-    names, mods, parent = index.names, index.mods, index.parent
-    if action == "freeze":
-        candidate = [n in selected for n in names]
-    elif action == "train_only":
-        ancestor = [False] * len(names)
-        position = index.position
-        marks = [position[r] for r in sel.roots]
-        marks += [
-            index.alias_owner[i] for i, (n, _) in enumerate(index.aliases) if n in sel.aliases
-        ]
-        for i in marks:
-            while i >= 0 and not ancestor[i]:
-                ancestor[i] = True
-                i = parent[i]
-        candidate = [not (n in selected or a) for n, a in zip(names, ancestor)]
-    else:
-        candidate = [False] * len(names)
-    released: list[int] = []
-    for i, module in enumerate(mods):
-        sticky = is_sticky(module)
-        if trains[i] or (action == "unfreeze" and names[i] in selected):
-            if sticky:
-                _release(module)
-                released.append(i)
-        elif mode is Mode.EVAL and candidate[i] and not sticky:
-            _set_sticky(module)
-    for i in released:  # pre-order: a parent is settled before its children
-        if i:
-            mods[i].training = mods[parent[i]].training
 
 
 def freeze(
     model: nn.Module,
     *selectors: Selector,
     exclude: Selector | None = None,
-    mode: str = "eval",
-    shared: str | None = None,
+    mode: ModeName = "eval",
+    shared: SharedName | None = None,
 ) -> Freezing:
     """Freeze the selected parts of ``model`` (the whole model with no selector).
 
     Selected parameters get ``requires_grad=False`` and ``grad=None`` (a zero
     gradient is what lets momentum, Adam or weight decay move a frozen
-    weight). With ``mode="eval"`` every module left fully frozen stays in
-    inference mode (BatchNorm keeps its running statistics, Dropout is off)
-    even after a later ``model.train()``.
+    weight). A module is frozen when no parameter under it trains; a
+    parameter-free module (Dropout, ReLU) takes the state of its parent,
+    unless it is itself what you selected. What happens to the train/eval
+    mode of the frozen modules:
+
+    ========  ==========================  ======================  ===========
+    mode      BatchNorm/InstanceNorm      Dropout, other modules  held?
+    ========  ==========================  ======================  ===========
+    "eval"    eval: uses, keeps stats     eval (off)              sticky
+    "norm"    eval: uses, keeps stats     left to the trainer     sticky
+    "keep"    left to the trainer         left to the trainer     no
+    ========  ==========================  ======================  ===========
+
+    "Sticky" modules stay in inference mode after ``model.train()`` and even
+    after ``module.training = True`` is written directly (a forward pre-hook
+    re-asserts it); they let go, at their next ``train()`` or forward, as
+    soon as a parameter under them trains again by any means.
+    ``"norm"`` is Keras's ``trainable=False``: frozen statistics, Dropout on.
 
     Args:
         model: the model to change in place.
         *selectors: what to freeze (see ``select``).
         exclude: selectors that stay as they are.
-        mode: ``"eval"`` (sticky inference mode) or ``"keep"`` (leave modes).
+        mode: ``"eval"``, ``"norm"`` or ``"keep"`` (the table above).
         shared: for a parameter tied between a frozen and a trainable module,
-            ``"freeze"`` or ``"train"``; ``None`` raises.
+            ``"freeze"`` or ``"train"``; ``None`` raises. A ``"train"`` that
+            leaves nothing frozen warns.
 
     Returns:
         A ``Freezing`` handle; use it as a context manager for a temporary freeze.
@@ -370,7 +739,8 @@ def freeze(
     Raises:
         NoMatchError: a selector matched nothing (the model is unchanged).
         SharedParameterError: a tied parameter crosses the boundary.
-        InvalidArgumentError: ``mode`` or ``shared`` is not a valid value.
+        InvalidArgumentError: ``mode`` or ``shared`` is not a valid value, or
+            a TorchScript module would have to be held in eval.
 
     Example:
         >>> import torch, gradgate as gg
@@ -386,7 +756,7 @@ def unfreeze(
     model: nn.Module,
     *selectors: Selector,
     exclude: Selector | None = None,
-    shared: str | None = None,
+    shared: SharedName | None = None,
 ) -> Freezing:
     """Make the selected parts trainable again (the whole model with no selector).
 
@@ -411,15 +781,15 @@ def unfreeze(
         >>> [p.requires_grad for p in net.parameters()]
         [False, False, True, True]
     """
-    return _apply(model, "unfreeze", selectors, exclude, "eval", shared)
+    return _apply(model, "unfreeze", selectors, exclude, Mode.EVAL, shared)
 
 
 def train_only(
     model: nn.Module,
     *selectors: Selector,
     exclude: Selector | None = None,
-    mode: str = "eval",
-    shared: str | None = None,
+    mode: ModeName = "eval",
+    shared: SharedName | None = None,
 ) -> Freezing:
     """Make exactly the selection trainable and freeze everything else.
 
@@ -430,8 +800,11 @@ def train_only(
         model: the model to change in place.
         *selectors: what trains (see ``select``).
         exclude: selectors removed from what trains (they are frozen).
-        mode: ``"eval"`` (sticky inference mode for frozen modules) or ``"keep"``.
-        shared: as in ``freeze``.
+        mode: ``"eval"``, ``"norm"`` or ``"keep"``, as in ``freeze``. A
+            parameter-free module next to what trains (the dropout at the root
+            of a classifier whose head trains) stays as the trainer sets it.
+        shared: as in ``freeze``; a ``"freeze"`` that leaves nothing
+            trainable warns.
 
     Returns:
         A ``Freezing`` handle.
@@ -479,8 +852,8 @@ def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 def frozen_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """Yield modules that hold no trainable parameter and are frozen.
 
-    A module counts as frozen when it is sticky, or when it has parameters
-    and none of them trains (however they were frozen).
+    A module counts as frozen when a freeze holds it in inference mode, or
+    when it has parameters and none of them trains (however they were frozen).
 
     Example:
         >>> import torch
@@ -491,6 +864,7 @@ def frozen_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """
     index = ModelIndex(model)
     trains = trainable_flags(index)
+    held = sticky_flags(index, trains=trains)
     has_params = [False] * len(index.names)
     for owner in index.alias_owner:
         has_params[owner] = True
@@ -498,9 +872,9 @@ def frozen_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
         if has_params[i]:
             has_params[index.parent[i]] = True
     seen: set[int] = set()
-    for i, (name, module) in enumerate(zip(index.names, index.mods)):
+    for i, (name, module) in enumerate(zip(index.names, index.mods, strict=True)):
         if id(module) in seen:
             continue
         seen.add(id(module))
-        if not trains[i] and (is_sticky(module) or has_params[i]):
+        if not trains[i] and (held[i] or has_params[i]):
             yield name, module

@@ -10,9 +10,9 @@ from torch import nn
 
 from . import subtensor
 from ._format import render_table
-from ._index import ModelIndex, gc_paused, owner_of
+from ._index import ModelIndex, gc_paused, owner_of, sizes
 from .errors import InvalidArgumentError
-from .freezing import is_sticky
+from .freezing import sticky_flags
 
 __all__ = ["GradReport", "Summary", "grad_report", "summary"]
 
@@ -139,11 +139,12 @@ def _summary(model: nn.Module, depth: int) -> Summary:
         rows_of[i] = (*up, i) if level[i] <= depth else up
     seen: dict[int, set[int]] = {}
     shared = index.shared
+    alias_sizes = sizes(p for _, p in index.aliases)
     partial = subtensor.partials(model)  # rows (issue 16): element counts of partial tensors
-    for (_, p), owner in zip(index.aliases, index.alias_owner):
+    for (_, p), owner, n in zip(index.aliases, index.alias_owner, alias_sizes, strict=True):
         key = id(p)
-        n_train, n_froz = (p.numel(), 0) if p.requires_grad else (0, p.numel())
-        if key in partial:
+        n_train, n_froz = (n, 0) if p.requires_grad else (0, n)
+        if key in partial:  # rows (issue 16)
             n_train, n_froz = partial[key].numel()
         for row in rows_of[owner]:
             if key in shared:
@@ -153,10 +154,13 @@ def _summary(model: nn.Module, depth: int) -> Summary:
                 ids.add(key)
             train[row] += n_train
             froz[row] += n_froz
+    # Held, not merely marked: a module whose parameters were made trainable
+    # by other means is never shown as "eval (sticky)".
+    held = sticky_flags(index, shown)
     rows = []
     for i in shown:
         name, module = names[i], index.mods[i]
-        sticky = is_sticky(module)
+        sticky = held[i]
         mode = "eval (sticky)" if sticky else ("train" if module.training else "eval")
         rows.append(
             SummaryRow(
@@ -170,9 +174,8 @@ def _summary(model: nn.Module, depth: int) -> Summary:
                 mode=mode,
             )
         )
-    total_train = sum(p.numel() for p in index.params.values() if p.requires_grad)
-    total_train -= sum(part.numel()[1] for part in partial.values())
-    total = sum(p.numel() for p in index.params.values())
+    # The root's row counts every parameter once (tied ones by identity).
+    total_train, total = train[0], train[0] + froz[0]
     return Summary(
         model=type(model).__name__,
         rows=rows,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
@@ -12,7 +14,7 @@ from torch import nn
 from ._index import ModelIndex
 from ._options import choice
 from .errors import InvalidArgumentError
-from .freezing import Freezing, freeze, unfreeze
+from .freezing import Freezing, ModeName, freeze, unfreeze
 from .optim import Rules, peak_lr, rule_items, sync
 from .selection import Selector, describe_selectors, select
 
@@ -60,7 +62,11 @@ class Stages(Sequence[Selector]):
 
 
 def stages(model: nn.Module, *selectors: Selector) -> Stages:
-    """Define stages front to back; with no selector, the model's top-level children.
+    """Define stages front to back; with no selector, the model's own grouping.
+
+    With no selector, a model that has timm's ``group_matcher()`` is split
+    the way timm groups it for layer-wise decay (``stem``, each block, the
+    head); any other model into its top-level children.
 
     Raises:
         NoMatchError: a stage selector matches nothing.
@@ -73,8 +79,79 @@ def stages(model: nn.Module, *selectors: Selector) -> Stages:
         ['front_end', 'back_end.fc1', 'back_end.fc2']
     """
     if not selectors:
-        selectors = tuple(name for name, _ in model.named_children())
+        matcher = getattr(model, "group_matcher", None)
+        if callable(matcher):
+            groups = _timm_groups(model, matcher(coarse=False))
+            selectors = tuple(g[0] if len(g) == 1 else g for g in groups)
+        else:
+            selectors = tuple(name for name, _ in model.named_children())
     return Stages(model, selectors)
+
+
+_MATCH_PREV_GROUP = 99999.0  # timm's marker: this pattern belongs to the group before
+
+
+def _timm_groups(model: nn.Module, spec: Any) -> list[list[str]]:
+    """Group parameter names as timm's ``group_with_matcher`` does, front to back.
+
+    ``spec`` maps a group name to a regex (its match's numeric groups order
+    the parameters) or to a list of ``(regex, suffix)``; names no pattern
+    matches form the last group.
+    """
+    if not isinstance(spec, dict):
+        raise InvalidArgumentError(
+            f"{type(model).__name__}.group_matcher() returned {type(spec).__name__}; "
+            "gg.stages understands timm's dict form; pass the stages explicitly"
+        )
+    rules: list[tuple[re.Pattern[str], tuple[float, ...], tuple[float, ...]]] = []
+    for ordinal, value in enumerate(spec.values()):
+        if value is None:
+            continue
+        entries = value if isinstance(value, (list, tuple)) else [(value, None)]
+        for pattern, suffix in entries:
+            rules.append((re.compile(pattern), (float(ordinal),), tuple(map(float, suffix or ()))))
+    keys: dict[tuple[float, ...], list[str]] = {}
+    for name, _ in model.named_parameters():
+        key: tuple[float, ...] = (float("inf"),)
+        for rx, prefix, suffix in rules:
+            m = rx.match(name)
+            if m:
+                numbers = tuple(float(g) for g in m.groups() if g is not None)
+                key = prefix + numbers + suffix
+                break
+        keys.setdefault(key, []).append(name)
+    groups: list[list[str]] = []
+    for key in sorted(keys):
+        if groups and key[-1] == _MATCH_PREV_GROUP:
+            groups[-1] += keys[key]
+        else:
+            groups.append(list(keys[key]))
+    return [_cover(model, g) for g in groups]
+
+
+def _cover(model: nn.Module, names: list[str]) -> list[str]:
+    """The fewest module paths (or parameter names) that select exactly ``names``."""
+    chosen = set(names)
+    under: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            under.setdefault(".".join(parts[:k]), []).append(name)
+    out: list[str] = []
+    covered: set[str] = set()
+    for name in names:
+        if name in covered:
+            continue
+        parts = name.split(".")
+        best = name
+        for k in range(1, len(parts)):
+            path = ".".join(parts[:k])
+            if all(n in chosen for n in under[path]):
+                best = path
+                break
+        covered.update(under.get(best, [best]))
+        out.append(best if not re.search(r"[*?\[\]]", best) else "re:" + re.escape(best))
+    return out
 
 
 def _as_stages(model: nn.Module, value: Stages | Sequence[Selector]) -> Stages:
@@ -82,15 +159,16 @@ def _as_stages(model: nn.Module, value: Stages | Sequence[Selector]) -> Stages:
 
 
 def freeze_to(
-    model: nn.Module, stage_list: Stages | Sequence[Selector], n: int, mode: str = "eval"
+    model: nn.Module, stage_list: Stages | Sequence[Selector], n: int, mode: ModeName = "eval"
 ) -> Freezing:
     """Freeze the stages before ``n`` and make the rest trainable (fastai's ``freeze_to``).
 
     ``n`` may be negative: ``freeze_to(model, s, -1)`` trains only the last stage.
+    ``n == len(stages)`` freezes every stage, which warns (as fastai does).
     Parameters in no stage are left as they are.
 
     Returns:
-        One ``Freezing`` handle whose ``undo()`` restores the state before the call.
+        One ``Freezing`` handle whose ``undo()`` reverts both steps.
 
     Example:
         >>> import torch, gradgate as gg
@@ -103,13 +181,19 @@ def freeze_to(
     if not -len(st) <= n <= len(st):
         raise InvalidArgumentError(f"n must be in [{-len(st)}, {len(st)}]; got {n}")
     cut = n % len(st) if n < 0 else n
+    if cut == len(st):
+        warnings.warn(
+            f"freeze_to(n={n}) freezes all {len(st)} stages: nothing in them will "
+            "train; use n=-1 to train the last stage",
+            UserWarning,
+            stacklevel=2,
+        )
     first = unfreeze(model, *st[cut:]) if cut < len(st) else None
     second = freeze(model, *st[:cut], mode=mode) if cut > 0 else None
     handles = [h for h in (first, second) if h is not None]
     combined = handles[0]
     for h in handles[1:]:
-        combined.frozen += h.frozen
-        combined.unfrozen += h.unfrozen
+        combined.extend(h)
     return combined
 
 

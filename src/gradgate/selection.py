@@ -2,8 +2,16 @@
 
 One grammar serves every function that takes ``*selectors``: dotted glob
 patterns (``*``, ``**``, ``[..]``), ``re:`` regular expressions, module and
-parameter objects, module types, predicates ``(name, module) -> bool`` and
-lists of these.
+parameter objects, module types, predicates ``(name, module) -> bool``
+(``norms`` is one) and lists of these.
+
+Brackets: a bracket that is a whole dotted segment and holds whole numbers,
+ranges and commas (``[6-11]``, ``[0,2,4-6]``) matches a whole-number segment
+in that set; any other bracket is a character class of single characters
+(``conv[12]`` matches ``conv1`` and ``conv2``, ``[!0-3]`` negates). Python
+slices (``[-4:]``) are not part of the grammar: they would depend on how many
+siblings exist, so write the range (``layer.[8-11]``). A malformed bracket is
+an ``InvalidArgumentError`` naming the selector.
 """
 
 from __future__ import annotations
@@ -16,13 +24,13 @@ from typing import TYPE_CHECKING, Union
 
 from torch import nn
 
-from ._index import ModelIndex
+from ._index import ModelIndex, numel
 from .errors import InvalidArgumentError, NoMatchError
 
 if TYPE_CHECKING:
     from .subtensor import Rows  # rows (issue 16)
 
-__all__ = ["Selection", "Selector", "select"]
+__all__ = ["Selection", "Selector", "norms", "select"]
 
 Selector = Union[
     str,
@@ -35,39 +43,132 @@ Selector = Union[
 ]
 """Anything a ``*selectors`` argument accepts (see the module docstring)."""
 
+_NUMBERS = re.compile(r"\s*[0-9]+(?:\s*-\s*[0-9]+)?(?:\s*,\s*[0-9]+(?:\s*-\s*[0-9]+)?)*\s*")
+_WIDE_RANGE = re.compile(r"[0-9]{2}\s*-|-\s*[0-9]{2}")
+_SLICE = re.compile(r"\s*-?[0-9]*\s*:\s*-?[0-9]*\s*(?::\s*-?[0-9]*\s*)?")
 
-def _segment_regex(seg: str) -> str:
-    """Translate one dotted segment of a glob into a regular expression."""
+
+class _Syntax(Exception):
+    """A malformed glob; turned into an ``InvalidArgumentError`` naming the selector."""
+
+
+def _digits_regex(lo: str, hi: str) -> str:
+    """A regex for the decimal strings of one length between ``lo`` and ``hi``."""
+    if lo == hi:
+        return lo
+    if lo[0] == hi[0]:
+        return lo[0] + _digits_regex(lo[1:], hi[1:])
+    rest = len(lo) - 1
+    if lo[1:] == "0" * rest and hi[1:] == "9" * rest:
+        return f"[{lo[0]}-{hi[0]}]" + "[0-9]" * rest
+    parts = [lo[0] + _digits_regex(lo[1:], "9" * rest)]
+    if int(hi[0]) - int(lo[0]) > 1:
+        parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]" + "[0-9]" * rest)
+    parts.append(hi[0] + _digits_regex("0" * rest, hi[1:]))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def range_regex(lo: int, hi: int) -> str:
+    """A regex matching exactly the canonical decimal numbers ``lo..hi`` (inclusive).
+
+    Example:
+        >>> import re
+        >>> rx = range_regex(6, 11)
+        >>> [n for n in range(20) if re.fullmatch(rx, str(n))]
+        [6, 7, 8, 9, 10, 11]
+    """
+    parts = []
+    for width in range(len(str(lo)), len(str(hi)) + 1):
+        low = max(lo, 10 ** (width - 1) if width > 1 else 0)
+        high = min(hi, 10**width - 1)
+        parts.append(_digits_regex(str(low), str(high)))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _number_set(body: str) -> str:
+    """Translate the body of a whole-number bracket (``6-11`` or ``0,2,4-6``)."""
+    parts = []
+    for item in body.split(","):
+        lo_text, _, hi_text = item.partition("-")
+        lo = int(lo_text)
+        hi = int(hi_text) if hi_text.strip() else lo
+        if hi < lo:
+            raise _Syntax(f"the range [{item.strip()}] runs backwards")
+        parts.append(range_regex(lo, hi))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _char_class(body: str, other: str) -> str:
+    """Translate a character class body (``0-3``, ``!ab``) with every character literal."""
+    negate = body[:1] in ("!", "^")
+    if negate:
+        body = body[1:]
+    if not body:
+        raise _Syntax("an empty bracket matches nothing")
+    items = []
+    i = 0
+    while i < len(body):
+        if i + 2 < len(body) and body[i + 1] == "-":
+            if body[i] > body[i + 2]:
+                raise _Syntax(f"the character range {body[i : i + 3]!r} runs backwards")
+            items.append(re.escape(body[i]) + "-" + re.escape(body[i + 2]))
+            i += 3
+        else:
+            items.append(re.escape(body[i]))
+            i += 1
+    # A negated class must not cross a segment (nor, in a joined scan, a line).
+    return "[" + ("^" + other if negate else "") + "".join(items) + "]"
+
+
+def _segment_regex(seg: str, other: str) -> str:
+    """Translate one dotted segment of a glob; ``other`` is what ``*`` never crosses."""
+    if seg.startswith("[") and seg.endswith("]") and _NUMBERS.fullmatch(seg[1:-1]):
+        return _number_set(seg[1:-1])
     out: list[str] = []
     i = 0
     while i < len(seg):
         c = seg[i]
         if c == "*":
-            out.append(r"[^.\n]*")
+            if not out or out[-1] != f"[^{other}]*":
+                out.append(f"[^{other}]*")
         elif c == "?":
-            out.append(r"[^.\n]")
+            out.append(f"[^{other}]")
         elif c == "[":
             end = seg.find("]", i + 2 if seg[i + 1 : i + 2] in ("!", "^") else i + 1)
             if end < 0:
-                out.append(re.escape(c))
-            else:
-                body = seg[i + 1 : end]
-                if body[:1] in ("!", "^"):
-                    # A negated class must not cross a segment or a line.
-                    body = "^.\n" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
-                i = end
+                raise _Syntax("a '[' has no closing ']' in its dotted segment")
+            body = seg[i + 1 : end]
+            if _SLICE.fullmatch(body):
+                raise _Syntax(
+                    f"slices like [{body}] are not supported; write the range of "
+                    "numbers, e.g. 'layer.[8-11]'"
+                )
+            if _NUMBERS.fullmatch(body) and ("," in body or _WIDE_RANGE.search(body)):
+                raise _Syntax(
+                    f"the number set [{body}] must be a whole dotted segment "
+                    "(e.g. 'layer.[0-11]'); inside a segment a bracket is a class "
+                    "of single characters"
+                )
+            out.append(_char_class(body, other))
+            i = end
         else:
             out.append(re.escape(c))
         i += 1
     return "".join(out)
 
 
-def glob_to_regex(pattern: str) -> str:
+def glob_to_regex(pattern: str, *, scan: bool = True) -> str:
     """Translate a dotted glob into a regular expression for ``re.fullmatch``.
 
     ``*`` matches inside one dotted segment, ``**`` any number of segments
-    (zero included), ``[0-3]`` a character class.
+    (zero included), a whole-segment bracket of numbers (``[6-11]``,
+    ``[0,2,4-6]``) a whole-number segment in that set, any other bracket a
+    character class. With ``scan`` (the default) no wildcard crosses a
+    newline, so the regex can scan names joined by newlines; without it the
+    regex must be compiled with ``re.DOTALL``.
+
+    Raises:
+        InvalidArgumentError: the pattern has a malformed bracket.
 
     Example:
         >>> import re
@@ -75,25 +176,33 @@ def glob_to_regex(pattern: str) -> str:
         True
         >>> bool(re.fullmatch(glob_to_regex("blocks.*"), "blocks.0.attn"))
         False
+        >>> [n for n in range(13) if re.fullmatch(glob_to_regex("[0-11]"), str(n))][-1]
+        11
     """
+    other = r".\n" if scan else "."
     segs = pattern.split(".")
     rx = ""
     need_dot = False
     last = len(segs) - 1
-    for i, seg in enumerate(segs):
-        if seg == "**":
-            if i == last:
-                rx += r"(?:\.[^.\n]+)*" if i > 0 else r".*"
+    try:
+        for i, seg in enumerate(segs):
+            if seg == "**":
+                if i < last and segs[i + 1] == "**":
+                    continue  # '**.**' means '**'; two in a row would backtrack exponentially
+                if i == last:
+                    rx += rf"(?:\.[^{other}]+)*" if rx else r".*"
+                else:
+                    if need_dot:
+                        rx += r"\."
+                    rx += rf"(?:[^{other}]+\.)*"
+                need_dot = False
             else:
                 if need_dot:
                     rx += r"\."
-                rx += r"(?:[^.\n]+\.)*"
-            need_dot = False
-        else:
-            if need_dot:
-                rx += r"\."
-            rx += _segment_regex(seg)
-            need_dot = True
+                rx += _segment_regex(seg, other)
+                need_dot = True
+    except _Syntax as e:
+        raise InvalidArgumentError(f"selector {pattern!r} is malformed: {e}") from None
     return rx
 
 
@@ -143,25 +252,39 @@ def _suggest(index: ModelIndex, selector: object) -> str:
     return f"; top-level names: {shown or '(none)'}"
 
 
+def _compile(selector: str, pattern: str, flags: int) -> re.Pattern[str]:
+    """Compile a selector's regex; a pattern the engine refuses is the user's input error."""
+    try:
+        return re.compile(pattern, flags)
+    except (re.error, RecursionError, OverflowError, MemoryError) as e:
+        shown = selector if len(selector) <= 80 else selector[:77] + "..."
+        what = "regular expression" if selector.startswith("re:") else "pattern"
+        raise InvalidArgumentError(
+            f"selector {shown!r} is not a valid {what} ({type(e).__name__}: "
+            f"{e or 'nested too deeply'}); fix the pattern or use a predicate"
+        ) from None
+
+
 def _resolve_one(index: ModelIndex, selector: object, out: _Match) -> bool:
     """Add what ``selector`` matches to ``out``; return whether it matched anything."""
     if isinstance(selector, str):
         if not selector:
             raise InvalidArgumentError("an empty string is not a selector")
         if selector.startswith("re:"):
-            try:
-                rx = re.compile(selector[3:])
-            except re.error as e:
-                raise InvalidArgumentError(
-                    f"selector {selector!r} is not a valid regular expression: {e}"
-                ) from e
-            mods = [n for n in index.modules if n and rx.fullmatch(n)]
+            rx = _compile(selector, selector[3:], 0)
+            mods = [n for n in index.names[1:] if rx.fullmatch(n)]
+            params = [n for n, _ in index.aliases if rx.fullmatch(n)]
+        elif "\n" in selector or index.names_have_newlines():
+            # A newline would let the joined-names scan match across two names:
+            # test each name on its own instead (slower, still exact).
+            rx = _compile(selector, glob_to_regex(selector, scan=False), re.DOTALL)
+            mods = [n for n in index.names[1:] if rx.fullmatch(n)]
             params = [n for n, _ in index.aliases if rx.fullmatch(n)]
         else:
-            # Names never hold a newline and glob regexes never cross one, so
-            # one C-level scan over the joined names replaces a Python loop; the
-            # leading literal newline lets the engine skip to line starts.
-            rx = re.compile(r"\n(" + glob_to_regex(selector) + r")(?=\n)")
+            # One C-level scan over the names joined by newlines replaces a
+            # Python loop; the leading literal newline lets the engine skip to
+            # line starts, and no glob wildcard crosses a newline.
+            rx = _compile(selector, r"\n(" + glob_to_regex(selector) + r")(?=\n)", 0)
             mods = rx.findall(index.module_text())
             params = rx.findall(index.alias_text())
         out.roots.update(mods)
@@ -222,6 +345,49 @@ def _expand(index: ModelIndex, match: _Match) -> tuple[list[bool], list[tuple[st
         if inside[o] or name in direct
     ]
     return inside, hit
+
+
+_TORCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+_NORM_CLASS_NAME = re.compile(r"Norm(?:Act)?(?:[123]d)?$")
+
+
+def norms(name: str, module: nn.Module) -> bool:
+    """Selector matching every normalisation layer (use it as ``gg.norms``).
+
+    Torch's BatchNorm*/SyncBatchNorm/InstanceNorm*/LayerNorm/GroupNorm/
+    LocalResponseNorm/RMSNorm (and their subclasses) and, by the naming
+    convention of Hugging Face and timm, any class whose name ends in
+    ``Norm``, ``Norm1d/2d/3d`` or ``NormAct``/``NormAct2d`` (``LlamaRMSNorm``,
+    ``T5LayerNorm``, ``BatchNormAct2d``, ``LayerNorm2d``,
+    ``FrozenBatchNorm2d``). fastai's ``train_bn=True`` recipe is
+    ``gg.freeze(model, "backbone", exclude=gg.norms)``.
+
+    Args:
+        name: the module's path (unused; part of the predicate signature).
+        module: the module to test.
+
+    Returns:
+        Whether ``module`` is a normalisation layer.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        >>> gg.select(net, gg.norms).roots
+        ['1']
+    """
+    return isinstance(module, _TORCH_NORMS) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
 
 
 @dataclass(frozen=True)
@@ -301,7 +467,7 @@ def resolve(
         roots=sorted(r for r in match.roots if r in module_set or r == ""),
         modules=modules,
         parameters=list(params),
-        numel=sum(p.numel() for p in params.values()),
+        numel=sum(numel(p) for p in params.values()),
         aliases=frozenset(aliases),
         _params=params,
         _module_set=module_set,
@@ -314,9 +480,13 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
     Args:
         model: the model whose module and parameter names are matched.
         *selectors: any mix of dotted globs (``"front_end"``, ``"**.bias"``,
-            ``"blocks.[0-3]"``), ``"re:..."`` regular expressions (fullmatch),
-            module or parameter objects, module types and predicates
-            ``(name, module) -> bool``. With none, the whole model.
+            ``"layer.[6-11]"``, ``"blocks.[0,2,4-6]"``), ``"re:..."`` regular
+            expressions (fullmatch), module or parameter objects, module types
+            and predicates ``(name, module) -> bool`` such as ``gg.norms``.
+            With none, the whole model. A whole-segment bracket of whole
+            numbers, ranges and commas matches a whole-number segment in that
+            set; any other bracket is a class of single characters. Slices
+            (``[-4:]``) are refused: write the range. See docs/semantics.md.
         exclude: selectors whose matches are removed from the result.
 
     Returns:
@@ -325,12 +495,16 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
     Raises:
         NoMatchError: a selector matched nothing; the message names the
             closest existing names.
-        InvalidArgumentError: a selector has an unusable type or syntax.
+        InvalidArgumentError: a selector has an unusable type or syntax (a
+            malformed bracket, an invalid ``re:`` expression).
 
     Example:
         >>> import torch, gradgate as gg
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
         >>> gg.select(net, "1").parameters
         ['1.weight', '1.bias']
+        >>> layers = torch.nn.ModuleList(torch.nn.Linear(1, 1) for _ in range(12))
+        >>> gg.select(layers, "[9-11]").roots
+        ['10', '11', '9']
     """
     return resolve(ModelIndex(model), selectors, exclude)

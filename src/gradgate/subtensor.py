@@ -504,18 +504,23 @@ class RowsPlan:
     masks: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = field(default_factory=dict)
 
     def carry_out(self, handle: Any) -> None:
-        """Apply the planned partials and register their undo on ``handle``."""
+        """Apply the planned partials and register their undo on ``handle``.
+
+        Runs inside the freezing call's roll-back: the undo is registered
+        before the first change and records each change as it is made, so a
+        failure part-way (Ctrl-C) reverts exactly what was installed.
+        """
         if self.model is None or not self.masks:
             return
         model = self.model
-        try:
-            done = _install(model, self.masks)
-        except BaseException:
-            handle.undo()
-            raise
+        undo = _Undo(model)
+        handle.undo_hooks.append(undo)
+        _install(model, self.masks, undo.done)
+        done = undo.done
         if not done:
             return
-        handle.undo_hooks.append(_Undo(model, done))
+        # What a whole tensor was left as: its undo waits while nothing changed it.
+        undo.left = {id(w): w.requires_grad for w, _, new in done if new is None}
         # What trains directly: a partial tensor's leaf R, or W itself when whole.
         frozen: list[nn.Parameter] = []
         unfrozen: list[nn.Parameter] = []
@@ -528,6 +533,7 @@ class RowsPlan:
                 unfrozen.append(new.trainable)
             elif weight.requires_grad:
                 unfrozen.append(weight)
+        undo.announced = True
         announce(Change(model, self.action, tuple(frozen), tuple(unfrozen)))
 
 
@@ -539,13 +545,21 @@ def _owners(index: ModelIndex, weight: nn.Parameter) -> list[tuple[nn.Module, st
     return out
 
 
+_Done = list[tuple[nn.Parameter, PartialRows | None, PartialRows | None]]
+
+
 def _install(
-    model: nn.Module, masks: Mapping[int, tuple[nn.Parameter, torch.Tensor | None]]
-) -> list[tuple[nn.Parameter, PartialRows | None, PartialRows | None]]:
-    """Replace each tensor's partial by the planned one; return ``(W, old, new)``."""
+    model: nn.Module,
+    masks: Mapping[int, tuple[nn.Parameter, torch.Tensor | None]],
+    done: _Done,
+) -> None:
+    """Replace each tensor's partial by the planned one, appending ``(W, old, new)`` to ``done``.
+
+    Each change is in ``done`` as soon as it is made (a release first, then
+    the new partial), so an interrupted install can be reverted exactly.
+    """
     index = ModelIndex(model)
     current = partials(model)
-    done: list[tuple[nn.Parameter, PartialRows | None, PartialRows | None]] = []
     for key, (weight, idx) in masks.items():
         old = current.get(key)
         if old is not None and idx is not None and torch.equal(old.index.cpu(), idx):
@@ -553,24 +567,25 @@ def _install(
         prior = old.prior if old is not None else weight.requires_grad
         if old is not None:
             old.release()
-        new = None
+        done.append((weight, old, None))
         if idx is not None:
             new = PartialRows(weight, idx, prior)
-            new.attach(model, _owners(index, weight))
-        done.append((weight, old, new))
-    return done
+            try:
+                new.attach(model, _owners(index, weight))
+            except BaseException:
+                new.release()  # a half-attached partial leaves no hook behind
+                raise
+            done[-1] = (weight, old, new)
 
 
 class _Undo:
     """Reverts a call's partial tensors, each only if nothing changed it since."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        done: list[tuple[nn.Parameter, PartialRows | None, PartialRows | None]],
-    ) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.done = done
+        self.done: _Done = []
+        self.left: dict[int, bool] = {}  # id(W) -> requires_grad this call left a whole W with
+        self.announced = False
 
     def __call__(self) -> None:
         current = partials(self.model)
@@ -578,14 +593,18 @@ class _Undo:
         unfrozen: list[nn.Parameter] = []
         for weight, old, new in reversed(self.done):
             if current.get(id(weight)) is not new:
-                continue
+                continue  # changed since: another call owns its rows now
+            if new is None and self.left.get(id(weight), weight.requires_grad) != (
+                weight.requires_grad
+            ):
+                continue  # a whole tensor whose flag was changed since
             if new is not None:
                 new.release()
                 frozen.append(new.trainable)
             if old is not None:
                 old.reattach(self.model)
                 unfrozen.append(old.trainable)
-        if frozen or unfrozen:
+        if self.announced and (frozen or unfrozen):
             announce(Change(self.model, "undo", tuple(frozen), tuple(unfrozen)))
 
 

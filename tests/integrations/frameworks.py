@@ -223,6 +223,7 @@ def fit_hf(
     resume: str | None = None,
     save_every_epoch: bool = False,
     optimizers: Callable[[nn.Module], Any] | None = None,
+    trainer_cls: type[Any] | None = None,
 ) -> Run:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -254,7 +255,7 @@ def fit_hf(
     kwargs: dict[str, Any] = {}
     if optimizers is not None:
         kwargs["optimizers"] = optimizers(model)
-    trainer = Trainer(
+    trainer = (trainer_cls or Trainer)(
         model=model,
         args=args,
         train_dataset=TokenData(),

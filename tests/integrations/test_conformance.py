@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from gradgate.integrations.lightning import GradgateFinetuning as LightningFinetuning
 from gradgate.integrations.transformers import GradgateFinetuning as HFFinetuning
+from gradgate.integrations.transformers import GradgateTrainer
 from integrations import frameworks as fw
 
 
@@ -102,29 +103,22 @@ def test_lightning_new_group_follows_every_scheduler(scheduler: str, tmp_path: P
         assert lrs[1] == pytest.approx(0.25 * lrs[0], rel=1e-9, abs=1e-15)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(LIGHTNING, id="lightning"),
-        pytest.param(
-            HF,
-            id="hf",
-            marks=pytest.mark.xfail(
-                reason="needs a Trainer hook between create_optimizer and the optimizer state "
-                "load (the HF Trainer loads it before any callback runs)",
-                strict=True,
-            ),
-        ),
-    ],
-)
-def test_resume_after_an_unfreeze_is_bit_identical(case: Case, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", CASES)
+def test_resume_before_and_after_an_unfreeze_is_bit_identical(case: Case, tmp_path: Path) -> None:
     full = case.fit(tmp_path / "full", case.make(unfreeze=[(1, case.late)]), save_every_epoch=True)
-    after_unfreeze = full.checkpoints[1]  # end of epoch 1, the late part already trains
-    key = "ckpt_path" if case is LIGHTNING else "resume"
-    resumed = case.fit(
-        tmp_path / "resumed", case.make(unfreeze=[(1, case.late)]), **{key: str(after_unfreeze)}
-    )
-    assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model)
+    # End of epoch 0 (the unfreeze is still to come) and of epoch 1 (the late part trains).
+    for checkpoint in full.checkpoints[:2]:
+        if case is LIGHTNING:
+            extra: dict[str, Any] = {"ckpt_path": str(checkpoint)}
+        else:
+            # The plain Trainer wrote the checkpoints; GradgateTrainer is needed to resume them.
+            extra = {"resume": str(checkpoint), "trainer_cls": GradgateTrainer}
+        resumed = case.fit(
+            tmp_path / checkpoint.name, case.make(unfreeze=[(1, case.late)]), **extra
+        )
+        assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model), checkpoint.name
+        # Same groups and learning rates, step for step (the new group at lr_mult x the others).
+        assert resumed.lrs and resumed.lrs == full.lrs[-len(resumed.lrs) :], checkpoint.name
 
 
 def write_into_frozen(case: Case) -> fw.Poke:

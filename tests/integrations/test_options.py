@@ -105,3 +105,59 @@ def test_hf_saves_only_what_trains_bound_to_the_frozen_base(
     gg.train_only(other, "classifier")
     with pytest.raises(gg.FingerprintMismatch):
         gg.load_trainable(other, path)
+
+
+def test_a_restored_unfreeze_is_replayed_into_the_first_optimizer() -> None:
+    from gradgate.integrations._core import FinetuneCore
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    core = FinetuneCore("0", unfreeze=[(1, "0")], guard=None)
+    core.prepare(net)
+    core.load_state_dict({"applied": [0], "epochs": [1]})
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    core.align(net, opt, None)
+    core.align(net, opt, None)  # on_train_begin aligns again after GradgateTrainer did
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    assert core.due(5) == []
+
+
+def hf_trainer(tmp_path: Path, callback: Any, **kwargs: Any) -> Any:
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), report_to=[], use_cpu=True, disable_tqdm=True, **kwargs
+    )
+    return transformers.GradgateTrainer(
+        model=fw.hf_model(), args=args, train_dataset=fw.TokenData(), callbacks=[callback]
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (None, r"gradgate_finetuning.json is missing or unreadable"),
+        ("{not json", r"gradgate_finetuning.json is missing or unreadable"),
+        ('{"applied": [0], "epochs": [2]}', r"unfreeze epochs \[2\], this one has \[1\]"),
+        ('{"applied": [3], "epochs": [1]}', r"applied=\[3\], expected indices into the 1"),
+        ("[0]", r"holds list, not the callback state"),
+    ],
+)
+def test_hf_resume_from_a_bad_state_fails_before_anything_changes(
+    tmp_path: Path, state: str | None, message: str
+) -> None:
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    if state is not None:
+        (folder / transformers.STATE_FILE).write_text(state)
+    cb = transformers.GradgateFinetuning(
+        ["bert.encoder.layer.0", "bert.encoder.layer.1"], unfreeze=[(1, "bert.encoder.layer.1")]
+    )
+    trainer = hf_trainer(tmp_path, cb)
+    model = trainer.model
+    before = gg.fingerprint(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(gg.CheckpointError, match=message):
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert gg.fingerprint(model) == before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert trainer.optimizer is None and cb.core.applied == []

@@ -100,18 +100,24 @@ class FinetuneCore:
         self.lr_mult = float(lr_mult)
         self.summary = summary
         self.applied: list[int] = []
+        self._pending: list[int] = []
         self._guard: Guard | None = None
 
     def prepare(self, model: nn.Module) -> None:
         """Apply ``freeze``/``train_only`` before the trainer builds its optimizer."""
-        self.applied = []
+        self.applied, self._pending = [], []
         if self.freeze_selector is not None:
             freeze(model, self.freeze_selector, mode=self.mode.value)
         elif self.train_only_selector is not None:
             train_only(model, self.train_only_selector, mode=self.mode.value)
 
     def align(self, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
-        """Once the optimizer exists: drop frozen parameters, replay restored unfreezes."""
+        """Once the optimizer exists: drop frozen parameters, replay restored unfreezes.
+
+        Calling it again changes nothing: each restored unfreeze is replayed
+        once, into the optimizer that exists at the first call (on an HF
+        resume that is the one the checkpoint's state is about to load into).
+        """
         opt, sched = unwrap(optimizer, "optimizer"), unwrap(scheduler, "scheduler")
         added = sync(opt, model, sched)["added"]
         if added:
@@ -122,8 +128,12 @@ class FinetuneCore:
                 UserWarning,
                 stacklevel=3,
             )
-        for index in self.applied:
+        pending, self._pending = self._pending, []
+        for index in pending:
             self._unfreeze(model, index, opt, sched)
+
+    def report(self, model: nn.Module) -> None:
+        """Print ``gg.summary`` of the model when ``summary=True`` was asked for."""
         if self.summary:
             print(summary(model))
 
@@ -189,7 +199,17 @@ class FinetuneCore:
                 f"the checkpoint's GradgateFinetuning ran unfreeze epochs {state.get('epochs')}, "
                 f"this one has {epochs}; resume with the same unfreeze= schedule"
             )
-        self.applied = [int(i) for i in state["applied"]]
+        applied = state.get("applied")
+        if not isinstance(applied, list) or not all(
+            isinstance(i, int) and 0 <= i < len(epochs) for i in applied
+        ):
+            raise CheckpointError(
+                f"the checkpoint's GradgateFinetuning state has applied={applied!r}, expected "
+                f"indices into the {len(epochs)} unfreeze steps; the state is damaged, resume "
+                "from another checkpoint"
+            )
+        self.applied = list(applied)
+        self._pending = list(applied)
 
 
 def _parse_unfreeze(spec: UnfreezeSpec) -> list[Unfreeze]:

@@ -92,6 +92,7 @@ class GradgateFinetuning(pl.Callback):
         """Align the optimizer, replay a restored run's unfreezes, start the guard."""
         optimizer, scheduler = _single_optimizer(trainer)
         self.core.align(pl_module, optimizer, scheduler)
+        self.core.report(pl_module)
         if self.core.applied:
             _rewrap(trainer, pl_module)
         self.core.start_guard(pl_module, trainer.optimizers)

@@ -167,7 +167,11 @@ def _loop(
 ) -> None:
     g = torch.Generator().manual_seed(1)
     for _ in range(epochs):
-        for x, y in DataLoader(source, batch_size=BATCH, shuffle=True, generator=g):
+        # A FeatureCache reads whole batches with its own collate function.
+        collate = getattr(source, "collate_fn", None)
+        for x, y in DataLoader(
+            source, batch_size=BATCH, shuffle=True, generator=g, collate_fn=collate
+        ):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -532,7 +536,7 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
     n = len(labels)
 
     def loader(cache: Any) -> None:
-        for x, _ in DataLoader(cache, batch_size=BATCH, shuffle=True):
+        for x, _ in cache.loader(batch_size=BATCH, shuffle=True):
             x.sum()
 
     def plain() -> None:

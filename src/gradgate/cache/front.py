@@ -1,0 +1,625 @@
+"""FeatureCache: run a frozen front-end once per sample, read its features afterwards."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
+
+from .._options import choice
+from .._progress import progress
+from ..errors import (
+    CacheError,
+    InvalidArgumentError,
+    NondeterministicDatasetError,
+    StaleCacheError,
+)
+from ..integrity import tensor_digest
+from .key import input_fn_digest, module_digests, value_digests
+from .stores import Column, DiskStore, MemoryStore, Shape, Store, Stored, Writer, columns
+
+__all__ = ["FeatureCache", "collate_rows"]
+
+_NONDETERMINISTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+_SAMPLED = 16  # items keyed and compared under verify="sample"
+
+
+class _StoreKind(enum.Enum):
+    MEMORY = "memory"
+    DISK = "disk"
+
+
+class _Verify(enum.Enum):
+    ALL = "all"
+    SAMPLE = "sample"
+
+
+def _first(item: Any) -> Any:
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _rest(item: Any) -> tuple[Any, ...]:
+    return tuple(item[1:]) if isinstance(item, (tuple, list)) else ()
+
+
+@dataclass
+class _Batch:
+    """Items ``start .. start + len(rest) - 1``: collated inputs, pass-through values, digests."""
+
+    inputs: Any
+    rest: list[tuple[Any, ...]]
+    digests: list[tuple[bytes, ...]] | None
+
+
+class _Collate:
+    """Collates dataset items into a ``_Batch``; a class so spawn workers can unpickle it."""
+
+    def __init__(self, input_fn: Callable[[Any], Any], hashing: bool) -> None:
+        self.input_fn = input_fn
+        self.hashing = hashing
+
+    def __call__(self, items: list[Any]) -> _Batch:
+        inputs = [self.input_fn(it) for it in items]
+        rest = [_rest(it) for it in items]
+        digests = (
+            [value_digests((x, *r)) for x, r in zip(inputs, rest, strict=True)]
+            if self.hashing
+            else None
+        )
+        return _Batch(default_collate(inputs), rest, digests)
+
+
+def _item_digest(values: tuple[bytes, ...]) -> bytes:
+    return hashlib.blake2b(b"".join(values), digest_size=16).digest()
+
+
+def _plain_tensor_dataset(dataset: Any) -> bool:
+    return (
+        isinstance(dataset, TensorDataset)
+        and type(dataset).__getitem__ is TensorDataset.__getitem__
+        and len(dataset.tensors) > 0
+    )
+
+
+def _take(col: Column, idx: torch.Tensor, indices: Sequence[int]) -> Column:
+    return col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in indices]
+
+
+class _Row(Sequence[Any]):
+    """Sample ``i`` of a batch read by ``FeatureCache.__getitems__``, like ``(features, *rest)``."""
+
+    __slots__ = ("columns", "i")
+
+    def __init__(self, columns: list[Column], i: int) -> None:
+        self.columns = columns
+        self.i = i
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return tuple(col[self.i] for col in self.columns[k])
+        return self.columns[k][self.i]
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+
+class _Rows(Sequence[_Row]):
+    """The samples of one batch, made on demand; immutable, so ``collate_rows`` can
+    hand back the columns when it receives this very object."""
+
+    __slots__ = ("columns", "n")
+
+    def __init__(self, columns: list[Column], n: int) -> None:
+        self.columns = columns
+        self.n = n
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [_Row(self.columns, i) for i in range(self.n)[k]]
+        if not -self.n <= k < self.n:
+            raise IndexError(k)
+        return _Row(self.columns, k % self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def collate_rows(rows: Sequence[Any]) -> Any:
+    """Collate a batch read by ``FeatureCache.__getitems__``: the batch itself, not re-stacked.
+
+    The batch as ``__getitems__`` returned it comes back as its columns;
+    anything else (rows picked or reordered) goes through torch's
+    ``default_collate``.
+
+    Example:
+        >>> import torch
+        >>> columns = [torch.zeros(2, 3), torch.tensor([4, 5])]
+        >>> collate_rows(_Rows(columns, 2))[1]
+        tensor([4, 5])
+        >>> collate_rows([_Rows(columns, 2)[1]])[1]
+        tensor([5])
+    """
+    if type(rows) is _Rows:
+        return list(rows.columns)
+    return default_collate([tuple(r) for r in rows])
+
+
+class FeatureCache(Dataset[tuple[Any, ...]]):
+    """A ``Dataset`` of ``(features, *rest)``: the frozen front-end runs once per sample.
+
+    The first time, the front-end runs over ``dataset`` in batches under
+    ``torch.inference_mode`` (with a progress bar); afterwards every read is a
+    lookup. The cache key covers everything that determines the features:
+    the front-end's weights, buffers, structure and parameter-free settings
+    (module types, forward code, attributes such as a LeakyReLU slope or a
+    conv stride, forward hooks), the input function (code and every value it
+    reads), the storage dtype, the torch version, and every sample.
+
+    The key is checked when the cache is opened, once in every process that
+    reads it (DataLoader workers, fork or spawn), at the start of every pass
+    over it (the first ``len()``, which every sampler calls, and the first
+    read after it), by ``features()``, and before any read after a front-end
+    tensor was written in place. A mismatch rebuilds the cache with a
+    ``RuntimeWarning``; in a DataLoader worker, which cannot rebuild, it
+    raises ``StaleCacheError`` (the main process has rebuilt by the next
+    pass). A write that bypasses version counters (``p.data[...] = ...``, a
+    changed attribute) is seen at the next of these checks, not in the middle
+    of a pass; persistent workers keep the snapshot they started with.
+
+    Building reads every item twice, once to key the cache and once to run the
+    front-end, and compares the two reads: a dataset that returns different
+    values for the same index (random augmentation) raises
+    ``NondeterministicDatasetError`` instead of being cached as one draw.
+    Reopening a valid disk cache reads every item once. ``verify="sample"``
+    keys and compares only 16 evenly spaced items (for datasets too large to
+    read twice); a change to any other item is then not seen. A plain
+    ``TensorDataset`` is keyed by its tensors and sliced, never read twice.
+
+    A disk store (``numpy.memmap``) holds more than memory. It is written to
+    temporary files, checksummed and renamed into place under a lock, so two
+    processes building one cache end with one valid cache; a torn or
+    corrupted one is rebuilt, never read; temporary files left by a killed
+    build are removed by the next open in that folder.
+
+    Read it in batches with ``collate_fn=cache.collate_fn`` (or
+    ``cache.loader(...)``): each batch is then one indexing operation per
+    column, as fast as indexing tensors by hand. A plain ``DataLoader(cache)``
+    works too, collating row by row.
+
+    Args:
+        front_end: the frozen module; no trainable parameter allowed, and
+            BatchNorm/Dropout must be in inference mode (``gg.freeze`` does it).
+        dataset: items are tuples whose first element is the front-end input
+            (or see ``input_fn``); the rest is passed through.
+        store: ``"memory"`` or ``"disk"``.
+        path: the folder of a disk store (one cache per folder).
+        batch_size: batch size of the building pass.
+        dtype: storage dtype (``torch.bfloat16``/``float16`` halve memory);
+            features are read back in the front-end's own dtype.
+        num_workers: DataLoader workers for the reading passes (started once).
+        progress: show a progress bar while building.
+        input_fn: how to get the front-end input from an item; it must be
+            hashable by value (a function, lambda or ``functools.partial`` over
+            data), else it is refused with ``InvalidArgumentError``.
+        dataset_key: a string naming what the dataset and input function
+            produce; it replaces reading and hashing the samples (and the
+            determinism check), so it must change whenever they do.
+        device: where the front-end runs while building (default: where its
+            parameters are).
+        verify: ``"all"`` (default) keys every sample; ``"sample"`` 16 of them.
+
+    Raises:
+        InvalidArgumentError: a bad option, a front-end that still trains or
+            returns a wrong number of rows, an input function that cannot be keyed.
+        NondeterministicDatasetError: two reads of one item differ.
+        CacheError: the disk folder cannot be written (and holds no valid cache).
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> from torch.utils.data import TensorDataset
+        >>> front = torch.nn.Linear(4, 2); _ = gg.freeze(front)
+        >>> data = TensorDataset(torch.randn(10, 4), torch.arange(10))
+        >>> cache = gg.FeatureCache(front, data, progress=False)
+        >>> feats, label = cache[3]
+        >>> torch.equal(feats, front(data[3][0])), int(label)
+        (True, 3)
+        >>> for x, y in cache.loader(batch_size=4, shuffle=True):  # or DataLoader(cache, ...)
+        ...     pass
+        >>> x.shape, y.shape
+        (torch.Size([2, 2]), torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        front_end: nn.Module,
+        dataset: Any,
+        store: Literal["memory", "disk"] = "memory",
+        path: str | os.PathLike[str] | None = None,
+        batch_size: int = 256,
+        dtype: torch.dtype | None = None,
+        num_workers: int = 0,
+        progress: bool = True,
+        input_fn: Callable[[Any], Any] | None = None,
+        dataset_key: str | None = None,
+        device: torch.device | str | None = None,
+        verify: Literal["all", "sample"] = "all",
+    ) -> None:
+        kind = choice(_StoreKind, "store", store)
+        self._verify = choice(_Verify, "verify", verify)
+        if kind is _StoreKind.DISK and path is None:
+            raise InvalidArgumentError("store='disk' needs path= (a folder for the cache)")
+        if batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be positive; got {batch_size}")
+        if num_workers < 0:
+            raise InvalidArgumentError(f"num_workers must be 0 or more; got {num_workers}")
+        self.store = kind.value
+        self.front_end = front_end
+        self.dataset = dataset
+        self.path = path
+        self.batch_size = batch_size
+        self.storage_dtype = dtype
+        self.num_workers = num_workers
+        self.progress = progress
+        self.input_fn: Callable[[Any], Any] = input_fn or _first
+        self.dataset_key = dataset_key
+        self.device = torch.device(device) if device is not None else None
+        self.rebuilt = False
+        self._n = len(dataset)
+        self._check_front_end()
+        self._open()
+
+    # -- keys --------------------------------------------------------------
+
+    def _check_front_end(self) -> None:
+        name = type(self.front_end).__name__
+        trainable = [n for n, p in self.front_end.named_parameters() if p.requires_grad]
+        if trainable:
+            raise InvalidArgumentError(
+                f"FeatureCache needs a frozen front-end, but {name} still trains "
+                f"{', '.join(trainable[:5])}; call gg.freeze(front_end) first"
+            )
+        moving = [
+            n or name
+            for n, m in self.front_end.named_modules()
+            if isinstance(m, _NONDETERMINISTIC) and m.training
+        ]
+        if moving:
+            raise InvalidArgumentError(
+                f"FeatureCache needs a deterministic front-end, but {', '.join(moving[:5])} "
+                "is in training mode (Dropout/BatchNorm); gg.freeze(front_end) keeps it in eval"
+            )
+
+    def _front_key(self) -> tuple[list[tuple[str, str]], str]:
+        """Per-module digests of the front-end, and one digest of them with the input function."""
+        modules = module_digests(self.front_end)
+        reads = (
+            f"dataset_key:{self.dataset_key}"
+            if self.dataset_key is not None
+            else input_fn_digest(self.input_fn)
+        )
+        h = hashlib.sha256(f"{torch.__version__}|{self.storage_dtype}|{reads}".encode())
+        for name, digest in modules:
+            h.update(f"|{name}:{digest}".encode())
+        return modules, h.hexdigest()
+
+    def _sampled(self) -> list[int]:
+        n = self._n
+        if self._verify is _Verify.ALL or n <= _SAMPLED:
+            return list(range(n))
+        return sorted({round(k * (n - 1) / (_SAMPLED - 1)) for k in range(_SAMPLED)})
+
+    # -- reading the dataset -----------------------------------------------
+
+    def _batches(self, loader: Iterable[_Batch] | None, desc: str) -> Iterator[_Batch]:
+        if loader is None:  # a plain TensorDataset: slice whole batches
+            tensors = self.dataset.tensors
+            for i in range(0, self._n, self.batch_size):
+                cols = [t[i : i + self.batch_size] for t in tensors]
+                yield _Batch(
+                    cols[0], list(zip(*cols[1:], strict=True)) or [()] * len(cols[0]), None
+                )
+            return
+        # An iterator, not the loader: a progress bar that calls iter() itself
+        # (tqdm.auto does) would otherwise start a second set of workers.
+        yield from progress(
+            iter(loader),
+            enabled=self.progress,
+            total=math.ceil(self._n / self.batch_size),
+            desc=desc,
+        )
+
+    def _loader(self) -> DataLoader[Any] | None:
+        if _plain_tensor_dataset(self.dataset) and self.input_fn is _first:
+            return None
+        # Persistent workers serve both passes: they start once per build.
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_Collate(self.input_fn, hashing=self.dataset_key is None),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _dataset_digest(self, loader: DataLoader[Any] | None) -> tuple[str, dict[int, bytes]]:
+        """Digest of every sample (or the sampled ones), and the per-item digests read."""
+        h = hashlib.sha256(f"{self._verify.value}|{self._n}|".encode())
+        if self.dataset_key is not None:
+            h.update(self.dataset_key.encode())
+            return h.hexdigest(), {}
+        if loader is None:
+            for t in self.dataset.tensors:
+                tensor_digest(t, h)
+            return h.hexdigest(), {}
+        seen: dict[int, bytes] = {}
+        if self._verify is _Verify.SAMPLE:
+            for i in self._sampled():
+                item = self.dataset[i]
+                seen[i] = _item_digest(value_digests((self.input_fn(item), *_rest(item))))
+        else:
+            pos = 0
+            desc = f"keying FeatureCache on {self._n} samples"
+            for batch in self._batches(loader, desc):
+                assert batch.digests is not None
+                for d in batch.digests:
+                    seen[pos] = _item_digest(d)
+                    pos += 1
+        for i in sorted(seen):
+            h.update(seen[i])
+        return h.hexdigest(), seen
+
+    # -- opening and building ----------------------------------------------
+
+    def _store(self) -> Store:
+        if self.store == _StoreKind.DISK.value:
+            assert self.path is not None
+            return DiskStore(self.path)
+        return MemoryStore()
+
+    def _open(self) -> None:
+        modules, front = self._front_key()
+        loader = self._loader()
+        data, expected = self._dataset_digest(loader)
+        key = hashlib.sha256(f"{front}|{data}".encode()).hexdigest()
+        store = self._store()
+        with store.lock() as writable:
+            stored = store.open(key)
+            if stored is None:
+                if not writable:
+                    raise CacheError(
+                        f"cannot build a disk FeatureCache in {self.path}: the folder is not "
+                        "writable and holds no valid cache for this front-end and dataset; "
+                        "pass a writable path="
+                    )
+                stored = self._build(store, key, loader, expected)
+                self.rebuilt = True
+        after, _ = self._front_key()
+        if after != modules:
+            changed = next(a for a, b in zip(after, modules, strict=True) if a != b)[0]
+            raise InvalidArgumentError(
+                f"the front-end changed itself while computing features (in "
+                f"{changed or 'its root module'}); FeatureCache needs a forward pass that "
+                "leaves parameters, buffers and attributes as they were"
+            )
+        self._stored = stored
+        self._key = key
+        self._front = front
+        self._pid: int | None = os.getpid()
+        self._pending = False
+        self._watch()
+
+    def _build(
+        self, store: Store, key: str, loader: DataLoader[Any] | None, expected: dict[int, bytes]
+    ) -> Stored:
+        """The one build loop: run the front-end over every batch, write its rows in order."""
+        device = self.device
+        if device is None:
+            first = next(iter(self.front_end.parameters()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        name = type(self.front_end).__name__
+        writer: Writer | None = None
+        shape = Shape(0, (), torch.float32, torch.float32)
+        rest: list[list[Any]] = []
+        pos = 0
+        for batch in self._batches(loader, f"caching {name} features"):
+            count = len(batch.rest)
+            if batch.digests is not None:
+                self._compare(pos, batch.digests, expected)
+            x = batch.inputs.to(device) if isinstance(batch.inputs, torch.Tensor) else batch.inputs
+            with torch.inference_mode():
+                out = self.front_end(x)
+            if not isinstance(out, torch.Tensor):
+                raise InvalidArgumentError(
+                    f"FeatureCache needs the front-end to return a tensor; {name} returned "
+                    f"{type(out).__name__}"
+                )
+            if out.dim() == 0 or len(out) != count:
+                raise InvalidArgumentError(
+                    f"FeatureCache needs one feature row per input: {name} returned "
+                    f"{len(out) if out.dim() else 'a scalar'} rows for the {count} inputs of "
+                    f"items {pos}..{pos + count - 1}; make the front-end keep the batch dimension"
+                )
+            if writer is None:
+                shape = Shape(
+                    self._n, tuple(out.shape[1:]), out.dtype, self.storage_dtype or out.dtype
+                )
+                writer = store.writer(key, shape)
+            elif tuple(out.shape[1:]) != shape.row or out.dtype != shape.dtype:
+                raise InvalidArgumentError(
+                    f"FeatureCache needs rows of one shape and dtype: {name} returned "
+                    f"{tuple(out.shape[1:])} {out.dtype} for items {pos}.., after "
+                    f"{shape.row} {shape.dtype}"
+                )
+            if pos + count > self._n:
+                raise InvalidArgumentError(
+                    f"the dataset yielded more than len(dataset) = {self._n} items"
+                )
+            writer.write(pos, out.to("cpu", shape.storage).contiguous())
+            for row in batch.rest:
+                if not rest:
+                    rest.extend([] for _ in row)
+                for col, value in zip(rest, row, strict=True):
+                    col.append(value)
+            pos += count
+        if writer is None:
+            raise InvalidArgumentError("FeatureCache needs a non-empty dataset")
+        if pos != self._n:
+            raise InvalidArgumentError(
+                f"the dataset yielded {pos} items but len(dataset) is {self._n}"
+            )
+        return writer.commit(columns(rest))
+
+    def _compare(
+        self, start: int, digests: list[tuple[bytes, ...]], expected: dict[int, bytes]
+    ) -> None:
+        for i, values in enumerate(digests, start):
+            want = expected.get(i)
+            if want is None or want == _item_digest(values):
+                continue
+            item = self.dataset[i]
+            third = value_digests((self.input_fn(item), *_rest(item)))
+            differs = [k for k, (a, b) in enumerate(zip(values, third, strict=False)) if a != b]
+            what = (
+                "the front-end input"
+                if differs[:1] == [0]
+                else f"element {differs[0]} of the item"
+                if differs
+                else "its value"
+            )
+            raise NondeterministicDatasetError(
+                f"dataset item {i} changed between two reads ({what} differs), so its features "
+                "are not one value to cache; FeatureCache stores one deterministic pass: apply "
+                "random augmentation after the cache (to the features) or seed it by index"
+            )
+
+    # -- freshness ---------------------------------------------------------
+
+    def _watch(self) -> None:
+        self._versions = [
+            (t, t._version) for t in [*self.front_end.parameters(), *self.front_end.buffers()]
+        ]
+
+    def _check(self, full: bool) -> None:
+        """Make sure what is served matches the front-end; rebuild or raise if not."""
+        if self._pid != os.getpid():
+            self._check_new_process()
+        elif full or self._pending or any(t._version != v for t, v in self._versions):
+            self._pending = False
+            if self._front_key()[1] != self._front:
+                warnings.warn(
+                    "the front-end changed since its features were cached; rebuilding the cache",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self._open()
+            else:
+                self._watch()
+
+    def _check_new_process(self) -> None:
+        if self._front_key()[1] == self._front and self._stored.readable(self._key):
+            self._pid = os.getpid()
+            self._watch()
+            return
+        if get_worker_info() is not None:
+            raise StaleCacheError(
+                "this FeatureCache no longer matches its front-end or its files (they changed "
+                "after the cache was opened), and a DataLoader worker cannot rebuild it; call "
+                "len(cache) in the main process before starting the workers (a new DataLoader "
+                "with shuffle=True does), which rebuilds it there"
+            )
+        warnings.warn(
+            "the front-end or the cache files changed since the features were cached; "
+            "rebuilding the cache",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self._open()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pid"] = None  # the first read in the new process checks the key
+        state["_versions"] = []
+        return state
+
+    # -- reading -----------------------------------------------------------
+
+    def _rows(self, index: Any) -> torch.Tensor:
+        rows = self._stored.rows(index)
+        dtype = self._stored.shape.dtype
+        return rows if rows.dtype == dtype else rows.to(dtype)
+
+    def __len__(self) -> int:
+        # A sampler calls len() several times as a pass starts: check at the
+        # first call, and again at the first read after the last one.
+        if not self._pending:
+            self._check(full=True)
+            self._pending = True
+        return self._n
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        self._check(full=False)
+        return (self._rows(index), *(col[index] for col in self._stored.rest))
+
+    def __getitems__(self, indices: Sequence[int]) -> Sequence[Any]:
+        """Read a whole batch with one indexing operation per column.
+
+        The rows returned are light views of that batch, made on demand;
+        ``collate_fn`` hands the batch back whole instead of re-stacking them.
+        """
+        self._check(full=False)
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        columns = [self._rows(idx), *(_take(col, idx, indices) for col in self._stored.rest)]
+        return _Rows(columns, len(indices))
+
+    collate_fn = staticmethod(collate_rows)
+
+    def loader(self, **kwargs: Any) -> DataLoader[Any]:
+        """A ``DataLoader`` over this cache with its fast ``collate_fn``.
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> cache = gg.FeatureCache(torch.nn.Identity(), [(torch.ones(2), 1)], progress=False)
+            >>> next(iter(cache.loader(batch_size=1)))
+            [tensor([[1., 1.]]), tensor([1])]
+        """
+        return DataLoader(self, collate_fn=collate_rows, **kwargs)
+
+    def features(self) -> torch.Tensor:
+        """All cached features as one tensor (a copy for the disk store).
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> front = torch.nn.Identity()
+            >>> gg.FeatureCache(front, [(torch.ones(2),)], progress=False).features()
+            tensor([[1., 1.]])
+        """
+        self._check(full=True)
+        return self._rows(slice(None))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored features take (in memory, or on disk for a disk store).
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> cache = gg.FeatureCache(torch.nn.Identity(), [(torch.ones(4),)], progress=False)
+            >>> cache.nbytes
+            16
+        """
+        shape = self._stored.shape
+        return shape.n * math.prod(shape.row) * shape.storage.itemsize
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureCache({type(self.front_end).__name__}, {self._n} samples, "
+            f"features {list(self._stored.shape.row)}, store={self.store!r})"
+        )

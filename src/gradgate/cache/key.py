@@ -1,0 +1,356 @@
+"""What determines cached features, hashed (private to the cache).
+
+Three digests make a cache key: the front-end (values, structure and
+parameter-free settings), the input function (code and every value it
+reaches), and the samples. Each is exact for what it covers; what cannot be
+hashed is refused (input function) or named by its type (module attributes
+that pickle cannot describe).
+"""
+
+from __future__ import annotations
+
+import copyreg
+import enum
+import functools
+import hashlib
+import re
+import types
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from ..errors import InvalidArgumentError
+from ..freezing import is_sticky
+from ..integrity import tensor_digest
+
+__all__ = ["ValueHasher", "input_fn_digest", "module_digests", "value_digests"]
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+_NAMED = (types.ModuleType, type, torch.dtype, torch.device)
+# Hook tables that change what forward returns; the others (backward, state
+# dict) do not touch the features.
+_FORWARD_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+_SKIPPED = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_is_full_backward_hook",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    }
+)
+
+
+_CODE_DIGESTS: weakref.WeakKeyDictionary[types.CodeType, tuple[str, frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class Unkeyable(Exception):
+    """Raised inside the hasher when a strict value cannot be described."""
+
+
+class ValueHasher:
+    """Feed values into a hash: exact for data, by code for functions.
+
+    ``strict`` refuses a value it cannot describe (the input function must be
+    keyed exactly); otherwise such a value is named by its type.
+
+    Example:
+        >>> a, b = ValueHasher(strict=True), ValueHasher(strict=True)
+        >>> a.add((1, "x", [2.5])); b.add((1, "x", [2.5]))
+        >>> a.hexdigest() == b.hexdigest()
+        True
+    """
+
+    def __init__(self, strict: bool, hasher: Any = None) -> None:
+        self.strict = strict
+        self.h = hasher if hasher is not None else hashlib.sha256()
+        self._seen: dict[int, int] = {}
+        self._alive: list[Any] = []  # keeps ids unique while hashing
+
+    def hexdigest(self) -> str:
+        return str(self.h.hexdigest())
+
+    def _tag(self, tag: str) -> None:
+        self.h.update(tag.encode() + b"\0")
+
+    def add(self, obj: Any) -> None:
+        """Hash ``obj`` (recursively; a repeated object is hashed by reference)."""
+        if isinstance(obj, _SCALARS):
+            self._tag(f"{type(obj).__name__}:{obj!r}")
+            return
+        if isinstance(obj, torch.Tensor):
+            self._tag("tensor")
+            tensor_digest(obj, self.h)
+            return
+        if isinstance(obj, (*_NAMED, enum.Enum)):
+            self._tag(f"named:{_qualified(obj)}")
+            return
+        seen = self._seen.get(id(obj))
+        if seen is not None:
+            self._tag(f"ref:{seen}")
+            return
+        self._seen[id(obj)] = len(self._seen)
+        self._alive.append(obj)
+        self._add_container(obj)
+
+    def _add_container(self, obj: Any) -> None:
+        if isinstance(obj, (tuple, list)):
+            self._tag(f"{type(obj).__name__}:{len(obj)}")
+            for v in obj:
+                self.add(v)
+        elif isinstance(obj, dict):
+            self._tag(f"dict:{len(obj)}")
+            for k, v in obj.items():
+                self.add(k)
+                self.add(v)
+        elif isinstance(obj, (set, frozenset)):
+            parts = sorted(_sub_digest(v, self.strict) for v in obj)
+            self._tag(f"set:{','.join(parts)}")
+        elif isinstance(obj, np.ndarray):
+            self._add_array(obj)
+        elif isinstance(obj, np.generic):
+            self._tag(f"np:{obj.dtype}:{obj.item()!r}")
+        elif isinstance(obj, nn.Module):
+            for name, digest in module_digests(obj):
+                self._tag(f"module:{name}:{digest}")
+        elif isinstance(obj, types.FunctionType):
+            self._add_function(obj)
+        elif isinstance(obj, types.MethodType):
+            self._tag("method")
+            self.add(obj.__func__)
+            self.add(obj.__self__)
+        elif isinstance(obj, types.BuiltinFunctionType):
+            self._tag(f"builtin:{_qualified(obj)}")
+            owner = obj.__self__
+            if owner is not None and not isinstance(owner, types.ModuleType):
+                self.add(owner)  # a bound builtin such as some_dict.get
+        elif isinstance(obj, functools.partial):
+            self._tag("partial")
+            self.add(obj.func)
+            self.add(obj.args)
+            self.add(obj.keywords)
+        elif isinstance(obj, re.Pattern):
+            self._tag(f"re:{obj.pattern!r}:{obj.flags}")
+        else:
+            self._add_object(obj)
+
+    def _add_array(self, arr: np.ndarray[Any, Any]) -> None:
+        self._tag(f"ndarray:{arr.dtype}:{arr.shape}")
+        if arr.dtype.hasobject:
+            self.add(arr.tolist())
+        else:
+            self.h.update(np.ascontiguousarray(arr).tobytes())
+
+    def _add_function(self, fn: types.FunctionType) -> None:
+        self._tag(f"function:{fn.__module__}.{fn.__qualname__}")
+        self.add(fn.__defaults__)
+        self.add(fn.__kwdefaults__)
+        for cell in fn.__closure__ or ():
+            try:
+                self.add(cell.cell_contents)
+            except ValueError:  # an empty cell (a name not yet bound)
+                self._tag("empty-cell")
+        self._add_code(fn.__code__)
+        for name in sorted(_CODE_DIGESTS[fn.__code__][1]):
+            if name not in fn.__globals__:
+                continue
+            value = fn.__globals__[name]
+            self._tag(f"global:{name}")
+            # A library function is named; a helper from the same file is
+            # followed, so editing it changes the key.
+            library = isinstance(value, types.FunctionType) and value.__module__ != fn.__module__
+            if library or isinstance(value, type):
+                self._tag(f"named:{_qualified(value)}")
+            else:
+                self.add(value)
+
+    def _add_code(self, code: types.CodeType) -> None:
+        digest = _CODE_DIGESTS.get(code)
+        if digest is None:
+            # Code objects are immutable: hash each once per process.
+            sub = ValueHasher(strict=self.strict)
+            sub.h.update(code.co_code)
+            sub._tag(f"names:{code.co_names}:{code.co_varnames}:{code.co_freevars}")
+            for const in code.co_consts:
+                if isinstance(const, types.CodeType):
+                    sub._add_code(const)
+                else:
+                    sub.add(const)
+            digest = (sub.hexdigest(), frozenset(_global_names(code)))
+            _CODE_DIGESTS[code] = digest
+        self._tag(f"code:{digest[0]}")
+
+    def _add_object(self, obj: Any) -> None:
+        self._tag(f"object:{_qualified(type(obj))}")
+        call = next(
+            (k.__dict__["__call__"] for k in type(obj).__mro__ if "__call__" in k.__dict__), None
+        )
+        if isinstance(call, types.FunctionType):
+            self._add_function(call)
+        try:
+            reduced = obj.__reduce_ex__(4)
+        except Exception as e:  # pickle's own refusal, whatever its type
+            if self.strict:
+                raise Unkeyable(f"{_qualified(type(obj))} ({type(e).__name__}: {e})") from e
+            return
+        if isinstance(reduced, str):  # a global singleton, pickled by name
+            self._tag(f"global-object:{reduced}")
+            return
+        func, args, *more = reduced
+        if func is not getattr(copyreg, "__newobj__", None):
+            self.add(func)
+        self.add(args)
+        for part in more:
+            self.add(list(part) if isinstance(part, Iterator) else part)
+
+
+def _qualified(obj: Any) -> str:
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    if isinstance(obj, (torch.dtype, torch.device, enum.Enum)):
+        return f"{type(obj).__qualname__}:{obj!r}"
+    module = getattr(obj, "__module__", None) or ""
+    return f"{module}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _plain(value: Any) -> bool:
+    """A scalar, or a tuple/list/set of scalars: ``repr`` is exact and deterministic."""
+    if isinstance(value, _SCALARS):
+        return True
+    if type(value) in (tuple, list):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return type(value) is set and not value  # an empty set (non-persistent buffers)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _sub_digest(obj: Any, strict: bool) -> str:
+    sub = ValueHasher(strict)
+    sub.add(obj)
+    return sub.hexdigest()
+
+
+def module_digests(module: nn.Module) -> list[tuple[str, str]]:
+    """One digest per submodule: its type, forward code, settings and tensors.
+
+    Settings are every attribute that is not a parameter, buffer or child
+    (a LeakyReLU slope, a conv stride, an activation function), plus the
+    forward hooks. Sticky eval (gradgate's own marker) is left out.
+
+    Example:
+        >>> a = module_digests(torch.nn.LeakyReLU(0.1))
+        >>> b, c = module_digests(torch.nn.LeakyReLU(0.2)), module_digests(torch.nn.LeakyReLU(0.1))
+        >>> a == b, a == c
+        (False, True)
+    """
+    out = []
+    for name, m in module.named_modules(remove_duplicate=False):
+        h = ValueHasher(strict=False)
+        h._tag(f"type:{_qualified(type(m))}")
+        forward = getattr(type(m), "forward", None)
+        if isinstance(forward, types.FunctionType):
+            h._add_function(forward)
+        script = getattr(m, "code", None)
+        if isinstance(script, str):  # TorchScript keeps its program here
+            h._tag(f"script:{script}")
+        for pname, p in m._parameters.items():
+            h._tag(f"param:{pname}")
+            if is_lazy(p):
+                raise InvalidArgumentError(
+                    f"FeatureCache cannot key the front-end: {name or 'the root'}.{pname} is an "
+                    "uninitialised lazy parameter; run one forward pass before caching"
+                )
+            if p is not None:
+                tensor_digest(p, h.h)
+        for bname, b in m._buffers.items():
+            h._tag(f"buffer:{bname}")
+            if b is not None:
+                tensor_digest(b, h.h)
+        h._tag(f"children:{list(m._modules)}")
+        sticky = is_sticky(m)
+        plain = []  # settings that repr() describes exactly, hashed in one go
+        for attr in sorted(m.__dict__):
+            if attr in _SKIPPED or (attr == "train" and sticky):
+                continue
+            value = m.__dict__[attr]
+            if attr in _FORWARD_HOOKS:
+                value = list(value.values()) if isinstance(value, dict) else value
+            if _plain(value):
+                plain.append((attr, value))
+            else:
+                h._tag(f"attr:{attr}")
+                h.add(value)
+        h._tag(f"plain:{plain!r}")
+        out.append((name, h.hexdigest()))
+    return out
+
+
+def input_fn_digest(fn: Callable[[Any], Any]) -> str:
+    """Digest of an input function: its code, defaults, closure and the values it reads.
+
+    Raises:
+        InvalidArgumentError: ``fn`` reaches a value that cannot be described
+            (an object pickle refuses).
+
+    Example:
+        >>> input_fn_digest(lambda d: d["img"]) == input_fn_digest(lambda d: d["img"])
+        True
+        >>> input_fn_digest(lambda d: d["img"]) == input_fn_digest(lambda d: d["label"])
+        False
+    """
+    h = ValueHasher(strict=True)
+    try:
+        h.add(fn)
+    except Unkeyable as e:
+        raise InvalidArgumentError(
+            f"FeatureCache cannot key input_fn={fn!r}: it reaches a {e}, which cannot be hashed; "
+            "use a plain function or functools.partial over data values (numbers, strings, "
+            "tensors, arrays), or pass dataset_key= naming what the input function does"
+        ) from None
+    return h.hexdigest()
+
+
+def value_digests(values: Sequence[Any]) -> tuple[bytes, ...]:
+    """One 16-byte digest per value of a dataset item (front-end input, then the rest).
+
+    Example:
+        >>> d = value_digests((torch.ones(2), 3))
+        >>> len(d), d == value_digests((torch.ones(2), 3)), d == value_digests((torch.ones(2), 4))
+        (2, True, False)
+    """
+    out = []
+    for value in values:
+        h = ValueHasher(strict=True, hasher=hashlib.blake2b(digest_size=16))
+        try:
+            h.add(value)
+        except Unkeyable as e:
+            raise InvalidArgumentError(
+                f"FeatureCache cannot hash a dataset item: it holds a {e}; items must be "
+                "tensors, arrays, numbers, strings or containers of them"
+            ) from None
+        out.append(h.h.digest())
+    return tuple(out)

@@ -1,0 +1,366 @@
+"""Where cached features live: memory or a folder on disk (private to the cache).
+
+A store opens what it holds for a key (``open``) or writes a new set
+(``writer`` -> ``write`` rows -> ``commit``). What comes back is ``Stored``:
+the feature rows and the pass-through columns, read by index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import CacheError, InvalidArgumentError
+
+__all__ = ["Column", "DiskStore", "MemoryStore", "Shape", "Store", "Stored", "Writer"]
+
+FORMAT = "gradgate-feature-cache/2"
+_TMP = ".tmp"  # every temporary file of a disk store ends with this
+
+Column = torch.Tensor | list[Any]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one build produces: ``n`` rows of ``row`` in ``storage``, read back as ``dtype``."""
+
+    n: int
+    row: tuple[int, ...]
+    dtype: torch.dtype
+    storage: torch.dtype
+
+
+class Stored(Protocol):
+    """Cached features and pass-through columns, read by index."""
+
+    shape: Shape
+    rest: list[Column]
+
+    def rows(self, index: Any) -> torch.Tensor:
+        """Feature rows at ``index`` (an int, a slice or a LongTensor), in storage dtype."""
+
+    def readable(self, key: str) -> bool:
+        """Whether this process can still read what was opened as ``key``."""
+
+
+class Writer(Protocol):
+    """Receives the rows of one build in order; ``commit`` makes them readable."""
+
+    def write(self, start: int, rows: torch.Tensor) -> None: ...
+
+    def commit(self, rest: list[Column]) -> Stored: ...
+
+
+class Store(Protocol):
+    """A place for features: ``open`` what is there for a key, or write anew."""
+
+    def lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold the store for one open-or-build; yields whether a build may happen."""
+
+    def open(self, key: str) -> Stored | None: ...
+
+    def writer(self, key: str, shape: Shape) -> Writer: ...
+
+
+def columns(values: list[list[Any]]) -> list[Column]:
+    """Each pass-through column as one tensor where its values stack, else a list.
+
+    Example:
+        >>> columns([[torch.tensor(1), torch.tensor(2)], ["a", "b"]])
+        [tensor([1, 2]), ['a', 'b']]
+    """
+    out: list[Column] = []
+    for col in values:
+        try:
+            if isinstance(col[0], torch.Tensor):
+                out.append(torch.stack(col))
+            elif isinstance(col[0], (bool, int, float)):
+                out.append(torch.as_tensor(col))
+            else:
+                out.append(col)
+        except (TypeError, ValueError, RuntimeError):
+            out.append(col)
+    return out
+
+
+# -- memory ----------------------------------------------------------------
+
+
+@dataclass
+class _MemoryStored:
+    shape: Shape
+    rest: list[Column]
+    features: torch.Tensor
+
+    def rows(self, index: Any) -> torch.Tensor:
+        return self.features[index]
+
+    def readable(self, key: str) -> bool:
+        return True
+
+
+class _MemoryWriter:
+    def __init__(self, shape: Shape) -> None:
+        self.shape = shape
+        self.features = torch.empty((shape.n, *shape.row), dtype=shape.storage)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        self.features[start : start + len(rows)] = rows
+
+    def commit(self, rest: list[Column]) -> Stored:
+        return _MemoryStored(self.shape, rest, self.features)
+
+
+class MemoryStore:
+    """Features in this process's memory; nothing outlives the cache object.
+
+    Example:
+        >>> w = MemoryStore().writer("k", Shape(2, (3,), torch.float32, torch.float32))
+        >>> w.write(0, torch.ones(2, 3)); w.commit([]).rows(1)
+        tensor([1., 1., 1.])
+    """
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[bool]:
+        yield True
+
+    def open(self, key: str) -> Stored | None:
+        return None
+
+    def writer(self, key: str, shape: Shape) -> Writer:
+        return _MemoryWriter(shape)
+
+
+# -- disk ------------------------------------------------------------------
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    if dtype == torch.bfloat16:
+        return np.dtype(np.uint16)  # numpy has no bfloat16: store the bits
+    return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(name)
+    return dtype
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class _DiskStored:
+    shape: Shape
+    rest: list[Column]
+    path: Path
+    identity: tuple[int, int, int]
+    mm: np.ndarray[Any, Any] | None = None
+
+    def rows(self, index: Any) -> torch.Tensor:
+        if self.mm is None:
+            self.mm = np.load(self.path, mmap_mode="r")
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        arr = self.mm[index]  # fancy indexing copies; a slice is a read-only view
+        if not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.array(arr)
+        rows = torch.from_numpy(arr)
+        return rows.view(torch.bfloat16) if self.shape.storage == torch.bfloat16 else rows
+
+    def readable(self, key: str) -> bool:
+        # A mapping inherited by fork still shows the verified file; a process
+        # that maps it anew must find the very file that was verified.
+        return self.mm is not None or DiskStore(self.path.parent).holds(key, self.identity)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "mm": None}  # each process maps the file itself
+
+
+class _DiskWriter:
+    def __init__(self, store: DiskStore, key: str, shape: Shape) -> None:
+        from numpy.lib.format import open_memmap
+
+        self.store, self.key, self.shape = store, key, shape
+        self.tmp = store.features.with_name(f"features.{os.getpid()}.npy{_TMP}")
+        with store.failing("write the features of"):
+            self.mm: Any = open_memmap(
+                self.tmp, mode="w+", dtype=_np_dtype(shape.storage), shape=(shape.n, *shape.row)
+            )
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        if rows.dtype == torch.bfloat16:
+            rows = rows.view(torch.uint16)
+        self.mm[start : start + len(rows)] = rows.numpy()
+
+    def commit(self, rest: list[Column]) -> Stored:
+        store = self.store
+        rest_tmp = store.rest.with_name(f"rest.{os.getpid()}.pt{_TMP}")
+        meta_tmp = store.meta.with_name(f"meta.{os.getpid()}.json{_TMP}")
+        with store.failing("write the features of"):
+            self.mm.flush()
+            del self.mm
+            torch.save(rest, rest_tmp)
+        try:
+            # Reading back with weights_only is the check that every value can be
+            # loaded again without unpickling code.
+            rest = torch.load(rest_tmp, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise InvalidArgumentError(
+                "a disk FeatureCache keeps the rest of each item (everything after the "
+                f"front-end input) in a file loaded without pickled code, and it cannot: {e}. "
+                "Return tensors, numbers or strings there, or use store='memory'"
+            ) from None
+        meta = {
+            "format": FORMAT,
+            "key": self.key,
+            "n": self.shape.n,
+            "row": list(self.shape.row),
+            "dtype": str(self.shape.dtype),
+            "storage": str(self.shape.storage),
+            "bytes": self.tmp.stat().st_size,
+            "sha256": _sha256(self.tmp),
+            "rest_sha256": _sha256(rest_tmp),
+        }
+        with store.failing("write the features of"):
+            meta_tmp.write_text(json.dumps(meta))
+            # The marker goes first and comes back last: a process killed between
+            # these renames leaves files whose checksums do not match, never a
+            # marker over torn data.
+            store.meta.unlink(missing_ok=True)
+            os.replace(self.tmp, store.features)
+            os.replace(rest_tmp, store.rest)
+            os.replace(meta_tmp, store.meta)
+        stored = _DiskStored(self.shape, rest, store.features, _identity(store.features))
+        stored.rows(slice(0, 0))  # map it now, before another build can replace the file
+        return stored
+
+
+class DiskStore:
+    """Features in a folder: ``features.npy`` (a ``numpy.memmap``), ``rest.pt``, ``meta.json``.
+
+    Builds write temporary files (``*.tmp``) and rename them into place under
+    an exclusive lock; ``meta.json`` holds the key and the checksums and is
+    written last. Whoever holds the lock removes temporary files left by a
+    killed build, since no other build can be running.
+
+    Example:
+        >>> import tempfile
+        >>> store = DiskStore(tempfile.mkdtemp())
+        >>> with store.lock():
+        ...     store.open("some key") is None
+        True
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.features = self.path / "features.npy"
+        self.rest = self.path / "rest.pt"
+        self.meta = self.path / "meta.json"
+
+    @contextlib.contextmanager
+    def failing(self, doing: str) -> Iterator[None]:
+        """Re-raise an operating-system failure as a ``CacheError`` naming the folder."""
+        try:
+            yield
+        except OSError as e:
+            if isinstance(e, CacheError):
+                raise
+            raise CacheError(
+                f"could not {doing} the disk FeatureCache in {self.path}: {e}; "
+                "pass a writable path= with enough free space"
+            ) from e
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[bool]:
+        """Hold the folder's lock and remove stale temporary files.
+
+        Yields False when the folder cannot be written: a valid cache there can
+        still be read, but nothing can be built.
+        """
+        import fcntl
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            f = open(self.path / ".lock", "a")  # noqa: SIM115 - held across the yield
+        except PermissionError:
+            yield False
+            return
+        except OSError as e:
+            raise CacheError(
+                f"cannot use {self.path} for a disk FeatureCache: {e}; pass path= naming a folder"
+            ) from e
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                writable = os.access(self.path, os.W_OK)
+                if writable:
+                    for stale in self.path.glob(f"*{_TMP}"):
+                        stale.unlink(missing_ok=True)
+                yield writable
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _meta(self) -> dict[str, Any] | None:
+        try:
+            meta = json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+    def open(self, key: str) -> Stored | None:
+        """The stored features for ``key`` if every file is whole, else None."""
+        meta = self._meta()
+        if meta is None or meta.get("key") != key:
+            return None
+        try:
+            if self.features.stat().st_size != meta["bytes"]:
+                return None
+            if (
+                _sha256(self.features) != meta["sha256"]
+                or _sha256(self.rest) != meta["rest_sha256"]
+            ):
+                return None
+            rest = torch.load(self.rest, weights_only=True)
+            shape = Shape(
+                int(meta["n"]), tuple(meta["row"]), _dtype(meta["dtype"]), _dtype(meta["storage"])
+            )
+            stored = _DiskStored(shape, rest, self.features, _identity(self.features))
+            stored.rows(slice(0, 0))  # the header parses: numpy agrees with the checksum
+        except (OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
+            return None
+        return stored
+
+    def holds(self, key: str, identity: tuple[int, int, int]) -> bool:
+        """Whether the folder still holds exactly the files opened as ``key``."""
+        meta = self._meta()
+        try:
+            return (
+                meta is not None and meta.get("key") == key and _identity(self.features) == identity
+            )
+        except OSError:
+            return False
+
+    def writer(self, key: str, shape: Shape) -> Writer:
+        return _DiskWriter(self, key, shape)
