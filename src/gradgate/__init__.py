@@ -44,6 +44,7 @@ from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sy
 from .reports import GradReport, Summary, grad_report, summary
 from .schedules import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
 from .selection import Selection, Selector, norms, select
+from .subtensor import Rows, rows
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,7 @@ __all__ = [
     "NoMatchError",
     "NondeterministicDatasetError",
     "ProgressiveFreeze",
+    "Rows",
     "Selection",
     "Selector",
     "SharedParameterError",
@@ -90,6 +92,7 @@ __all__ = [
     "named_trainable_parameters",
     "norms",
     "param_groups",
+    "rows",
     "save_trainable",
     "select",
     "stages",

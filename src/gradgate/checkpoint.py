@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from . import subtensor
 from ._index import ModelIndex, gc_paused
 from ._optimizers import unwrap_optimizer
 from ._tempfiles import remove_orphans, temp_path
@@ -62,6 +63,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
             trains = e.tensor.requires_grad if e.kind == "parameter" else id(e.owner) not in frozen
             if trains:
                 out[e.name] = e.tensor
+        out.update(subtensor.trainable_rows_state(model))  # rows (issue 16): rows and their numbers
         return out
 
 
@@ -119,6 +121,7 @@ def _optimizer_payload(
     optimizer: torch.optim.Optimizer, model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     names = ModelIndex(model).canonical
+    names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
     tensors: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
     state: dict[str, dict[str, Any]] = {}
@@ -426,8 +429,10 @@ def load_trainable(
                 f"{k!r}: checkpoint dtype {v.dtype} != model dtype {state[k].dtype}; tensors "
                 "are never cast on load: convert the model (or the file) to the saved dtype"
             )
+    subtensor.check_rows(state, saved)  # rows (issue 16): the file's rows are the model's
     opt_state = _optimizer_state(opt, model, tensors, meta, src) if opt is not None else None
     _apply(state, load, opt, opt_state, src)
+    subtensor.write_back_all(model)  # rows (issue 16): loaded rows reach W at once
     return meta
 
 
@@ -492,6 +497,7 @@ def _optimizer_state(
             f"given is {type(optimizer).__name__}: build the same optimizer class before loading"
         )
     names = ModelIndex(model).canonical
+    names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
     current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
     if current != saved_names:
         raise CheckpointError(

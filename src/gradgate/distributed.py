@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import subtensor
 from ._events import Change, subscribe
 from ._index import ModelIndex
 from .errors import StaleWrapperError
@@ -143,6 +144,7 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> GatedDDP:
     Example (needs an initialised process group, so not run here):
         ``ddp = gg.distributed.wrap(model)``
     """
+    subtensor.refuse_distributed(model, "gg.distributed.wrap")  # rows (issue 16)
     return GatedDDP(model, **ddp_kwargs)
 
 

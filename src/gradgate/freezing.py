@@ -5,13 +5,14 @@ from __future__ import annotations
 import enum
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal
 
 import torch
 from torch import nn
 
+from . import subtensor
 from ._events import Change, announce
 from ._index import ModelIndex, gc_paused, is_float, owner_of, trainable_flags
 from ._options import choice
@@ -299,6 +300,8 @@ class Freezing:
         selection: what the selectors matched.
         frozen: names of parameters this call froze.
         unfrozen: names of parameters this call made trainable.
+        undo_hooks: reverts of sub-tensor (``gg.rows``) changes, run first by ``undo``
+            and by a failed call's roll-back.
 
     Example:
         >>> import torch, gradgate as gg
@@ -319,6 +322,7 @@ class Freezing:
         self._params: list[tuple[nn.Parameter, bool]] = []
         self._modes: list[ModeRecord] = []
         self._undone = False
+        self.undo_hooks: list[Callable[[], None]] = []
 
     def undo(self) -> None:
         """Revert this call's changes that nothing has changed since.
@@ -346,12 +350,15 @@ class Freezing:
         self.unfrozen += other.unfrozen
         self._params += other._params
         self._modes += other._modes
-        other._params, other._modes = [], []
+        self.undo_hooks += other.undo_hooks  # rows (issue 16)
+        other._params, other._modes, other.undo_hooks = [], [], []
 
     def _revert(self, notify: bool) -> None:
         if self._undone:
             return
         self._undone = True
+        for revert in reversed(self.undo_hooks):  # rows (issue 16): partial tensors first
+            revert()
         frozen: list[nn.Parameter] = []
         unfrozen: list[nn.Parameter] = []
         with gc_paused():
@@ -447,12 +454,17 @@ def _apply(
 ) -> Freezing:
     mode_e: Mode = choice(Mode, "mode", mode)
     shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
+    selectors, rows_plan = subtensor.plan(model, action, selectors, exclude)  # rows (issue 16)
     with gc_paused():
-        return _apply_walk(model, action, selectors, exclude, mode_e, shared_e)
+        return _apply_walk(model, action, selectors, exclude, mode_e, shared_e, rows_plan)
 
 
 def _plan_flags(
-    index: ModelIndex, sel: Selection, action: str, forced: dict[int, bool]
+    index: ModelIndex,
+    sel: Selection,
+    action: str,
+    forced: dict[int, bool],
+    rows_want: dict[int, bool],
 ) -> list[tuple[str, nn.Parameter, bool]]:
     """The ``(name, parameter, new requires_grad)`` changes a call makes."""
     selected_ids = {id(p) for _, p in sel.named_parameters()}
@@ -461,6 +473,8 @@ def _plan_flags(
         key = id(p)
         if key in forced:
             want = forced[key]
+        elif key in rows_want:  # rows (issue 16): a partial tensor keeps requires_grad
+            want = rows_want[key]
         elif key in selected_ids:
             want = action != "freeze"
         elif action == "train_only":
@@ -613,6 +627,7 @@ def _apply_walk(
     exclude: Selector | None,
     mode_e: Mode,
     shared_e: Shared | None,
+    rows_plan: subtensor.RowsPlan,  # rows (issue 16)
 ) -> Freezing:
     # Selectors (predicates included: their exceptions keep their type) and
     # tied-weight checks run before anything changes; what fails later (a
@@ -620,7 +635,7 @@ def _apply_walk(
     index = ModelIndex(model)
     sel = resolve(index, selectors, exclude)
     forced = _check_shared(index, sel, action, shared_e, selectors)
-    changes = _plan_flags(index, sel, action, forced)
+    changes = _plan_flags(index, sel, action, forced, rows_plan.want)
     _warn_nothing(action, shared_e, sel, forced, selectors)
     handle = Freezing(model, action, sel)
     mods, parent = index.mods, index.parent
@@ -665,6 +680,7 @@ def _apply_walk(
                     tuple(params[n] for n in handle.unfrozen),
                 )
             )
+        rows_plan.carry_out(handle)  # rows (issue 16): install the partial tensors
     except BaseException as e:
         # Roll back, then let the exception out with its own type (Ctrl-C
         # must stay a KeyboardInterrupt); only our own errors get context.
@@ -813,9 +829,10 @@ def named_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Param
         >>> [n for n, _ in gg.named_trainable_parameters(lin)]
         ['weight']
     """
+    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
     for name, p in model.named_parameters():
         if p.requires_grad:
-            yield name, p
+            yield name, rows.get(id(p), p)
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

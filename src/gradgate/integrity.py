@@ -21,6 +21,7 @@ from torch.nn.modules.module import (
 )
 from torch.nn.parameter import is_lazy
 
+from . import subtensor
 from ._events import Change, subscribe
 from ._index import ModelIndex, gc_paused
 from ._optimizers import unwrap_optimizer
@@ -112,6 +113,7 @@ class TensorEntry:
     owner: nn.Module
     leaf: str
     position: int  # the owner's position in the ModelIndex
+    base: torch.Tensor | None = None  # rows (issue 16): what the name holds when tensor is a view
 
 
 def model_entries(index: ModelIndex) -> list[TensorEntry]:
@@ -208,6 +210,7 @@ def frozen_entries(index: ModelIndex, buffers: bool) -> list[TensorEntry]:
     """
     entries = model_entries(index)
     frozen_params = [e for e in entries if e.kind == "parameter" and not e.tensor.requires_grad]
+    frozen_params += _row_entries(index, entries)  # rows (issue 16): frozen rows of partial tensors
     if not buffers:
         return frozen_params
     frozen_ids = {id(m) for _, m in frozen_modules(index.model)}
@@ -216,6 +219,17 @@ def frozen_entries(index: ModelIndex, buffers: bool) -> list[TensorEntry]:
         e
         for e in entries
         if e.kind == "buffer" and id(e.owner) in frozen_ids and id(e.tensor) not in params
+    ]
+
+
+def _row_entries(index: ModelIndex, entries: Sequence[TensorEntry]) -> list[TensorEntry]:
+    """rows (issue 16): each run of frozen rows of a partial tensor, a view named ``name[a:b]``."""
+    blocks = subtensor.frozen_row_blocks(index.model)
+    at = {id(e.tensor): e for e in entries} if blocks else {}
+    return [
+        TensorEntry(name, view, "parameter", e.owner, e.leaf, e.position, base=w)
+        for name, view, w in blocks
+        if (e := at.get(id(w))) is not None
     ]
 
 
@@ -264,6 +278,17 @@ class _Watched:
     version: int
     digest: str | None
     lost: bool = False  # no longer anywhere in the model (its module was replaced)
+    base: torch.Tensor | None = None  # rows (issue 16): the partial tensor this block views
+
+    @property
+    def held(self) -> torch.Tensor:
+        """What the name's slot holds: the tensor itself, or the partial tensor of a row block."""
+        return self.tensor if self.base is None else self.base
+
+    @property
+    def slot_name(self) -> str:
+        """The name of the slot (a row block ``w[0:3]`` lives in ``w``)."""
+        return self.name if self.base is None else self.name.rpartition("[")[0]
 
 
 _REPLACED_CAUSE = (
@@ -347,6 +372,7 @@ class Guard:
                 position=e.position,
                 version=e.tensor._version,
                 digest=named_digest(e.name, e.tensor) if exact else None,
+                base=e.base,  # rows (issue 16)
             )
         self._relink(index)
 
@@ -354,8 +380,8 @@ class Guard:
         # Positions change when modules come and go: take each tensor's place afresh.
         place = {id(e.tensor): e for e in model_entries(index)}
         needed: set[int] = set()
-        for key, w in self._watched.items():
-            e = place.get(key)
+        for w in self._watched.values():
+            e = place.get(id(w.held))  # rows (issue 16): a row block lives where its tensor does
             if e is None:
                 w.lost = True
                 continue
@@ -407,13 +433,18 @@ class Guard:
         """Follow a change gradgate announced: unfrozen tensors leave, frozen ones join."""
         with self._lock, gc_paused():
             unfrozen = {id(p) for p in change.unfrozen}
-            for key in [k for k, w in self._watched.items() if k in unfrozen]:
+            for key in [k for k, w in self._watched.items() if id(w.held) in unfrozen]:
                 del self._watched[key]
             self._fast = None
             if not (change.frozen or change.unfrozen):
                 return
             index = ModelIndex(self.model)
             current = frozen_entries(index, self.buffers)
+            # rows (issue 16): a row block leaves with its partial tensor (undo, other rows)
+            blocks = {id(e.tensor) for e in current if e.base is not None}
+            for key in [k for k, w in self._watched.items() if w.base is not None]:
+                if key not in blocks:
+                    del self._watched[key]
             if change.unfrozen and self.buffers:
                 # Buffers follow their module: once it trains (through gradgate) they may move.
                 still = {id(e.tensor) for e in current}
@@ -479,13 +510,13 @@ class Guard:
             try:
                 for w in list(self._watched.values()):
                     if resolved is not None:
-                        now = resolved.get(w.name)
+                        now = resolved.get(w.slot_name)
                     else:
                         now = _slot(
                             w.owner._parameters if w.kind == "parameter" else w.owner._buffers,
                             w.leaf,
                         )
-                    if now is not w.tensor:
+                    if now is not w.held:
                         replaced = True
                         self._violation(
                             w, "replaced" if now is not None else "removed", where, stepped
@@ -570,7 +601,9 @@ class Guard:
         index = ModelIndex(self.model)
         names = {w.name for w in self._watched.values()}
         self._watched = {}
-        self._watch([e for e in model_entries(index) if e.name in names], index)
+        entries = model_entries(index)
+        entries += _row_entries(index, entries)  # rows (issue 16)
+        self._watch([e for e in entries if e.name in names], index)
 
 
 class _FastView:
@@ -587,6 +620,7 @@ class _FastView:
         ws = list(watched)
         self.lost = any(w.lost for w in ws)
         self.tensors = [w.tensor for w in ws]
+        self.held = [w.held for w in ws]  # rows (issue 16): a row block's slot holds its tensor
         self.versions = [w.version for w in ws]
         self.slots = [
             w.owner._parameters if w.kind == "parameter" else w.owner._buffers for w in ws
@@ -604,7 +638,7 @@ class _FastView:
         try:
             if any(map(is_not, map(getitem, self.link_slots, self.link_keys), self.link_children)):
                 return False
-            if any(map(is_not, map(getitem, self.slots, self.leaves), self.tensors)):
+            if any(map(is_not, map(getitem, self.slots, self.leaves), self.held)):
                 return False
         except KeyError:
             return False

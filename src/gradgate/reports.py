@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import subtensor
 from ._format import render_table
 from ._index import ModelIndex, gc_paused, owner_of, sizes
 from .errors import InvalidArgumentError
@@ -139,16 +140,20 @@ def _summary(model: nn.Module, depth: int) -> Summary:
     seen: dict[int, set[int]] = {}
     shared = index.shared
     alias_sizes = sizes(p for _, p in index.aliases)
+    partial = subtensor.partials(model)  # rows (issue 16): element counts of partial tensors
     for (_, p), owner, n in zip(index.aliases, index.alias_owner, alias_sizes, strict=True):
         key = id(p)
-        counts = train if p.requires_grad else froz
+        n_train, n_froz = (n, 0) if p.requires_grad else (0, n)
+        if key in partial:  # rows (issue 16)
+            n_train, n_froz = partial[key].numel()
         for row in rows_of[owner]:
             if key in shared:
                 ids = seen.setdefault(row, set())
                 if key in ids:
                     continue
                 ids.add(key)
-            counts[row] += n
+            train[row] += n_train
+            froz[row] += n_froz
     # Held, not merely marked: a module whose parameters were made trainable
     # by other means is never shown as "eval (sticky)".
     held = sticky_flags(index, shown)
@@ -255,11 +260,12 @@ def grad_report(model: nn.Module) -> GradReport:
     unexpected: list[str] = []
     sq: dict[str, float] = {}
     count: dict[str, int] = {}
+    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's grad is on R
     for name, p in index.params.items():
         owner = owner_of(name)
         sq.setdefault(owner, 0.0)
         count.setdefault(owner, 0)
-        g = p.grad
+        g = rows[id(p)].grad if id(p) in rows else p.grad
         if p.requires_grad and g is None:
             missing.append(name)
         elif not p.requires_grad and g is not None:

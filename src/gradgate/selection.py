@@ -20,21 +20,25 @@ import difflib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from torch import nn
 
 from ._index import ModelIndex, numel
 from .errors import InvalidArgumentError, NoMatchError
 
+if TYPE_CHECKING:
+    from .subtensor import Rows  # rows (issue 16)
+
 __all__ = ["Selection", "Selector", "norms", "select"]
 
-Selector = Union[  # noqa: UP007 (recursive alias needs Union at runtime)
+Selector = Union[
     str,
     nn.Module,
     nn.Parameter,
     type[nn.Module],
     Callable[[str, nn.Module], bool],
+    "Rows",
     Sequence["Selector"],
 ]
 """Anything a ``*selectors`` argument accepts (see the module docstring)."""
@@ -312,6 +316,10 @@ def _resolve_one(index: ModelIndex, selector: object, out: _Match) -> bool:
         hit = [n for n, m in index.modules.items() if selector(n, m)]
         out.roots.update(hit)
         return bool(hit)
+    from .subtensor import Rows  # rows (issue 16): a rows item selects its tensors
+
+    if isinstance(selector, Rows):
+        return _resolve_one(index, selector.selector, out)
     raise InvalidArgumentError(
         f"cannot use {type(selector).__name__} as a selector; use a name pattern, "
         "a module, a parameter, a module type, a predicate (name, module) -> bool, "

@@ -96,7 +96,7 @@ def test_torchscript_module(tmp_path: Path) -> None:
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
         scripted: torch.jit.ScriptModule = torch.jit.script(net)
-        gg.freeze(scripted, "0", "1")
+        gg.freeze(scripted, "0", "1", mode="keep")  # eval modes refuse TorchScript
         return scripted
 
     model, target = build(), build()

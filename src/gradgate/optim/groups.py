@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import subtensor
 from .._index import ModelIndex
 from ..errors import InvalidArgumentError
 from ..selection import Selector, select
@@ -165,7 +166,10 @@ def param_groups(
         [(['0.weight'], 0.01), (['0.bias', '1.weight', '1.bias'], 0.0)]
         >>> opt = torch.optim.AdamW(groups)
     """
-    named = [(n, p) for n, p in ModelIndex(model).params.items() if p.requires_grad]
+    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
+    named = [
+        (n, rows.get(id(p), p)) for n, p in ModelIndex(model).params.items() if p.requires_grad
+    ]
     if not named:
         raise InvalidArgumentError(
             f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"

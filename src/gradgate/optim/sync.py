@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import subtensor
 from .._events import Change, announce
 from .._index import ModelIndex
 from .._optimizers import unwrap_optimizer
@@ -171,6 +172,8 @@ def sync(
     opt = unwrap_optimizer(optimizer)
     index = ModelIndex(model)
     names = index.canonical
+    rows = subtensor.trainable_of(model)  # rows (issue 16): W leaves, its trainable rows R join
+    names.update({id(r): names[key] for key, r in rows.items()})
     ledger = _ledger(opt)
     others = _others(opt)
     other_ids = [(o, led, _ids(o)) for o, led in others]
@@ -184,7 +187,8 @@ def sync(
     fresh: list[tuple[str, nn.Parameter]] = []
     adopted: set[int] = set()
     left: list[str] = []
-    for name, p in index.params.items():
+    for name, w in index.params.items():
+        p = rows.get(id(w), w)  # rows (issue 16)
         if not p.requires_grad or id(p) in present:
             continue
         holders = [o for o, led, ids in other_ids if id(p) in ids or led.has(p)]
@@ -217,7 +221,7 @@ def sync(
                 if id(p) in reclaimed:
                     led.forget(p)
 
-    gone = [p for p in held_now if id(p) in names and not p.requires_grad]
+    gone = [p for p in held_now if id(p) in names and (not p.requires_grad or id(p) in rows)]
     for p in gone:
         p.grad = None
     _drop(opt, {id(p) for p in gone}, names)
