@@ -320,22 +320,20 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     # -- reading the dataset -----------------------------------------------
 
     def _batches(self, loader: Iterable[_Batch] | None, desc: str) -> Iterator[_Batch]:
-        if loader is None:  # a plain TensorDataset: slice whole batches
-            tensors = self.dataset.tensors
-            for i in range(0, self._n, self.batch_size):
-                cols = [t[i : i + self.batch_size] for t in tensors]
-                yield _Batch(
-                    cols[0], list(zip(*cols[1:], strict=True)) or [()] * len(cols[0]), None
-                )
-            return
-        # An iterator, not the loader: a progress bar that calls iter() itself
-        # (tqdm.auto does) would otherwise start a second set of workers.
+        batches = self._tensor_batches() if loader is None else iter(loader)
         yield from progress(
-            iter(loader),
+            batches,
             enabled=self.progress,
             total=math.ceil(self._n / self.batch_size),
             desc=desc,
         )
+
+    def _tensor_batches(self) -> Iterator[_Batch]:
+        """A plain TensorDataset: whole batches sliced from its tensors, no DataLoader."""
+        tensors = self.dataset.tensors
+        for i in range(0, self._n, self.batch_size):
+            cols = [t[i : i + self.batch_size] for t in tensors]
+            yield _Batch(cols[0], list(zip(*cols[1:], strict=True)) or [()] * len(cols[0]), None)
 
     def _loader(self) -> DataLoader[Any] | None:
         if _plain_tensor_dataset(self.dataset) and self.input_fn is _first:
