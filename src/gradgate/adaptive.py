@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from .distributed import GatedDDP, rewrap
 from .errors import InvalidArgumentError
 from .freezing import freeze
 from .optim import sync
-from .schedules import Stages
+from .schedules import Stages, split_sequential
 from .selection import Selector
 
 __all__ = ["AutoFreeze", "Decision"]
@@ -339,22 +339,7 @@ class AutoFreeze:
             [0, 2]
         """
         seq = self.model if model is None else model
-        if not isinstance(seq, nn.Sequential):
-            raise InvalidArgumentError(
-                f"split() needs an nn.Sequential whose children are the stages; got "
-                f"{type(seq).__name__}. Build the model as nn.Sequential(stage0, stage1, ...)"
-            )
-        if self.boundary == 0:
-            return cast(nn.Sequential, seq[:0]), seq
-        children = [name for name, _ in seq.named_children()]
-        last = self.stages.names[self.boundary - 1]
-        if last not in children:
-            raise InvalidArgumentError(
-                f"split() needs stages named by the Sequential's children; {last!r} is not "
-                f"one of {children}"
-            )
-        cut = children.index(last) + 1
-        return cast(nn.Sequential, seq[:cut]), cast(nn.Sequential, seq[cut:])
+        return split_sequential(seq, self.stages, self.boundary)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, step count, frozen prefix, window, history."""

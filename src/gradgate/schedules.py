@@ -225,6 +225,40 @@ class Rewrappable(Protocol):
         ...
 
 
+def split_sequential(
+    model: nn.Module, stages: Stages, boundary: int
+) -> tuple[nn.Sequential, nn.Sequential]:
+    """``(frozen prefix, rest)`` of a Sequential whose first ``boundary`` stages are frozen.
+
+    The stages must be named by the Sequential's children (``gg.stages`` of a
+    Sequential names them so); ProgressiveFreeze and AutoFreeze hand the
+    prefix to a ``FeatureCache`` through this.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+        >>> head, rest = split_sequential(net, gg.stages(net, "0", "1", "2"), 2)
+        >>> len(head), len(rest)
+        (2, 1)
+    """
+    if not isinstance(model, nn.Sequential):
+        raise InvalidArgumentError(
+            f"split() needs an nn.Sequential whose children are the stages; got "
+            f"{type(model).__name__}. Build the model as nn.Sequential(stage0, stage1, ...)"
+        )
+    if boundary == 0:
+        return cast(nn.Sequential, model[:0]), model
+    children = [name for name, _ in model.named_children()]
+    last = stages.names[boundary - 1]
+    if last not in children:
+        raise InvalidArgumentError(
+            f"split() needs stages named by the Sequential's children; {last!r} is not one "
+            f"of {children}"
+        )
+    cut = children.index(last) + 1
+    return cast(nn.Sequential, model[:cut]), cast(nn.Sequential, model[cut:])
+
+
 class GradualUnfreeze:
     """Unfreeze stages on schedule, each in its own optimizer group with a lower rate.
 
@@ -440,19 +474,7 @@ class ProgressiveFreeze:
 
     def split(self, model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
         """``(frozen head, rest)`` of a Sequential whose stages are its leading children."""
-        if not isinstance(model, nn.Sequential):
-            raise InvalidArgumentError("split() needs an nn.Sequential model")
-        if self.boundary == 0:
-            return cast(nn.Sequential, model[:0]), model
-        children = [name for name, _ in model.named_children()]
-        last = self.stages.names[self.boundary - 1]
-        if last not in children:
-            raise InvalidArgumentError(
-                f"split() needs stages named by the Sequential's children; {last!r} is not one "
-                f"of {children}"
-            )
-        cut = children.index(last) + 1
-        return cast(nn.Sequential, model[:cut]), cast(nn.Sequential, model[cut:])
+        return split_sequential(model, self.stages, self.boundary)
 
     def state_dict(self) -> dict[str, Any]:
         """The frozen boundary and the schedule's settings."""
