@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gradgate.tools import bench_autofreeze, bench_integrations
+from gradgate.tools import bench_autofreeze, bench_integrations, bench_rows
 from gradgate.tools.bench import to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +36,13 @@ COMMANDS = {
     "autofreeze": "gradgate bench autofreeze --threads 1 --json OUT/autofreeze.json "
     "--plot OUT/autofreeze.png",
     "integrations": "gradgate bench integrations --repeats 3 --json OUT/integrations.json",
+    "rows": "gradgate bench rows --repeats 5 --steps 5 --json OUT/rows.json",
 }
 # workloads whose JSON has a format of its own
 RENDER = {
     "autofreeze": bench_autofreeze.to_markdown,
     "integrations": bench_integrations.to_markdown,
+    "rows": bench_rows.to_markdown,
 }
 HEADER = """# Benchmarks
 

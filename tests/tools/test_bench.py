@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gradgate.tools import bench
+from gradgate.errors import InvalidArgumentError
+from gradgate.tools import bench, bench_rows
 from gradgate.tools.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,3 +100,76 @@ def test_benchmarks_page_has_the_fine_tune_sections_with_real_commands() -> None
         assert f"### `{workload}`" in page
         assert f"Command: `gradgate bench {workload} " in page
     assert "| lightning GradgateFinetuning | 1.202 |" in page
+
+
+def test_rows_parses_its_own_options() -> None:
+    argv = ["bench", "rows", "--repeats", "2", "--steps", "3", "--fraction", "0.05"]
+    argv += ["--vocab", "1000", "--dim", "8", "--sequences", "4", "--seq-len", "16"]
+    args = build_parser().parse_args([*argv, "--lr", "0.01", "--weight-decay", "0.1"])
+    config = bench_rows.config_of(args)
+    assert config == {
+        "vocab": 1000,
+        "dim": 8,
+        "fraction": 0.05,
+        "batch": 4,
+        "seq": 16,
+        "reps": 2,
+        "steps": 3,
+        "threads": bench.DEFAULT_THREADS,
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "tiny": False,
+        "trainable_rows": 50,
+    }
+    defaults = bench_rows.config_of(build_parser().parse_args(["bench", "rows"]))
+    assert (defaults["vocab"], defaults["dim"], defaults["trainable_rows"]) == (50_000, 256, 500)
+    assert (defaults["batch"], defaults["seq"], defaults["reps"]) == (8, 32, 5)
+
+
+def test_rows_refuses_a_fraction_that_leaves_no_row_on_one_side() -> None:
+    for fraction in ("0", "1"):
+        args = build_parser().parse_args(["bench", "rows", "--fraction", fraction])
+        with pytest.raises(InvalidArgumentError, match=r"gives \d+ trainable rows; give a"):
+            bench_rows.config_of(args)
+
+
+def test_rows_tiny_run_shows_who_is_exact(tmp_path: Path) -> None:
+    out, md = tmp_path / "rows.json", tmp_path / "rows.md"
+    argv = ["bench", "rows", "--tiny", "--threads", "1", "--json", str(out)]
+    assert main([*argv, "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert result["argv"] == [*argv, "--markdown", str(md)]
+    strategies = result["strategies"]
+    assert list(strategies) == ["full", "mask_hook", "peft_tokens", "gg_rows"]
+    exact = {name: row["frozen_rows_bit_identical"] for name, row in strategies.items()}
+    assert exact == {"full": False, "mask_hook": False, "peft_tokens": True, "gg_rows": True}
+    assert all(row["trainable_rows_moved"] for row in strategies.values())
+    assert strategies["peft_tokens"]["max_abs_diff_vs_gg_rows"] == 0.0
+    c = result["config"]
+    adam_rows = 2 * c["trainable_rows"] * c["dim"] * 4  # exp_avg and exp_avg_sq, float32
+    assert strategies["gg_rows"]["optimizer_state_bytes"] == adam_rows
+    assert strategies["mask_hook"]["optimizer_state_bytes"] == 2 * c["vocab"] * c["dim"] * 4
+    assert set(result["ratios"]) == {"gg_rows/full", "gg_rows/mask_hook", "gg_rows/peft_tokens"}
+    page = md.read_text()
+    assert page.startswith("### `rows`\n\nCommand: `gradgate bench rows --tiny --threads 1")
+    assert "| mask_hook |" in page and "| **no** |" in page
+
+
+def test_rows_without_peft_reports_it_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    args = build_parser().parse_args(["bench", "rows", "--vocab", "64", "--dim", "4"])
+    args.fraction, args.repeats, args.steps, args.threads = 0.25, 1, 1, 1
+    result = bench_rows.measure(args)
+    assert "peft is not installed" in result["strategies"]["peft_tokens"]["skipped"]
+    assert "gradgate[bench]" in result["strategies"]["peft_tokens"]["skipped"]
+    assert result["strategies"]["gg_rows"]["frozen_rows_bit_identical"] is True
+    assert "gg_rows/peft_tokens" not in result["ratios"]
+    assert "| peft_tokens | skipped: peft is not installed" in bench_rows.to_markdown(result, "c")
+
+
+def test_benchmarks_page_has_the_rows_section_from_its_json() -> None:
+    page = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    command = "gradgate bench rows --repeats 5 --steps 5 --json docs/bench/rows.json"
+    assert f"Command: `{command}`" in page
+    assert "| gg_rows | 3.764 (3.028-4.409) | 0.98 | 1.0x | yes | 0 |" in page
+    assert "python bench/rows.py" not in (ROOT / "docs" / "rows.md").read_text()

@@ -45,6 +45,7 @@ WORKLOADS = (
     "text",
     "autofreeze",
     "integrations",
+    "rows",
 )
 
 
@@ -141,7 +142,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     auto.add_argument(
         "--merge", nargs="+", default=None, metavar="JSON", help="combine earlier runs' JSON"
     )
-    auto.add_argument("--tiny", action="store_true", help="a few steps, to check the wiring")
+    auto.add_argument(
+        "--tiny", action="store_true", help="autofreeze, rows: a few steps, to check the wiring"
+    )
     integ = parser.add_argument_group("integrations (the trainers' freezing against gradgate's)")
     integ.add_argument(
         "--frameworks",
@@ -157,6 +160,27 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-class", type=int, default=24, metavar="N", help="HF: sentences per class (x6)"
     )
     integ.add_argument("--batch", type=int, default=32, metavar="N", help="batch (default: 32)")
+    rows = parser.add_argument_group(
+        "rows (train some rows of a tied embedding: full, mask hook, PEFT, gg.rows)"
+    )
+    rows.add_argument("--vocab", type=int, default=50_000, help="rows (default: 50000)")
+    rows.add_argument("--dim", type=int, default=256, help="columns (default: 256)")
+    rows.add_argument(
+        "--fraction", type=float, default=0.01, help="share of rows trainable (default: 0.01)"
+    )
+    rows.add_argument(
+        "--sequences", type=int, default=8, metavar="N", help="sequences per batch (default: 8)"
+    )
+    rows.add_argument(
+        "--seq-len", type=int, default=32, metavar="N", help="tokens per sequence (default: 32)"
+    )
+    rows.add_argument(
+        "--steps", type=int, default=10, metavar="N", help="steps per repetition (default: 10)"
+    )
+    rows.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (default: 0.001)")
+    rows.add_argument(
+        "--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)"
+    )
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -810,7 +834,7 @@ def run_bench(args: argparse.Namespace) -> int:
         >>> code
         0
     """
-    if args.workload in ("autofreeze", "integrations"):
+    if args.workload in ("autofreeze", "integrations", "rows"):
         return _run_fine_tune(args)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -840,7 +864,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_fine_tune(args: argparse.Namespace) -> int:
-    """The workloads on real pretrained models, each with its own JSON format and section."""
+    """The workloads with a JSON format and a section of their own (each in its module)."""
     argv = getattr(args, "argv", None) or ["bench", args.workload]
     command = "gradgate " + " ".join(argv)
     if args.workload == "autofreeze":
@@ -849,6 +873,12 @@ def _run_fine_tune(args: argparse.Namespace) -> int:
         result = auto.measure(args)
         auto.print_summary(result)
         markdown = auto.to_markdown(result, command)
+    elif args.workload == "rows":
+        from . import bench_rows
+
+        result = bench_rows.measure(args)
+        print(bench_rows.table(result))
+        markdown = bench_rows.to_markdown(result, command)
     else:
         from . import bench_integrations as integ
 
@@ -869,5 +899,6 @@ def _run_fine_tune(args: argparse.Namespace) -> int:
         if args.workload == "autofreeze":
             auto.plot(result, args.plot_path)
         else:
-            _plot(result, args.plot_path)
+            measured = {n: r for n, r in result["strategies"].items() if "seconds" in r}
+            _plot({**result, "strategies": measured}, args.plot_path)
     return 0
