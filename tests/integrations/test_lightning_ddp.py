@@ -33,7 +33,7 @@ class EpochFingerprints(pl.Callback):
         path.write_text(json.dumps(prints))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(480)  # two spawned ranks import torch and Lightning: slow under load
 def test_ddp_ranks_identical_after_every_epoch_across_an_unfreeze(tmp_path: Path) -> None:
     before = fw.lightning_net()
     start = {n: gg.fingerprint(before.get_submodule(n)) for n in ("backbone", "late", "head")}
