@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -19,6 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .._progress import progress
+from .output import add_json_argument, write_json
 from .training import train_epochs
 
 __all__ = [
@@ -81,15 +81,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads; fixed so runs compare across machines "
         f"(default: {DEFAULT_THREADS}, not this machine's core count)",
     )
-    parser.add_argument(
-        "--json",
-        dest="json_path",
-        nargs="?",
-        const="-",
-        default=None,
-        metavar="PATH",
-        help="write the result as JSON ('-' or no PATH: stdout)",
-    )
+    add_json_argument(parser, "the result")
     parser.add_argument(
         "--plot", dest="plot_path", default=None, metavar="PNG", help="write a bar chart"
     )
@@ -850,11 +842,7 @@ def run_bench(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None) or ["bench", args.workload]
     result["argv"] = list(argv)
     command = "gradgate " + " ".join(argv)
-    if args.json_path == "-":
-        print(json.dumps(result, indent=2))
-    elif args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json_path)
     if getattr(args, "markdown_path", None):
         with open(args.markdown_path, "w") as f:
             f.write(to_markdown(result, command))
@@ -887,11 +875,7 @@ def _run_fine_tune(args: argparse.Namespace) -> int:
         print(integ.table(result))
         markdown = integ.to_markdown(result, command)
     result["argv"] = list(argv)
-    if args.json_path == "-":
-        print(json.dumps(result, indent=2))
-    elif args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json_path)
     if getattr(args, "markdown_path", None):
         with open(args.markdown_path, "w") as f:
             f.write(markdown)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import GradgateError, InvalidArgumentError
+from .output import add_json_argument, write_json
 
 __all__ = ["build_parser", "main"]
 
@@ -104,14 +104,6 @@ class _Step(argparse.Action):
         namespace.steps = steps
 
 
-def _write_json(data: Any, path: str | None) -> None:
-    if path == "-":
-        print(json.dumps(data, indent=2))
-    elif path:
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-
-
 def _cmd_summary(args: argparse.Namespace) -> int:
     from .. import freeze, summary, train_only
 
@@ -125,10 +117,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--{verb} {' '.join(texts)}: {e}") from e
     report = summary(model, depth=args.depth)
     if args.json_path == "-":
-        _write_json(report.to_dict(), "-")
+        write_json(report.to_dict(), "-")
         return 0
     print(report)
-    _write_json(report.to_dict(), args.json_path)
+    write_json(report.to_dict(), args.json_path)
     return 0
 
 
@@ -195,15 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument(
         "--depth", type=int, default=2, metavar="N", help="module depth shown (default: 2)"
     )
-    summ.add_argument(
-        "--json",
-        dest="json_path",
-        nargs="?",
-        const="-",
-        default=None,
-        metavar="PATH",
-        help="write the summary as JSON to PATH ('-' or no PATH: stdout instead of the table)",
-    )
+    add_json_argument(summ, "the summary (instead of the table when it goes to stdout)")
     summ.set_defaults(func=_cmd_summary, steps=[])
 
     bench = sub.add_parser(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from torch.utils.data import TensorDataset
 
 from .._deps import optional_import
 from .._format import render_table
+from .output import add_json_argument, write_json
 from .seed import Agent, FeatureExtractor, PolicyNetwork
 from .training import accuracy, train_epochs
 
@@ -104,13 +104,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot", dest="plot_path", default=None, metavar="PNG", help="write the curves as a PNG"
     )
-    parser.add_argument(
-        "--json",
-        dest="json_path",
-        default=None,
-        metavar="PATH",
-        help="write every number, floor and check as JSON ('-' for stdout)",
-    )
+    add_json_argument(parser, "every number, floor and check")
     parser.add_argument(
         "--no-progress",
         action="store_true",
@@ -388,11 +382,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out["passed"] = all(c["held"] for c in checks)
     print("\nchecks")
     print(_checks_table(checks))
-    if args.json_path == "-":
-        print(json.dumps(out, indent=2))
-    elif args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(out, args.json_path)
     if args.plot_path:
         _plot(out, args.plot_path)
         print(f"wrote {args.plot_path}")
