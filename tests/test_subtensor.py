@@ -388,11 +388,12 @@ def test_every_index_form_names_the_same_rows(index: Any) -> None:
     assert partials(model)[id(model.embed.weight)].index.tolist() == NEW
 
 
-def test_ddp_wrap_refuses_partial_tensors() -> None:
+def test_ddp_wrap_refuses_a_model_where_only_rows_train() -> None:
     model = TiedLM()
     gg.train_only(model, gg.rows("embed.weight", NEW))
-    with pytest.raises(gg.InvalidArgumentError, match=r"'embed\.weight' is partially frozen"):
+    with pytest.raises(gg.InvalidArgumentError, match=r"only rows of 'embed\.weight' train"):
         gg.distributed.wrap(model)
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")  # refused before any change
 
 
 def test_new_tokens_minilm_example_runs() -> None:

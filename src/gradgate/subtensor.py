@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -185,6 +185,32 @@ _step_hook: RemovableHandle | None = None
 _step_hook_lock = threading.Lock()
 
 
+# Who averages a partial tensor's row gradient across ranks (gg.distributed.wrap
+# sets it); weak keys, so a released or dropped partial takes its entry along.
+GradReducer = Callable[["PartialRows", torch.Tensor], None]
+"""What ``set_grad_reducer`` accepts: called as ``reducer(part, R.grad)``."""
+_reducers: weakref.WeakKeyDictionary[PartialRows, GradReducer] = weakref.WeakKeyDictionary()
+
+
+def set_grad_reducer(part: PartialRows, reducer: GradReducer) -> None:
+    """Call ``reducer(part, R.grad)`` each time a backward has filled ``R.grad``.
+
+    The distributed wrapper uses it to all-reduce the trainable rows' gradient
+    (``k x ...``) instead of ``W``'s full one; a later call replaces the reducer.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> lin = torch.nn.Linear(3, 4)
+        >>> _ = gg.train_only(lin, gg.rows("weight", [0]))
+        >>> part = partials(lin)[id(lin.weight)]
+        >>> set_grad_reducer(part, lambda part, grad: grad.mul_(0.5))
+        >>> lin(torch.ones(1, 3)).sum().backward()
+        >>> part.trainable.grad.tolist()
+        [[0.5, 0.5, 0.5]]
+    """
+    _reducers[part] = reducer
+
+
 def _after_any_step(optimizer: torch.optim.Optimizer, *args: Any) -> None:
     # Fused optimizers update in place without bumping version counters, so
     # every live partial is written back (k rows each): cheap and always right.
@@ -245,6 +271,9 @@ class _MoveGrad:
         else:
             r.grad.add_(rows_grad)
         weight.grad = None
+        reducer = _reducers.get(part)
+        if reducer is not None:
+            reducer(part, r.grad)
 
 
 class PartialRows:
@@ -449,23 +478,6 @@ def _blocks(part: PartialRows) -> list[tuple[int, int, torch.Tensor]]:
         start = stop + 1
     _block_views[part] = out
     return out
-
-
-def refuse_distributed(model: nn.Module, where: str) -> None:
-    """Refuse to wrap a model with partial tensors for DDP (see docs/rows.md).
-
-    DDP would all-reduce the full gradient of ``W`` while the trainable rows
-    ``R`` (not a module parameter) would stay rank-local: the ranks would drift.
-    """
-    found = partials(model)
-    if found:
-        names = [n for n, p in ModelIndex(model).params.items() if id(p) in found]
-        raise InvalidArgumentError(
-            f"{where}: {', '.join(repr(n) for n in names)} "
-            f"{'is' if len(names) == 1 else 'are'} partially frozen (gg.rows), which "
-            "DDP does not support yet; train the whole tensor under DDP, or all-reduce the "
-            "rows' gradients yourself without DDP (see docs/rows.md)"
-        )
 
 
 # -- freeze / unfreeze / train_only with rows items ---------------------------

@@ -1,0 +1,145 @@
+"""Code that runs inside the 2-rank gloo processes of tests/distributed/test_rows_ddp.py.
+
+Each scenario writes ``<out>/<scenario>.<rank>.json``; the pytest side asserts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import gradgate as gg
+from gradgate import distributed as ggd
+
+VOCAB, DIM = 200, 16
+NEW = [198, 199]  # 1% of the rows: the new tokens
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.body = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh())
+        self.decoder = nn.Linear(DIM, VOCAB, bias=False)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.decoder(self.body(self.embed(x)))
+        return out
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(300 + step)
+    x = torch.randint(0, VOCAB, (8, 6), generator=g)
+    x[:, 0] = torch.tensor(NEW * 4)  # the new tokens appear in every batch
+    return x, torch.randint(0, VOCAB, (8, 6), generator=g)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def _gather(value: Any) -> list[Any]:
+    out: list[Any] = [None, None]
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _setup() -> tuple[TiedLM, TiedLM, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TiedLM()
+    gg.train_only(model, ["body", gg.rows("embed.weight", NEW)])
+    return model, copy.deepcopy(model), model.embed.weight.detach().clone()
+
+
+def _report(model: TiedLM, reference: TiedLM, start: torch.Tensor) -> dict[str, Any]:
+    w = model.embed.weight.detach()
+    frozen = [i for i in range(VOCAB) if i not in NEW]
+    return {
+        "weights_same_on_both_ranks": len(set(_gather(gg.fingerprint(model)))) == 1,
+        "full_w_bytes_same_on_both_ranks": len(set(_gather(w.numpy().tobytes().hex()))) == 1,
+        "frozen_rows_bit_identical": torch.equal(w[frozen], start[frozen]),
+        "trainable_rows_moved": not torch.equal(w[NEW], start[NEW]),
+        "max_diff_vs_single_process": max(
+            float((a - b).abs().max())
+            for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+        ),
+        "w_grad_none": model.embed.weight.grad is None,
+    }
+
+
+def rows_exact(rank: int) -> dict[str, Any]:
+    """AdamW with weight decay, 10 steps, each rank its half of the global batch."""
+    model, reference, start = _setup()
+    ddp = ggd.wrap(model)
+    counter = ggd.track_communication(ddp)
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=0.05, weight_decay=0.1))
+    ref_opt = torch.optim.AdamW(gg.param_groups(reference, lr=0.05, weight_decay=0.1))
+    steps = 10
+    for step in range(steps):
+        x, y = _batch(step)
+        opt.zero_grad()
+        _loss(ddp, x.chunk(2)[rank], y.chunk(2)[rank]).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        _loss(reference, x, y).backward()  # single process, the concatenated batch
+        ref_opt.step()
+    body = sum(p.numel() for p in model.body.parameters())
+    return {
+        **_report(model, reference, start),
+        "elements_communicated": counter.elements,
+        "rows_and_body_times_steps": (body + len(NEW) * DIM) * steps,
+    }
+
+
+def rows_no_sync(rank: int) -> dict[str, Any]:
+    """Gradient accumulation: a no_sync micro-batch, then a synchronised one, per step."""
+    model, reference, start = _setup()
+    ddp = ggd.wrap(model)
+    counter = ggd.track_communication(ddp)
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=0.05, weight_decay=0.1))
+    ref_opt = torch.optim.AdamW(gg.param_groups(reference, lr=0.05, weight_decay=0.1))
+    steps = 3
+    for step in range(steps):
+        x, y = _batch(step)
+        micro = list(zip(x.chunk(4), y.chunk(4), strict=True))[2 * rank : 2 * rank + 2]
+        opt.zero_grad()
+        with ddp.no_sync():
+            (_loss(ddp, *micro[0]) / 2).backward()
+        (_loss(ddp, *micro[1]) / 2).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        _loss(reference, x, y).backward()
+        ref_opt.step()
+    body = sum(p.numel() for p in model.body.parameters())
+    return {
+        **_report(model, reference, start),
+        "elements_communicated": counter.elements,
+        "rows_and_body_times_steps": (body + len(NEW) * DIM) * steps,
+    }
+
+
+def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:
+    """Entry point for ``torch.multiprocessing.spawn``."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        for name in scenarios:
+            result = globals()[name](rank)
+            (Path(out) / f"{name}.{rank}.json").write_text(json.dumps(result))
+            dist.barrier()
+    finally:
+        if os.environ.get("GG_KEEP_PG") is None:
+            dist.destroy_process_group()
