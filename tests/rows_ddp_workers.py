@@ -133,7 +133,7 @@ def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=2,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=300),
     )  # fmt: skip
     try:
         for name in scenarios:
