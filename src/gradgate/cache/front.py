@@ -160,8 +160,9 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     ``torch.inference_mode`` (with a progress bar); afterwards every read is a
     lookup. The cache key covers everything that determines the features:
     the front-end's weights, buffers, structure and parameter-free settings
-    (module types, forward code, attributes such as a LeakyReLU slope or a
-    conv stride, forward hooks), the input function (code and every value it
+    (module types, the code of every method and the plain class attributes
+    that forward reaches through ``self``, attributes such as a LeakyReLU
+    slope or a conv stride, forward hooks), the input function (code and every value it
     reads), the storage dtype, the torch version, and every sample.
 
     The key is checked when the cache is opened, once in every process that
