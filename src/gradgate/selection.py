@@ -371,7 +371,9 @@ def norms(name: str, module: nn.Module) -> bool:
     convention of Hugging Face and timm, any class whose name ends in
     ``Norm``, ``Norm1d/2d/3d`` or ``NormAct``/``NormAct2d`` (``LlamaRMSNorm``,
     ``T5LayerNorm``, ``BatchNormAct2d``, ``LayerNorm2d``,
-    ``FrozenBatchNorm2d``). fastai's ``train_bn=True`` recipe is
+    ``FrozenBatchNorm2d``) whose submodules own no parameters: a wrapper
+    such as ``PreNorm`` (a norm and a feed-forward) is not a norm, its inner
+    norm is. fastai's ``train_bn=True`` recipe is
     ``gg.freeze(model, "backbone", exclude=gg.norms)``.
 
     Args:
@@ -387,7 +389,14 @@ def norms(name: str, module: nn.Module) -> bool:
         >>> gg.select(net, gg.norms).roots
         ['1']
     """
-    return isinstance(module, _TORCH_NORMS) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    # A name alone also fits a wrapper (``PreNorm`` holding a norm and a
+    # feed-forward); since a module selector takes its subtree, only a class
+    # whose children own no parameters (timm's act/drop) counts as a norm.
+    return bool(_NORM_CLASS_NAME.search(type(module).__name__)) and not any(
+        next(child.parameters(), None) is not None for child in module.children()
+    )
 
 
 @dataclass(frozen=True)
