@@ -155,6 +155,34 @@ def test_refuses_trainable_or_nondeterministic_front_end() -> None:
         gg.FeatureCache(nn.Identity(), [(torch.randn(4),)], store="ram")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("dtype", torch.int8, "torch.int8"),
+        ("dtype", torch.uint8, "torch.uint8"),
+        ("dtype", torch.bool, "torch.bool"),
+        ("dtype", torch.complex64, "torch.complex64"),
+        ("dtype", "float16", "'float16'"),
+        ("batch_size", 2.5, "batch_size must be a positive int; got 2.5"),
+        ("batch_size", 0, "batch_size must be a positive int; got 0"),
+        ("batch_size", True, "batch_size must be a positive int; got True"),
+    ],
+)
+def test_storage_dtype_and_batch_size_are_checked(
+    tmp_path: Path, option: str, value: object, message: str
+) -> None:
+    # an int8 or bool store would truncate every feature without a word
+    front = nn.Linear(2, 3)
+    gg.freeze(front)
+    data = TensorDataset(torch.randn(4, 2) * 3)
+    with pytest.raises(gg.InvalidArgumentError) as info:
+        gg.FeatureCache(front, data, store="disk", path=tmp_path, progress=False, **{option: value})
+    assert message in str(info.value)
+    if option == "dtype":
+        assert "torch.float16, torch.bfloat16, torch.float32, torch.float64" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_input_fn_and_plain_lists() -> None:
     items = [{"img": torch.full((2,), float(i)), "label": i} for i in range(5)]
     cache = gg.FeatureCache(nn.Identity(), items, input_fn=lambda d: d["img"], progress=False)

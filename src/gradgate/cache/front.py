@@ -31,6 +31,8 @@ __all__ = ["FeatureCache", "collate_rows"]
 
 _NONDETERMINISTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 _SAMPLED = 16  # items keyed and compared under verify="sample"
+# Integer, bool and complex storage would truncate or reinterpret features.
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _StoreKind(enum.Enum):
@@ -204,8 +206,8 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         store: ``"memory"`` or ``"disk"``.
         path: the folder of a disk store (one cache per folder).
         batch_size: batch size of the building pass.
-        dtype: storage dtype (``torch.bfloat16``/``float16`` halve memory);
-            features are read back in the front-end's own dtype.
+        dtype: storage dtype, a floating one (``torch.bfloat16``/``float16``
+            halve memory); features are read back in the front-end's own dtype.
         num_workers: DataLoader workers for the reading passes (started once).
         progress: show a progress bar while building.
         input_fn: how to get the front-end input from an item; it must be
@@ -258,8 +260,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self._verify = choice(_Verify, "verify", verify)
         if kind is _StoreKind.DISK and path is None:
             raise InvalidArgumentError("store='disk' needs path= (a folder for the cache)")
-        if batch_size < 1:
-            raise InvalidArgumentError(f"batch_size must be positive; got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
+        if dtype is not None and dtype not in _STORAGE_DTYPES:
+            raise InvalidArgumentError(
+                f"FeatureCache cannot store features as dtype={dtype!r}: storage must be a "
+                f"floating dtype, one of {', '.join(map(str, _STORAGE_DTYPES))} (or None for "
+                "the front-end's own dtype)"
+            )
         if num_workers < 0:
             raise InvalidArgumentError(f"num_workers must be 0 or more; got {num_workers}")
         self.store = kind.value
