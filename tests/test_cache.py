@@ -3,7 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -169,7 +169,7 @@ def test_refuses_trainable_or_nondeterministic_front_end() -> None:
     ],
 )
 def test_storage_dtype_and_batch_size_are_checked(
-    tmp_path: Path, option: str, value: object, message: str
+    tmp_path: Path, option: str, value: Any, message: str
 ) -> None:
     # an int8 or bool store would truncate every feature without a word
     front = nn.Linear(2, 3)
