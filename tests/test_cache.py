@@ -190,6 +190,37 @@ def test_input_fn_and_plain_lists() -> None:
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
+def test_mapping_items_pass_through_whole_so_the_label_is_kept(
+    tmp_path: Path, store: Literal["memory", "disk"]
+) -> None:
+    items = [{"img": torch.full((2,), float(i)), "label": i} for i in range(5)]
+    path = tmp_path if store == "disk" else None
+    cache = gg.FeatureCache(
+        nn.Identity(), items, store=store, path=path, input_fn=lambda d: d["img"], progress=False
+    )
+    feats, item = cache[3]
+    assert torch.equal(feats, torch.full((2,), 3.0))
+    assert item["label"] == 3 and torch.equal(item["img"], feats)
+    fast = list(cache.loader(batch_size=2))
+    plain = list(DataLoader(cache, batch_size=2))
+    assert [b[1]["label"].tolist() for b in fast] == [[0, 1], [2, 3], [4]]
+    assert [b[1]["label"].tolist() for b in plain] == [[0, 1], [2, 3], [4]]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(fast, plain, strict=True))
+
+
+def test_tuple_items_pass_their_tail_whatever_input_fn_reads() -> None:
+    items = [(i, torch.full((2,), float(i))) for i in range(3)]  # (label, image)
+    cache = gg.FeatureCache(nn.Identity(), items, input_fn=lambda it: it[1], progress=False)
+    feats, passed = cache[2]
+    assert torch.equal(feats, torch.full((2,), 2.0)) and torch.equal(passed, feats)
+
+
+def test_item_without_an_obvious_input_asks_for_input_fn() -> None:
+    with pytest.raises(gg.InvalidArgumentError, match=r"item of type str.*pass input_fn="):
+        gg.FeatureCache(nn.Identity(), ["ab", "cd"], progress=False)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
 def test_collate_fn_gives_the_same_batches_as_default_collation(
     tmp_path: Path, store: Literal["memory", "disk"]
 ) -> None:
