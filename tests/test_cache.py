@@ -3,7 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -155,10 +155,69 @@ def test_refuses_trainable_or_nondeterministic_front_end() -> None:
         gg.FeatureCache(nn.Identity(), [(torch.randn(4),)], store="ram")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("dtype", torch.int8, "torch.int8"),
+        ("dtype", torch.uint8, "torch.uint8"),
+        ("dtype", torch.bool, "torch.bool"),
+        ("dtype", torch.complex64, "torch.complex64"),
+        ("dtype", "float16", "'float16'"),
+        ("batch_size", 2.5, "batch_size must be a positive int; got 2.5"),
+        ("batch_size", 0, "batch_size must be a positive int; got 0"),
+        ("batch_size", True, "batch_size must be a positive int; got True"),
+    ],
+)
+def test_storage_dtype_and_batch_size_are_checked(
+    tmp_path: Path, option: str, value: Any, message: str
+) -> None:
+    # an int8 or bool store would truncate every feature without a word
+    front = nn.Linear(2, 3)
+    gg.freeze(front)
+    data = TensorDataset(torch.randn(4, 2) * 3)
+    with pytest.raises(gg.InvalidArgumentError) as info:
+        gg.FeatureCache(front, data, store="disk", path=tmp_path, progress=False, **{option: value})
+    assert message in str(info.value)
+    if option == "dtype":
+        assert "torch.float16, torch.bfloat16, torch.float32, torch.float64" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_input_fn_and_plain_lists() -> None:
     items = [{"img": torch.full((2,), float(i)), "label": i} for i in range(5)]
     cache = gg.FeatureCache(nn.Identity(), items, input_fn=lambda d: d["img"], progress=False)
     assert torch.equal(cache[3][0], torch.full((2,), 3.0))
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_mapping_items_pass_through_whole_so_the_label_is_kept(
+    tmp_path: Path, store: Literal["memory", "disk"]
+) -> None:
+    items = [{"img": torch.full((2,), float(i)), "label": i} for i in range(5)]
+    path = tmp_path if store == "disk" else None
+    cache = gg.FeatureCache(
+        nn.Identity(), items, store=store, path=path, input_fn=lambda d: d["img"], progress=False
+    )
+    feats, item = cache[3]
+    assert torch.equal(feats, torch.full((2,), 3.0))
+    assert item["label"] == 3 and torch.equal(item["img"], feats)
+    fast = list(cache.loader(batch_size=2))
+    plain = list(DataLoader(cache, batch_size=2))
+    assert [b[1]["label"].tolist() for b in fast] == [[0, 1], [2, 3], [4]]
+    assert [b[1]["label"].tolist() for b in plain] == [[0, 1], [2, 3], [4]]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(fast, plain, strict=True))
+
+
+def test_tuple_items_pass_their_tail_whatever_input_fn_reads() -> None:
+    items = [(i, torch.full((2,), float(i))) for i in range(3)]  # (label, image)
+    cache = gg.FeatureCache(nn.Identity(), items, input_fn=lambda it: it[1], progress=False)
+    feats, passed = cache[2]
+    assert torch.equal(feats, torch.full((2,), 2.0)) and torch.equal(passed, feats)
+
+
+def test_item_without_an_obvious_input_asks_for_input_fn() -> None:
+    with pytest.raises(gg.InvalidArgumentError, match=r"item of type str.*pass input_fn="):
+        gg.FeatureCache(nn.Identity(), ["ab", "cd"], progress=False)
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])

@@ -207,6 +207,47 @@ def test_norms_matches_every_family() -> None:
     assert all(int(n.split(".")[0]) >= len(norms) for n in kept)
 
 
+class GroupNormAct(nn.Module):
+    """timm's ``*NormAct`` shape: a norm whose children (act, drop) own no parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+        self.act = nn.SiLU()
+        self.drop = nn.Dropout(0.1)
+
+
+class FeedForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+
+
+class PreNorm(nn.Module):
+    """lucidrains' wrapper: named like a norm, but it holds a feed-forward too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.fn = FeedForward()
+
+
+def test_norms_excludes_only_the_norm_inside_a_norm_named_wrapper() -> None:
+    model = nn.Sequential(nn.Sequential(PreNorm(), PreNorm(), GroupNormAct()), nn.Linear(4, 2))
+    assert gg.select(model, gg.norms).roots == ["0.0.norm", "0.1.norm", "0.2"]
+    gg.freeze(model, "0", exclude=gg.norms)
+    trainable = [n for n, _ in gg.named_trainable_parameters(model)]
+    assert trainable == [
+        "0.0.norm.weight",
+        "0.0.norm.bias",
+        "0.1.norm.weight",
+        "0.1.norm.bias",
+        "0.2.weight",
+        "1.weight",
+        "1.bias",
+    ]
+
+
 class TimmLike(nn.Module):
     """A tiny model with timm's ``group_matcher`` convention."""
 

@@ -165,7 +165,7 @@ def accelerate(
         An ``Accelerated`` module.
 
     Raises:
-        InvalidArgumentError: the module still trains.
+        InvalidArgumentError: ``module`` is not a module, or still trains.
         AccelerationError: the copy's output differs from the original's.
 
     Example:
@@ -177,6 +177,11 @@ def accelerate(
         >>> [type(m).__name__ for m in fast.inner]
         ['Linear', 'Identity', 'Identity']
     """
+    if not isinstance(module, nn.Module):
+        raise InvalidArgumentError(
+            f"accelerate(module=...) needs an nn.Module (the frozen part to speed up); got "
+            f"{type(module).__name__} {module!r:.60}"
+        )
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     if trainable:
         raise InvalidArgumentError(

@@ -202,8 +202,8 @@ def save_trainable(
         The path written.
 
     Raises:
-        CheckpointError: a tensor cannot be stored (uninitialised lazy,
-            sparse), or the optimizer holds a foreign parameter or a value
+        CheckpointError: ``path`` is a directory, a tensor cannot be stored
+            (uninitialised lazy, sparse), or the optimizer holds a foreign parameter or a value
             that cannot be stored.
 
     Example:
@@ -217,6 +217,12 @@ def save_trainable(
     from ._deps import optional_import
 
     st = optional_import("safetensors.torch", "io")
+    dest = Path(path)
+    if dest.is_dir():
+        raise CheckpointError(
+            f"save_trainable(path={str(dest)!r}): that path is a directory; pass a file "
+            f"path, e.g. {str(dest / 'trainable.safetensors')!r}"
+        )
     opt = unwrap_optimizer(optimizer) if optimizer is not None else None
     state = {k: _full(v) for k, v in trainable_state(model).items()}
     total, per = _frozen_digests(model)
@@ -239,7 +245,6 @@ def save_trainable(
         tensors.update(opt_tensors)
         metadata["gradgate.optimizer"] = json.dumps(opt_meta)
     metadata[_DIGEST] = _payload_digest(tensors, metadata)
-    dest = Path(path)
     if not _is_writer():
         return dest  # under torch.distributed only rank 0 writes (all ranks gathered)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,27 @@ def _named_tensors(obj: TensorSource) -> list[tuple[str, torch.Tensor]]:
         with gc_paused():
             return [(e.name, e.tensor) for e in model_entries(ModelIndex(obj))]
     if isinstance(obj, Mapping):
-        return list(obj.items())
-    return list(obj)
+        pairs = list(obj.items())
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, torch.Tensor)):
+        pairs = list(obj)
+    else:
+        raise InvalidArgumentError(
+            f"fingerprint(obj) needs a module, a {{name: tensor}} mapping or (name, tensor) "
+            f"pairs; got obj={obj!r:.80}"
+        )
+    for i, pair in enumerate(pairs):
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], torch.Tensor)
+        ):
+            raise InvalidArgumentError(
+                f"fingerprint(obj) needs (name, tensor) pairs, but entry {i} of obj is "
+                f"{pair!r:.80}; pass a module, a {{name: tensor}} mapping or "
+                "model.named_parameters()"
+            )
+    return [(name, t) for name, t in pairs]
 
 
 def fingerprint(obj: TensorSource) -> str:
@@ -165,8 +184,9 @@ def fingerprint(obj: TensorSource) -> str:
         A hex SHA-256 string; any changed bit, name, shape or dtype changes it.
 
     Raises:
-        InvalidArgumentError: a tensor has no values (an uninitialised lazy
-            parameter, the meta device); the message names it.
+        InvalidArgumentError: ``obj`` is none of these, or a tensor has no
+            values (an uninitialised lazy parameter, the meta device); the
+            message names it.
 
     Example:
         >>> import torch, gradgate as gg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -154,6 +155,11 @@ def _cover(model: nn.Module, names: list[str]) -> list[str]:
     return out
 
 
+def _is_step(value: object) -> bool:
+    """A step or epoch count: a real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _as_stages(model: nn.Module, value: Stages | Sequence[Selector]) -> Stages:
     return value if isinstance(value, Stages) else Stages(model, list(value))
 
@@ -302,6 +308,16 @@ class GradualUnfreeze:
         rules: Rules = (),
         base_lr: float | None = None,
     ) -> None:
+        if isinstance(at, (str, bytes)) or not isinstance(at, Sequence):
+            raise InvalidArgumentError(
+                f"GradualUnfreeze(at=...) must be a list of steps, one per stage; got {at!r}"
+            )
+        wrong = [t for t in at if not _is_step(t)]
+        if wrong:
+            raise InvalidArgumentError(
+                f"GradualUnfreeze(at=...) must hold numbers (the step or epoch at which each "
+                f"stage unfreezes); got {wrong[0]!r} in at={list(at)!r}"
+            )
         self.wrapper: Rewrappable | None = model if isinstance(model, Rewrappable) else None
         model = self.wrapper.module if self.wrapper is not None else model
         self.model = model
@@ -442,6 +458,12 @@ class ProgressiveFreeze:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
     ) -> None:
+        for arg, value in (("start", start), ("end", end)):
+            if not _is_step(value):
+                raise InvalidArgumentError(
+                    f"ProgressiveFreeze({arg}=...) must be a number (a step or epoch); "
+                    f"got {value!r}"
+                )
         if end <= start:
             raise InvalidArgumentError(f"end must be after start; got start={start}, end={end}")
         self.model = model

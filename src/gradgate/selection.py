@@ -10,7 +10,9 @@ ranges and commas (``[6-11]``, ``[0,2,4-6]``) matches a whole-number segment
 in that set; any other bracket is a character class of single characters
 (``conv[12]`` matches ``conv1`` and ``conv2``, ``[!0-3]`` negates). Python
 slices (``[-4:]``) are not part of the grammar: they would depend on how many
-siblings exist, so write the range (``layer.[8-11]``). A malformed bracket is
+siblings exist, so write the range (``layer.[8-11]``); neither are negative
+indices, open ranges or empty items (``[-1]``, ``[1-]``, ``[0-3,]``), which
+are refused rather than read as character classes. A malformed bracket is
 an ``InvalidArgumentError`` naming the selector.
 """
 
@@ -45,6 +47,8 @@ Selector = Union[
 
 _NUMBERS = re.compile(r"\s*[0-9]+(?:\s*-\s*[0-9]+)?(?:\s*,\s*[0-9]+(?:\s*-\s*[0-9]+)?)*\s*")
 _WIDE_RANGE = re.compile(r"[0-9]{2}\s*-|-\s*[0-9]{2}")
+# Only number-set characters, but not a number set: [-1], [1-], [0-3,], [,].
+_NOT_NUMBERS = re.compile(r"[0-9,\s-]*[,-][0-9,\s-]*")
 _SLICE = re.compile(r"\s*-?[0-9]*\s*:\s*-?[0-9]*\s*(?::\s*-?[0-9]*\s*)?")
 
 
@@ -124,6 +128,12 @@ def _segment_regex(seg: str, other: str) -> str:
     """Translate one dotted segment of a glob; ``other`` is what ``*`` never crosses."""
     if seg.startswith("[") and seg.endswith("]") and _NUMBERS.fullmatch(seg[1:-1]):
         return _number_set(seg[1:-1])
+    if seg.startswith("[") and seg.endswith("]") and _NOT_NUMBERS.fullmatch(seg[1:-1]):
+        raise _Syntax(
+            f"[{seg[1:-1]}] is not a number set: negative indices, open ranges and empty "
+            "items are not supported; write whole numbers and closed ranges, e.g. "
+            "'layer.[8-11]' or 'layer.[0,2]'"
+        )
     out: list[str] = []
     i = 0
     while i < len(seg):
@@ -371,7 +381,9 @@ def norms(name: str, module: nn.Module) -> bool:
     convention of Hugging Face and timm, any class whose name ends in
     ``Norm``, ``Norm1d/2d/3d`` or ``NormAct``/``NormAct2d`` (``LlamaRMSNorm``,
     ``T5LayerNorm``, ``BatchNormAct2d``, ``LayerNorm2d``,
-    ``FrozenBatchNorm2d``). fastai's ``train_bn=True`` recipe is
+    ``FrozenBatchNorm2d``) whose submodules own no parameters: a wrapper
+    such as ``PreNorm`` (a norm and a feed-forward) is not a norm, its inner
+    norm is. fastai's ``train_bn=True`` recipe is
     ``gg.freeze(model, "backbone", exclude=gg.norms)``.
 
     Args:
@@ -387,7 +399,14 @@ def norms(name: str, module: nn.Module) -> bool:
         >>> gg.select(net, gg.norms).roots
         ['1']
     """
-    return isinstance(module, _TORCH_NORMS) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    # A name alone also fits a wrapper (``PreNorm`` holding a norm and a
+    # feed-forward); since a module selector takes its subtree, only a class
+    # whose children own no parameters (timm's act/drop) counts as a norm.
+    return bool(_NORM_CLASS_NAME.search(type(module).__name__)) and not any(
+        next(child.parameters(), None) is not None for child in module.children()
+    )
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,56 @@ def test_storage_dtype_is_keyed(tmp_path: Path) -> None:
     assert torch.equal(full.features(), _live(front, x))
 
 
+class Helped(nn.Module):
+    """A forward that reaches a helper method and a class attribute through ``self``."""
+
+    scale = 2.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._act(self.lin(x)) * self.scale
+
+
+def _tanh(self: Helped, x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x)
+
+
+_CLASS_CHANGES: dict[str, tuple[str, object]] = {
+    "class attribute": ("scale", 3.0),
+    "helper method": ("_act", _tanh),
+}
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+@pytest.mark.parametrize("change", list(_CLASS_CHANGES))
+def test_class_code_and_attributes_reached_through_self_are_keyed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: Literal["memory", "disk"], change: str
+) -> None:
+    torch.manual_seed(0)
+    front, x = Helped(), torch.randn(N, 3)
+    gg.freeze(front)
+    path = tmp_path if store == "disk" else None
+    cache = gg.FeatureCache(front, Items(x), store=store, path=path, progress=False)
+    before = cache.features()
+    monkeypatch.setattr(Helped, *_CLASS_CHANGES[change])
+    live = _live(front, x)
+    assert not torch.equal(before, live)
+    if store == "disk":
+        again = gg.FeatureCache(front, Items(x), store=store, path=path, progress=False)
+        assert again.rebuilt
+    else:
+        again = cache
+        with pytest.warns(RuntimeWarning, match="rebuilding"):
+            len(again)
+    assert torch.equal(again.features(), live)
+
+
 @pytest.mark.parametrize("kind", ["items", "tensor_dataset"])
 def test_one_changed_sample_rebuilds(tmp_path: Path, kind: str) -> None:
     front, x = _front(), _x()

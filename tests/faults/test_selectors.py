@@ -91,6 +91,17 @@ def test_deeply_nested_regex_is_an_invalid_argument() -> None:
         gg.select(MODEL, "re:encoder(")
 
 
+@pytest.mark.parametrize(
+    "selector", ["encoder.layer.[-1]", "encoder.layer.[1-]", "encoder.layer.[0-3,]", "**.[,]"]
+)
+def test_negative_index_or_open_range_is_refused_not_read_as_a_class(selector: str) -> None:
+    # as a class of characters, '[-1]' would silently select layer 1
+    with pytest.raises(gg.InvalidArgumentError) as info:
+        gg.select(MODEL, selector)
+    assert repr(selector) in str(info.value)
+    assert "negative indices, open ranges and empty items are not supported" in str(info.value)
+
+
 def test_many_double_stars_do_not_backtrack_forever() -> None:
     with pytest.raises(gg.NoMatchError):
         gg.select(MODEL, ".".join(["**"] * 40 + ["nothing"]))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import numbers
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
@@ -31,6 +33,8 @@ __all__ = ["FeatureCache", "collate_rows"]
 
 _NONDETERMINISTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 _SAMPLED = 16  # items keyed and compared under verify="sample"
+# Integer, bool and complex storage would truncate or reinterpret features.
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _StoreKind(enum.Enum):
@@ -44,11 +48,23 @@ class _Verify(enum.Enum):
 
 
 def _first(item: Any) -> Any:
-    return item[0] if isinstance(item, (tuple, list)) else item
+    """The default input function: the first element of a tuple, else the item itself."""
+    if isinstance(item, (tuple, list)):
+        return item[0]
+    if isinstance(item, (Mapping, torch.Tensor, np.ndarray, numbers.Number)):
+        return item
+    raise InvalidArgumentError(
+        f"FeatureCache cannot tell the front-end input in a dataset item of type "
+        f"{type(item).__name__}: items are tuples (input, *rest), mappings or tensors; "
+        "pass input_fn= to take the input out of the item"
+    )
 
 
 def _rest(item: Any) -> tuple[Any, ...]:
-    return tuple(item[1:]) if isinstance(item, (tuple, list)) else ()
+    """What is passed through: a tuple's tail, a mapping whole (whatever input_fn read)."""
+    if isinstance(item, (tuple, list)):
+        return tuple(item[1:])
+    return (item,) if isinstance(item, Mapping) else ()
 
 
 @dataclass
@@ -136,9 +152,9 @@ class _Rows(Sequence[_Row]):
 def collate_rows(rows: Sequence[Any]) -> Any:
     """Collate a batch read by ``FeatureCache.__getitems__``: the batch itself, not re-stacked.
 
-    The batch as ``__getitems__`` returned it comes back as its columns;
-    anything else (rows picked or reordered) goes through torch's
-    ``default_collate``.
+    The batch as ``__getitems__`` returned it comes back as its columns
+    (a column of mappings as one mapping of batched values); anything else
+    (rows picked or reordered) goes through torch's ``default_collate``.
 
     Example:
         >>> import torch
@@ -149,7 +165,13 @@ def collate_rows(rows: Sequence[Any]) -> Any:
         tensor([5])
     """
     if type(rows) is _Rows:
-        return list(rows.columns)
+        # Passed-through mappings batch as default_collate does: one dict of columns.
+        return [
+            default_collate(col)
+            if isinstance(col, list) and col and isinstance(col[0], Mapping)
+            else col
+            for col in rows.columns
+        ]
     return default_collate([tuple(r) for r in rows])
 
 
@@ -160,8 +182,9 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     ``torch.inference_mode`` (with a progress bar); afterwards every read is a
     lookup. The cache key covers everything that determines the features:
     the front-end's weights, buffers, structure and parameter-free settings
-    (module types, forward code, attributes such as a LeakyReLU slope or a
-    conv stride, forward hooks), the input function (code and every value it
+    (module types, the code of every method and the plain class attributes
+    that forward reaches through ``self``, attributes such as a LeakyReLU
+    slope or a conv stride, forward hooks), the input function (code and every value it
     reads), the storage dtype, the torch version, and every sample.
 
     The key is checked when the cache is opened, once in every process that
@@ -199,17 +222,24 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         front_end: the frozen module; no trainable parameter allowed, and
             BatchNorm/Dropout must be in inference mode (``gg.freeze`` does it).
         dataset: items are tuples whose first element is the front-end input
-            (or see ``input_fn``); the rest is passed through.
+            (or see ``input_fn``); the rest (``item[1:]``) is passed through.
+            A mapping item (a dict) is passed through whole, so a sample
+            reads ``(features, item)`` and keeps its label. A tensor, array
+            or number item is the input itself, with nothing passed through.
         store: ``"memory"`` or ``"disk"``.
         path: the folder of a disk store (one cache per folder).
         batch_size: batch size of the building pass.
-        dtype: storage dtype (``torch.bfloat16``/``float16`` halve memory);
-            features are read back in the front-end's own dtype.
+        dtype: storage dtype, a floating one (``torch.bfloat16``/``float16``
+            halve memory); features are read back in the front-end's own dtype.
         num_workers: DataLoader workers for the reading passes (started once).
         progress: show a progress bar while building.
         input_fn: how to get the front-end input from an item; it must be
             hashable by value (a function, lambda or ``functools.partial`` over
-            data), else it is refused with ``InvalidArgumentError``.
+            data), else it is refused with ``InvalidArgumentError``. It does
+            not change what is passed through: for a tuple item that is still
+            ``item[1:]`` (so ``input_fn=lambda it: it[1]`` on ``(label, image)``
+            items passes the image again, not the label), for a mapping the
+            whole item.
         dataset_key: a string naming what the dataset and input function
             produce; it replaces reading and hashing the samples (and the
             determinism check), so it must change whenever they do.
@@ -257,8 +287,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self._verify = choice(_Verify, "verify", verify)
         if kind is _StoreKind.DISK and path is None:
             raise InvalidArgumentError("store='disk' needs path= (a folder for the cache)")
-        if batch_size < 1:
-            raise InvalidArgumentError(f"batch_size must be positive; got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
+        if dtype is not None and dtype not in _STORAGE_DTYPES:
+            raise InvalidArgumentError(
+                f"FeatureCache cannot store features as dtype={dtype!r}: storage must be a "
+                f"floating dtype, one of {', '.join(map(str, _STORAGE_DTYPES))} (or None for "
+                "the front-end's own dtype)"
+            )
         if num_workers < 0:
             raise InvalidArgumentError(f"num_workers must be 0 or more; got {num_workers}")
         self.store = kind.value

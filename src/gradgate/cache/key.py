@@ -14,6 +14,7 @@ import enum
 import functools
 import hashlib
 import re
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,11 @@ _SKIPPED = frozenset(
 _CODE_DIGESTS: weakref.WeakKeyDictionary[types.CodeType, tuple[str, frozenset[str]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+# Classes whose digest is being computed, per thread: a method that reaches an
+# instance of its own class is keyed by the class name there, not followed.
+_DIGESTING = threading.local()
 
 
 class Unkeyable(Exception):
@@ -254,11 +260,63 @@ def _sub_digest(obj: Any, strict: bool) -> str:
     return sub.hexdigest()
 
 
-def module_digests(module: nn.Module) -> list[tuple[str, str]]:
-    """One digest per submodule: its type, forward code, settings and tensors.
+def _function_of(value: Any) -> types.FunctionType | None:
+    """The function a class attribute runs when reached through an instance, if any."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    elif isinstance(value, functools.cached_property):
+        value = value.func
+    return value if isinstance(value, types.FunctionType) else None
 
-    Settings are every attribute that is not a parameter, buffer or child
-    (a LeakyReLU slope, a conv stride, an activation function), plus the
+
+def _class_digest(cls: type) -> str:
+    """A class as forward sees it through ``self``: every function's code and plain setting.
+
+    torch's own classes change only with torch, so they are named with its version.
+
+    Example:
+        >>> class A(torch.nn.Module):
+        ...     scale = 2.0
+        >>> before = _class_digest(A)
+        >>> A.scale = 3.0
+        >>> before == _class_digest(A)
+        False
+    """
+    h = ValueHasher(strict=False)
+    h._tag(f"class:{_qualified(cls)}")
+    digesting = _DIGESTING.__dict__.setdefault("classes", set())
+    if cls.__module__.split(".")[0] == "torch":
+        h._tag(f"torch:{torch.__version__}")
+        return h.hexdigest()
+    if cls in digesting:  # its methods reach an instance of itself (a module-level registry)
+        h._tag("cycle")
+        return h.hexdigest()
+    digesting.add(cls)
+    try:
+        plain = []
+        for attr, value in sorted(vars(cls).items()):
+            fn = _function_of(value)
+            if fn is not None:
+                h._tag(f"def:{attr}")
+                h._add_function(fn)
+            # Dunder settings (__doc__, __firstlineno__) do not reach forward.
+            elif not (attr.startswith("__") and attr.endswith("__")) and _plain(value):
+                plain.append((attr, value))
+        h._tag(f"plain:{plain!r}")
+    finally:
+        digesting.discard(cls)
+    return h.hexdigest()
+
+
+def module_digests(module: nn.Module) -> list[tuple[str, str]]:
+    """One digest per submodule: its classes, settings and tensors.
+
+    Classes: the code of every method (forward and the helpers it calls
+    through ``self``) and every plain class attribute, along the whole MRO.
+    Settings are every instance attribute that is not a parameter, buffer or
+    child (a LeakyReLU slope, a conv stride, an activation function), plus the
     forward hooks. Sticky eval (gradgate's own marker) is left out.
 
     Example:
@@ -268,12 +326,16 @@ def module_digests(module: nn.Module) -> list[tuple[str, str]]:
         (False, True)
     """
     out = []
+    classes: dict[type, str] = {}
     for name, m in module.named_modules(remove_duplicate=False):
         h = ValueHasher(strict=False)
         h._tag(f"type:{_qualified(type(m))}")
-        forward = getattr(type(m), "forward", None)
-        if isinstance(forward, types.FunctionType):
-            h._add_function(forward)
+        for cls in type(m).__mro__:
+            if cls is nn.Module or cls is object:
+                continue
+            if cls not in classes:
+                classes[cls] = _class_digest(cls)
+            h._tag(f"class:{classes[cls]}")
         script = getattr(m, "code", None)
         if isinstance(script, str):  # TorchScript keeps its program here
             h._tag(f"script:{script}")

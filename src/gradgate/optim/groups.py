@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import subtensor
@@ -66,6 +68,32 @@ class LayerDecay:
         """The learning-rate multiplier of each stage, front to back."""
         n = len(self.stages)
         return [self.decay ** (n - 1 - i) for i in range(n)]
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_layer_decay(layer_decay: object) -> None:
+    """Refuse a malformed ``layer_decay`` before any group is built."""
+    if not isinstance(layer_decay, LayerDecay):
+        raise InvalidArgumentError(
+            f"param_groups(layer_decay=...) must be (decay, stages) or a LayerDecay; got "
+            f"{layer_decay!r}"
+        )
+    decay, stages = layer_decay.decay, layer_decay.stages
+    if not _is_number(decay) or not float(decay) > 0:
+        raise InvalidArgumentError(
+            f"param_groups(layer_decay=...): decay must be a positive number such as 0.75; "
+            f"got {decay!r}"
+        )
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+        raise InvalidArgumentError(
+            f"param_groups(layer_decay=...): stages must be a list of selectors, front to "
+            f"back, e.g. ['encoder.layer.[0-5]', 'encoder.layer.[6-11]']; got {stages!r}"
+        )
 
 
 def rule_items(rules: Rules) -> list[tuple[Selector, Mapping[str, Any]]]:
@@ -158,6 +186,10 @@ def param_groups(
         A list of group dicts: ``params``, ``param_names``, ``lr``,
         ``weight_decay`` and any rule options.
 
+    Raises:
+        InvalidArgumentError: ``lr`` or ``weight_decay`` is not a number (or a
+            scalar tensor), ``layer_decay`` is malformed, or nothing trains.
+
     Example:
         >>> import torch, gradgate as gg
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
@@ -166,6 +198,20 @@ def param_groups(
         [(['0.weight'], 0.01), (['0.bias', '1.weight', '1.bias'], 0.0)]
         >>> opt = torch.optim.AdamW(groups)
     """
+    for arg, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if not _is_number(value):
+            raise InvalidArgumentError(
+                f"param_groups({arg}=...) must be a number (or a scalar tensor); got {value!r}"
+            )
+    if isinstance(layer_decay, tuple):
+        if len(layer_decay) != 2:
+            raise InvalidArgumentError(
+                f"param_groups(layer_decay=...) must be (decay, stages) or a LayerDecay; got "
+                f"{layer_decay!r}"
+            )
+        layer_decay = LayerDecay(stages=layer_decay[1], decay=layer_decay[0])
+    if layer_decay is not None:
+        _check_layer_decay(layer_decay)
     rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
     named = [
         (n, rows.get(id(p), p)) for n, p in ModelIndex(model).params.items() if p.requires_grad
@@ -174,8 +220,6 @@ def param_groups(
         raise InvalidArgumentError(
             f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"
         )
-    if isinstance(layer_decay, tuple):
-        layer_decay = LayerDecay(stages=layer_decay[1], decay=layer_decay[0])
     decay_off: set[str] = set()
     if no_decay is not None:
         sels = list(no_decay) if isinstance(no_decay, (list, tuple)) else [no_decay]
