@@ -18,6 +18,21 @@ from gradgate.integrations.lightning import GradgateFinetuning
 from integrations import frameworks as fw
 
 
+class DestroyProcessGroup(pl.Callback):
+    """Each rank leaves its gloo group before the spawned process exits.
+
+    A rank that exits with the group alive can abort in gloo's C++ teardown
+    ("terminate called without an active exception") after a finished fit.
+    """
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 class EpochFingerprints(pl.Callback):
     """Each rank writes the fingerprint of every part after every epoch."""
 
@@ -45,6 +60,7 @@ def test_ddp_ranks_identical_after_every_epoch_across_an_unfreeze(tmp_path: Path
         callbacks=[
             GradgateFinetuning(["backbone", "late"], unfreeze=[(1, "late")], guard="both"),
             EpochFingerprints(str(tmp_path)),
+            DestroyProcessGroup(),
         ],
     )
     data = fw.image_data()
