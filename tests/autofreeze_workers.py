@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,9 @@ def run(rank: int, init: str, out: str) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A finished rank leaves at once: torch's C++ teardown at interpreter exit
+    # sometimes aborts ("terminate called without an active exception") after a
+    # clean run, which spawn would report as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
