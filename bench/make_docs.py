@@ -51,7 +51,8 @@ Measured with `gradgate bench`, always the same way: strategies interleaved
 (`--repeats`); median and min-max; ratios are
 medians of per-repetition ratios. Peak RSS is `ru_maxrss` of a fresh process running one
 strategy alone. Raw JSON and PNG plots are in `docs/bench/`; this page is written by
-`python bench/make_docs.py OUT` from them (OUT: the folder the commands below wrote into; `docs/bench` regenerates in place). The machine is the shared 2-core CI machine:
+`python bench/make_docs.py OUT` from them (OUT: the folder the commands below wrote into;
+`docs/bench` regenerates in place). The machine is the shared 2-core CI machine:
 absolute seconds are noisy, ratios measured in one run are what to compare.
 """
 
