@@ -6,20 +6,15 @@ the ranks, so a disagreement shows up as a readable test failure.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import gradgate as gg
+from spawn_harness import run_ranks
 
 SCENARIOS = ["wrapped", "local"]
 
@@ -93,21 +88,4 @@ def local(rank: int) -> dict[str, Any]:
 
 def run(rank: int, init: str, out: str) -> None:
     """Entry point for ``torch.multiprocessing.spawn``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init}", rank=rank, world_size=2,
-        timeout=timedelta(seconds=300),
-    )  # fmt: skip
-    try:
-        for name in SCENARIOS:
-            result = globals()[name](rank)
-            (Path(out) / f"{name}.{rank}.json").write_text(json.dumps(result))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # A finished rank leaves at once: torch's C++ teardown at interpreter exit
-    # sometimes aborts ("terminate called without an active exception") after a
-    # clean run, which spawn would report as a failed rank.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_ranks(rank, init, out, SCENARIOS, lambda name, r, _: globals()[name](r))

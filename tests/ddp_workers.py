@@ -7,10 +7,6 @@ and asserts, so a failing check shows up as a readable test failure.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,7 @@ from torch import nn
 
 import gradgate as gg
 from gradgate import distributed as ggd
+from spawn_harness import run_ranks
 
 
 class Net(nn.Module):
@@ -207,31 +204,16 @@ def cache(rank: int, out: Path) -> dict[str, Any]:
     return {"rebuilt": c.rebuilt, "exact": exact}
 
 
+def _scenario(name: str, rank: int, out: Path) -> Any:
+    if name == "fail":
+        if rank == 1:
+            raise RuntimeError("boom on rank 1")
+        dist.barrier()  # rank 0 waits for a peer that died
+        return None
+    fn: Any = globals()[name]
+    return fn(rank, out) if name in ("fsdp2", "cache") else fn(rank)
+
+
 def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:
     """Entry point for ``torch.multiprocessing.spawn``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init}", rank=rank, world_size=2,
-        timeout=timedelta(seconds=300),
-    )  # fmt: skip
-    try:
-        outp = Path(out)
-        for name in scenarios:
-            if name == "fail":
-                if rank == 1:
-                    raise RuntimeError("boom on rank 1")
-                dist.barrier()  # rank 0 waits for a peer that died
-                continue
-            fn: Any = globals()[name]
-            result = fn(rank, outp) if name in ("fsdp2", "cache") else fn(rank)
-            (outp / f"{name}.{rank}.json").write_text(json.dumps(result))
-            dist.barrier()
-    finally:
-        if os.environ.get("GG_KEEP_PG") is None:
-            dist.destroy_process_group()
-    # A finished rank leaves at once: torch's C++ teardown at interpreter exit
-    # sometimes aborts ("terminate called without an active exception") after a
-    # clean run, which spawn would report as a failed rank.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_ranks(rank, init, out, scenarios, _scenario)

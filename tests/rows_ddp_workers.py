@@ -6,11 +6,6 @@ Each scenario writes ``<out>/<scenario>.<rank>.json``; the pytest side asserts.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import sys
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +15,7 @@ from torch import nn
 
 import gradgate as gg
 from gradgate import distributed as ggd
+from spawn_harness import run_ranks
 
 VOCAB, DIM = 200, 16
 NEW = [198, 199]  # 1% of the rows: the new tokens
@@ -131,22 +127,4 @@ def rows_no_sync(rank: int) -> dict[str, Any]:
 
 def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:
     """Entry point for ``torch.multiprocessing.spawn``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init}", rank=rank, world_size=2,
-        timeout=timedelta(seconds=300),
-    )  # fmt: skip
-    try:
-        for name in scenarios:
-            result = globals()[name](rank)
-            (Path(out) / f"{name}.{rank}.json").write_text(json.dumps(result))
-            dist.barrier()
-    finally:
-        if os.environ.get("GG_KEEP_PG") is None:
-            dist.destroy_process_group()
-    # A finished rank leaves at once: torch's C++ teardown at interpreter exit
-    # sometimes aborts ("terminate called without an active exception") after a
-    # clean run, which spawn would report as a failed rank.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_ranks(rank, init, out, scenarios, lambda name, r, _: globals()[name](r))
