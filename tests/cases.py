@@ -14,11 +14,11 @@ from gradgate.tools.seed import Agent
 class TiedLM(nn.Module):
     """Embedding and decoder share one weight (tied weights)."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocab: int = 11, dim: int = 8) -> None:
         super().__init__()
-        self.embed = nn.Embedding(11, 8)
-        self.body = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
-        self.decoder = nn.Linear(8, 11, bias=False)
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.decoder = nn.Linear(dim, vocab, bias=False)
         self.decoder.weight = self.embed.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

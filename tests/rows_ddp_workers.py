@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import cases
 import gradgate as gg
 from gradgate import distributed as ggd
 from spawn_harness import run_ranks
@@ -21,17 +22,11 @@ VOCAB, DIM = 200, 16
 NEW = [198, 199]  # 1% of the rows: the new tokens
 
 
-class TiedLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM)
-        self.body = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh())
-        self.decoder = nn.Linear(DIM, VOCAB, bias=False)
-        self.decoder.weight = self.embed.weight
+class TiedLM(cases.TiedLM):
+    """``cases.TiedLM`` (embedding tied to the output layer) at this file's sizes."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.decoder(self.body(self.embed(x)))
-        return out
+    def __init__(self) -> None:
+        super().__init__(VOCAB, DIM)
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
