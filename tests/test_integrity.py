@@ -444,3 +444,43 @@ def test_fast_guard_sees_a_replacement_at_the_next_step_and_leaves_no_global_hoo
         opt.step()  # reported once; the new tensor is the baseline now
     assert g.steps == 3
     assert len(torch_module._global_parameter_registration_hooks) == hooks
+
+
+def test_a_guard_never_entered_warns_at_the_first_step_and_watches_nothing() -> None:
+    model = _frozen_head()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    g = gg.guard(model, opt)  # the mistake: no ``with``
+    model(torch.ones(2, 3)).sum().backward()
+    model[0].weight.grad = torch.zeros(3, 3)
+    with pytest.warns(RuntimeWarning, match=r"an optimizer step ran but gg\.guard\(Sequential"):
+        opt.step()
+    assert g.steps == 0 and g.violations == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # warned once; the hook is gone
+        del g
+
+
+def test_a_guard_dropped_without_being_entered_warns() -> None:
+    model = _frozen_head()
+    with pytest.warns(RuntimeWarning, match="the guard was dropped but gg.guard"):
+        gg.guard(model)
+
+
+@pytest.mark.parametrize("how", ["with", "enter"])
+def test_an_entered_guard_never_warns_that_it_was_not_entered(how: str) -> None:
+    model = _frozen_head()
+    opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = gg.guard(model, opt)
+        if how == "with":
+            with g:
+                opt.step()
+        else:
+            g.__enter__()
+            opt.step()
+            g.__exit__(None, None, None)
+        opt.step()
+        assert g.steps == 1
+        del g

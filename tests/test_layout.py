@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,137 @@ print(json.dumps({
     ).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report == {"loaded": [], "collate_added": []}
+
+
+ARCHITECTURE = SRC.parent.parent / "docs" / "architecture.md"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def _edges() -> dict[str, set[str]]:
+    """Module -> the gradgate modules it imports anywhere (function-level imports included)."""
+    out: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        found: set[str] = set()
+        for base, item in _imports(path):
+            for target in (f"{base}.{item}", base):  # ``from . import x`` names module x
+                while target and target not in MODULES:
+                    target = target.rpartition(".")[0]
+                if target:
+                    break
+            if target.startswith("gradgate") and target != name:
+                found.add(target)
+        out[name] = found
+    return out
+
+
+def _layers() -> dict[str, int]:
+    """Module -> its layer, read from the layer table of docs/architecture.md."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    layer_of: dict[str, int] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].isdigit():
+            continue
+        for module in re.findall(r"`([^`]+)`", cells[2]):
+            layer_of["gradgate" if module == "gradgate" else f"gradgate.{module}"] = int(cells[0])
+    return layer_of
+
+
+def _layer(layer_of: dict[str, int], module: str) -> int | None:
+    if module in layer_of:
+        return layer_of[module]
+    if f"{module}.*" in layer_of:  # the package of a ``tools.*`` row
+        return layer_of[f"{module}.*"]
+    package = module.rpartition(".")[0]
+    return layer_of.get(f"{package}.*") if package else None
+
+
+def test_every_module_has_a_layer_in_the_architecture_doc() -> None:
+    layer_of = _layers()
+    missing = sorted(m for m in MODULES if _layer(layer_of, m) is None)
+    unknown = sorted(m for m in layer_of if not m.endswith(".*") and m not in MODULES)
+    assert (missing, unknown) == ([], []), (
+        f"docs/architecture.md's layer table lacks {missing} and names modules that do not "
+        f"exist {unknown}"
+    )
+
+
+def test_each_module_imports_only_from_layers_above_it() -> None:
+    layer_of = _layers()
+    wrong = []
+    for module, targets in sorted(_edges().items()):
+        mine = _layer(layer_of, module)
+        for target in sorted(targets):
+            theirs = _layer(layer_of, target)
+            if mine is None or theirs is None:
+                continue  # reported by the test above
+            if module.startswith("gradgate.tools") and target.startswith("gradgate.tools"):
+                continue  # tools among themselves: only the cycle test applies
+            if theirs >= mine:
+                wrong.append(f"{module} (layer {mine}) imports {target} (layer {theirs})")
+    assert wrong == []
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    component.append(top)
+                    if top == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycle_anywhere_in_the_package() -> None:
+    edges = _edges()
+    # A package's __init__ importing its own children is no cycle of design.
+    plain = {
+        m: {t for t in ts if not (MODULES[m].name == "__init__.py" and t.startswith(m + "."))}
+        for m, ts in edges.items()
+    }
+    assert _cycles(plain) == []
+
+
+def test_the_cycle_finder_finds_a_function_level_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from . import distributed
+from ._version import __version__
 from .acceleration import Accelerated, accelerate
 from .cache import FeatureCache
 from .checkpoint import load_trainable, save_trainable
@@ -39,14 +40,13 @@ from .freezing import (
     trainable_parameters,
     unfreeze,
 )
-from .integrity import Guard, fingerprint, guard
+from .hashing import fingerprint
+from .integrity import Guard, guard
 from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sync
 from .reports import GradReport, Summary, grad_report, summary
 from .schedules import GradualUnfreeze, ProgressiveFreeze, Stages, freeze_to, stages
 from .selection import Selection, Selector, norms, select
 from .subtensor import Rows, rows
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Accelerated",

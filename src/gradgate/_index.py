@@ -23,19 +23,33 @@ def owner_of(name: str) -> str:
     return head
 
 
-def prefixes(name: str) -> Iterator[str]:
-    """Yield '' and every dotted prefix of ``name``, ending with ``name`` itself."""
-    yield ""
-    if not name:
-        return
-    start = 0
-    while True:
-        dot = name.find(".", start)
-        if dot < 0:
-            yield name
-            return
-        yield name[:dot]
-        start = dot + 1
+class BuildCounter:
+    """How many model indexes were built while counting was on (see ``counting_builds``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_counters: list[BuildCounter] = []
+
+
+@contextlib.contextmanager
+def counting_builds() -> Iterator[BuildCounter]:
+    """Count every ``ModelIndex`` built inside the block (a test instrument; off by default).
+
+    Example:
+        >>> import torch
+        >>> with counting_builds() as c:
+        ...     _ = ModelIndex(torch.nn.Linear(1, 1))
+        >>> c.count
+        1
+    """
+    counter = BuildCounter()
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.remove(counter)
 
 
 class ModelIndex:
@@ -48,6 +62,8 @@ class ModelIndex:
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        for counter in _counters:
+            counter.count += 1
         self.model = model
         names: list[str] = []
         mods: list[nn.Module] = []
@@ -100,11 +116,6 @@ class ModelIndex:
         if self._modules is None:
             self._modules = dict(zip(self.names, self.mods))
         return self._modules
-
-    @property
-    def position(self) -> dict[str, int]:
-        """Module path -> its index in pre-order."""
-        return {n: i for i, n in enumerate(self.names)}
 
     def subtree_flags(self, roots: set[str]) -> list[bool]:
         """For each module (by position), whether it lies under one of ``roots``."""

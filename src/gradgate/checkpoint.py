@@ -23,12 +23,13 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from . import subtensor
-from ._index import ModelIndex, gc_paused
+from ._index import gc_paused
 from ._optimizers import unwrap_optimizer
+from ._state import ModelState
 from ._tempfiles import remove_orphans, temp_path
+from ._version import __version__
 from .errors import CheckpointError, CheckpointKeyError, FingerprintMismatch
-from .freezing import frozen_modules
-from .integrity import frozen_tensors, model_entries, named_digest, tensor_digest
+from .hashing import named_digest, tensor_digest
 
 __all__ = [
     "load_trainable",
@@ -57,21 +58,17 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         ['1.bias', '1.num_batches_tracked', '1.running_mean']
     """
     with gc_paused():
-        frozen = {id(m) for _, m in frozen_modules(model)}
-        out: dict[str, torch.Tensor] = {}
-        for e in model_entries(ModelIndex(model)):
-            trains = e.tensor.requires_grad if e.kind == "parameter" else id(e.owner) not in frozen
-            if trains:
-                out[e.name] = e.tensor
-        out.update(subtensor.trainable_rows_state(model))  # rows (issue 16): rows and their numbers
-        return out
+        return ModelState(model).trainable_state()
 
 
-def _frozen_digests(model: nn.Module) -> tuple[str, dict[str, str]]:
+def _frozen_digests(record: ModelState) -> tuple[str, dict[str, str]]:
     total = hashlib.sha256()
     per: dict[str, str] = {}
-    for name, t, _ in frozen_tensors(model):
-        d = named_digest(name, _full(t))
+    with gc_paused():
+        entries = record.frozen_entries(buffers=True)
+    for e in entries:
+        name = e.name
+        d = named_digest(name, _full(e.tensor))
         per[name] = d
         total.update(f"{name}\0{d}\n".encode())
     return total.hexdigest(), per
@@ -118,10 +115,10 @@ def _decode(spec: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 
 
 def _optimizer_payload(
-    optimizer: torch.optim.Optimizer, model: nn.Module
+    optimizer: torch.optim.Optimizer, record: ModelState
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    names = ModelIndex(model).canonical
-    names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
+    names = dict(record.index.canonical)
+    names.update({id(r): names[k] for k, r in record.trainable_rows().items()})  # rows
     tensors: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
     state: dict[str, dict[str, Any]] = {}
@@ -130,7 +127,7 @@ def _optimizer_payload(
         if missing:
             raise CheckpointError(
                 f"optimizer group {gi} holds a parameter that is not part of "
-                f"{type(model).__name__} (position {missing[0]} in the group); save each "
+                f"{type(record.model).__name__} (position {missing[0]} in the group); save each "
                 "model with the optimizer over its own parameters"
             )
         options = {
@@ -224,8 +221,10 @@ def save_trainable(
             f"path, e.g. {str(dest / 'trainable.safetensors')!r}"
         )
     opt = unwrap_optimizer(optimizer) if optimizer is not None else None
-    state = {k: _full(v) for k, v in trainable_state(model).items()}
-    total, per = _frozen_digests(model)
+    with gc_paused():
+        record = ModelState(model)
+        state = {k: _full(v) for k, v in record.trainable_state().items()}
+    total, per = _frozen_digests(record)
     tensors = {k: _storable(k, v) for k, v in state.items()}
     metadata = {
         "gradgate.format": _FORMAT,
@@ -241,7 +240,7 @@ def save_trainable(
         if len(per_json) <= _PER_TENSOR_BYTES:
             metadata["gradgate.frozen_digests"] = per_json
     if opt is not None:
-        opt_tensors, opt_meta = _optimizer_payload(opt, model)
+        opt_tensors, opt_meta = _optimizer_payload(opt, record)
         tensors.update(opt_tensors)
         metadata["gradgate.optimizer"] = json.dumps(opt_meta)
     metadata[_DIGEST] = _payload_digest(tensors, metadata)
@@ -274,8 +273,6 @@ def _is_writer() -> bool:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -326,8 +323,8 @@ def _json(meta: Mapping[str, str], key: str, path: Path) -> Any:
         raise CheckpointError(f"checkpoint {str(path)!r}: {key!r} is not valid JSON ({e})") from e
 
 
-def _check_base(model: nn.Module, meta: Mapping[str, str], path: Path) -> None:
-    total, per = _frozen_digests(model)
+def _check_base(record: ModelState, meta: Mapping[str, str], path: Path) -> None:
+    total, per = _frozen_digests(record)
     if "gradgate.frozen_fingerprint" not in meta:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks the frozen base's fingerprint")
     if total == meta["gradgate.frozen_fingerprint"]:
@@ -400,9 +397,12 @@ def load_trainable(
     if src.parent.is_dir():
         remove_orphans(src.parent)
     tensors, meta = _read(src)
+    with gc_paused():
+        record = ModelState(model)
     if strict:
-        _check_base(model, meta, src)
-    state = trainable_state(model)
+        _check_base(record, meta, src)
+    with gc_paused():
+        state = record.trainable_state()
     sharded = [k for k, v in state.items() if callable(getattr(v, "full_tensor", None))]
     if sharded:
         raise CheckpointError(
@@ -435,9 +435,9 @@ def load_trainable(
                 "are never cast on load: convert the model (or the file) to the saved dtype"
             )
     subtensor.check_rows(state, saved)  # rows (issue 16): the file's rows are the model's
-    opt_state = _optimizer_state(opt, model, tensors, meta, src) if opt is not None else None
+    opt_state = _optimizer_state(opt, record, tensors, meta, src) if opt is not None else None
     _apply(state, load, opt, opt_state, src)
-    subtensor.write_back_all(model)  # rows (issue 16): loaded rows reach W at once
+    subtensor.write_back_all(model, record.index)  # rows (issue 16): loaded rows reach W at once
     return meta
 
 
@@ -481,7 +481,7 @@ def _apply(
 
 def _optimizer_state(
     optimizer: torch.optim.Optimizer,
-    model: nn.Module,
+    record: ModelState,
     tensors: Mapping[str, torch.Tensor],
     meta: Mapping[str, str],
     src: Path,
@@ -501,8 +501,8 @@ def _optimizer_state(
             f"checkpoint {str(src)!r} holds {saved_cls} state; the optimizer "
             f"given is {type(optimizer).__name__}: build the same optimizer class before loading"
         )
-    names = ModelIndex(model).canonical
-    names.update({id(r): names[k] for k, r in subtensor.trainable_of(model).items()})  # rows
+    names = dict(record.index.canonical)
+    names.update({id(r): names[k] for k, r in record.trainable_rows().items()})  # rows
     current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
     if current != saved_names:
         raise CheckpointError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -14,8 +13,10 @@ from torch import nn
 
 from . import subtensor
 from ._events import Change, announce
-from ._index import ModelIndex, gc_paused, is_float, owner_of, trainable_flags
+from ._index import ModelIndex, gc_paused, is_float, owner_of
 from ._options import choice
+from ._state import ModelState
+from ._sticky import StickyEval, attach_mark, is_sticky, remove_mark
 from .errors import GradgateError, InvalidArgumentError, SharedParameterError
 from .selection import Selection, Selector, describe_selectors, resolve
 
@@ -57,220 +58,12 @@ def _set_flag(p: nn.Parameter, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def _children(module: nn.Module) -> list[nn.Module]:
-    return [c for c in module.__dict__["_modules"].values() if c is not None]
-
-
-def _any_trains(module: nn.Module) -> bool:
-    """Whether a parameter under ``module`` trains (iterative: no recursion limit)."""
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        d = m.__dict__
-        for p in d["_parameters"].values():
-            if p is not None and p.requires_grad:
-                return True
-        stack.extend(_children(m))
-    return False
-
-
-class _StickyEval:
-    """The mark of a module held in inference mode by a freeze; replaces its ``train``.
-
-    Stored on the module instance itself (the model is the only registry), so
-    it survives ``copy.deepcopy`` and ``torch.save``. ``anchor`` is the module
-    whose parameters decide: the module itself, or for a parameter-free module
-    the nearest ancestor with parameters (it takes its parent's state). The
-    hold lasts while no parameter under the anchor trains: the flags are the
-    truth, however they were changed. ``wanted`` is the mode the trainer last
-    asked for; the module returns to it when released.
-    """
-
-    def __init__(self, module: nn.Module, anchor: nn.Module, wanted: bool) -> None:
-        self.module = module
-        self.anchor = anchor
-        self.wanted = wanted
-
-    def __repr__(self) -> str:
-        # Stable across runs and modes: structure digests may render module attributes.
-        return "<gradgate sticky eval>"
-
-    def holds(self) -> bool:
-        """Whether every parameter under the anchor is still frozen."""
-        return not _any_trains(self.anchor)
-
-    def __call__(self, mode: bool = True) -> nn.Module:
-        if not isinstance(mode, bool):
-            raise ValueError("training mode is expected to be boolean")
-        module = self.module
-        if not self.holds():
-            _release(module)
-            return module.train(mode)
-        # One check covers the whole subtree: every sticky mark anchored
-        # inside it holds too, so model.train() stays linear in the model size.
-        held = {id(self.anchor), id(module)}
-        self.wanted = mode
-        module.__dict__["training"] = False
-        stack = _children(module)
-        while stack:
-            m = stack.pop()
-            mark = m.__dict__.get("train")
-            if isinstance(mark, _StickyEval) and (mark.anchor is m or id(mark.anchor) in held):
-                held.add(id(m))
-                mark.wanted = mode
-                m.__dict__["training"] = False
-                stack.extend(_children(m))
-            else:
-                m.train(mode)
-        return module
-
-
-def _hold_eval(module: nn.Module, args: object) -> None:
-    """Forward pre-hook of a sticky module: re-assert inference mode, or let go.
-
-    Code that writes ``module.training = True`` directly (Lightning restores
-    modes that way after validation) bypasses ``train()``; this runs before
-    every forward and undoes such a write while the freeze holds.
-    """
-    mark = module.__dict__.get("train")
-    if not isinstance(mark, _StickyEval):
-        return
-    if mark.holds():
-        if module.training:
-            mark.wanted = True
-            module.__dict__["training"] = False
-    else:
-        _release(module)
-        module.__dict__["training"] = mark.wanted
-
-
-def is_sticky(module: nn.Module) -> bool:
-    """Whether ``module`` is held in inference mode by a freeze.
-
-    A module whose parameters were made trainable by any means is not held
-    (it lets go at its next ``train()`` or forward).
-
-    Example:
-        >>> import torch, gradgate as gg
-        >>> bn = torch.nn.BatchNorm1d(3)
-        >>> _ = gg.freeze(bn)
-        >>> gg.is_sticky(bn), bn.train().training
-        (True, False)
-        >>> _ = bn.requires_grad_(True)
-        >>> gg.is_sticky(bn), bn.train().training
-        (False, True)
-    """
-    mark = module.__dict__.get("train")
-    return isinstance(mark, _StickyEval) and mark.holds()
-
-
-def sticky_flags(
-    index: ModelIndex, rows: Iterable[int] | None = None, trains: list[bool] | None = None
-) -> dict[int, bool]:
-    """For modules at positions ``rows`` (default all): whether a freeze holds them in eval."""
-    out: dict[int, bool] = {}
-    position: dict[int, int] | None = None
-    mods = index.mods
-    for i in range(len(mods)) if rows is None else rows:
-        m = mods[i]
-        mark = m.__dict__.get("train")
-        if not isinstance(mark, _StickyEval):
-            out[i] = False
-            continue
-        if trains is None:
-            trains = trainable_flags(index)
-        if mark.anchor is m:
-            out[i] = not trains[i]
-            continue
-        if position is None:
-            position = {id(x): j for j, x in enumerate(mods)}
-        j = position.get(id(mark.anchor))
-        out[i] = not (trains[j] if j is not None else _any_trains(mark.anchor))
-    return out
-
-
-# Torch classes whose forward never reads ``self.training``: a direct write
-# cannot change what they compute, so they need no pre-hook (exact types: a
-# subclass may read it). Skipping them keeps torch's hook-free fast path.
-_INERT = frozenset(
-    {
-        nn.Linear,
-        nn.Bilinear,
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-        nn.Embedding,
-        nn.EmbeddingBag,
-        nn.Sequential,
-        nn.ModuleList,
-        nn.ModuleDict,
-        nn.Identity,
-        nn.Flatten,
-        nn.Unflatten,
-        nn.ReLU,
-        nn.ReLU6,
-        nn.GELU,
-        nn.SiLU,
-        nn.Mish,
-        nn.Tanh,
-        nn.Sigmoid,
-        nn.LeakyReLU,
-        nn.ELU,
-        nn.Softmax,
-        nn.LogSoftmax,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.RMSNorm,
-        nn.MaxPool1d,
-        nn.MaxPool2d,
-        nn.MaxPool3d,
-        nn.AvgPool1d,
-        nn.AvgPool2d,
-        nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d,
-        nn.AdaptiveAvgPool2d,
-        nn.AdaptiveAvgPool3d,
-        nn.AdaptiveMaxPool1d,
-        nn.AdaptiveMaxPool2d,
-        nn.AdaptiveMaxPool3d,
-    }
-)
-
-
-def _stick(module: nn.Module, mark: _StickyEval) -> None:
-    # Plain dict writes: nn.Module.__setattr__ and register_forward_pre_hook
-    # cost more than the whole walk on models with 10^5 modules. Negative
-    # keys never meet the non-negative ids torch hands out for hooks.
-    d = module.__dict__
-    d["train"] = mark
-    d["training"] = False
-    if type(module) in _INERT:
-        return
-    hooks = d["_forward_pre_hooks"]
-    key = next(_hook_keys)
-    hooks[key] = _hold_eval
-    hooks.move_to_end(key, last=False)  # before user hooks, which may read .training
-
-
-_hook_keys = itertools.count(-1, -1)
-
-
-def _release(module: nn.Module) -> None:
-    module.__dict__.pop("train", None)
-    hooks = module.__dict__["_forward_pre_hooks"]
-    for key in [k for k, h in hooks.items() if h is _hold_eval]:
-        del hooks[key]
-
-
 def _has_running_stats(module: nn.Module) -> bool:
     buffers = module.__dict__["_buffers"]  # a mapping, also on TorchScript modules
     return any(k in buffers and buffers[k] is not None for k in ("running_mean", "running_var"))
 
 
-ModeRecord = tuple[nn.Module, _StickyEval | None, _StickyEval | None]
+ModeRecord = tuple[nn.Module, StickyEval | None, StickyEval | None]
 
 
 class Freezing:
@@ -370,11 +163,11 @@ class Freezing:
                 if m.__dict__.get("train") is not new:
                     continue  # changed since: another call or the flags own it now
                 if new is not None:
-                    _release(m)
+                    remove_mark(m)
                     m.__dict__["training"] = new.wanted
                 elif old is not None:
                     old.wanted = m.training
-                    _stick(m, old)
+                    attach_mark(m, old)
         if notify and (frozen or unfrozen):
             announce(Change(self.model, "undo", tuple(frozen), tuple(unfrozen)))
 
@@ -454,9 +247,10 @@ def _apply(
 ) -> Freezing:
     mode_e: Mode = choice(Mode, "mode", mode)
     shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
-    selectors, rows_plan = subtensor.plan(model, action, selectors, exclude)  # rows (issue 16)
     with gc_paused():
-        return _apply_walk(model, action, selectors, exclude, mode_e, shared_e, rows_plan)
+        index = ModelIndex(model)  # the one read of the model for this call
+        selectors, rows_plan = subtensor.plan(model, action, selectors, exclude, index)  # rows
+        return _apply_walk(index, action, selectors, exclude, mode_e, shared_e, rows_plan)
 
 
 def _plan_flags(
@@ -523,7 +317,7 @@ def _plan_modes(
         released: set[int] = set()
         for i, m in enumerate(mods):
             mark = m.__dict__.get("train")
-            if not isinstance(mark, _StickyEval):
+            if not isinstance(mark, StickyEval):
                 continue
             if mark.anchor is m:
                 a = i
@@ -569,7 +363,7 @@ def _plan_modes(
         m = mods[i]
         if mode is Mode.NORM and not _has_running_stats(m):
             continue
-        if id(m) in seen or isinstance(m.__dict__.get("train"), _StickyEval):
+        if id(m) in seen or isinstance(m.__dict__.get("train"), StickyEval):
             continue
         seen.add(id(m))
         stick.append((i, anchor[i]))
@@ -621,7 +415,7 @@ def _warn_nothing(
 
 
 def _apply_walk(
-    model: nn.Module,
+    index: ModelIndex,
     action: str,
     selectors: Sequence[Selector],
     exclude: Selector | None,
@@ -632,7 +426,7 @@ def _apply_walk(
     # Selectors (predicates included: their exceptions keep their type) and
     # tied-weight checks run before anything changes; what fails later (a
     # TorchScript module that cannot be held, Ctrl-C) is rolled back.
-    index = ModelIndex(model)
+    model = index.model
     sel = resolve(index, selectors, exclude)
     forced = _check_shared(index, sel, action, shared_e, selectors)
     changes = _plan_flags(index, sel, action, forced, rows_plan.want)
@@ -661,14 +455,14 @@ def _apply_walk(
             m = mods[i]
             old = m.__dict__["train"]
             handle._modes.append((m, old, None))
-            _release(m)
+            remove_mark(m)
             m.__dict__["training"] = mods[parent[i]].training if i else old.wanted
         record = handle._modes.append
         for i, a in stick:
             m = mods[i]
-            mark = _StickyEval(m, mods[a], m.__dict__["training"])
+            mark = StickyEval(m, mods[a], m.__dict__["training"])
             record((m, None, mark))
-            _stick(m, mark)
+            attach_mark(m, mark)
         if handle.frozen or handle.unfrozen:
             announced = True
             params = index.params
@@ -862,19 +656,6 @@ def frozen_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
         >>> [n for n, _ in frozen_modules(net)]
         ['', '0']
     """
-    index = ModelIndex(model)
-    trains = trainable_flags(index)
-    held = sticky_flags(index, trains=trains)
-    has_params = [False] * len(index.names)
-    for owner in index.alias_owner:
-        has_params[owner] = True
-    for i in range(len(has_params) - 1, 0, -1):
-        if has_params[i]:
-            has_params[index.parent[i]] = True
-    seen: set[int] = set()
-    for i, (name, module) in enumerate(zip(index.names, index.mods, strict=True)):
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if not trains[i] and (held[i] or has_params[i]):
-            yield name, module
+    with gc_paused():
+        found = ModelState(model).frozen_modules()
+    yield from found

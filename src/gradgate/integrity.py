@@ -1,12 +1,12 @@
-"""Integrity: exact fingerprints, and a guard that proves nothing frozen changed."""
+"""Integrity: a guard that proves nothing frozen changed (digests live in ``hashing``)."""
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import getitem, is_not
 from types import TracebackType
@@ -21,13 +21,13 @@ from torch.nn.modules.module import (
 )
 from torch.nn.parameter import is_lazy
 
-from . import subtensor
 from ._events import Change, subscribe
 from ._index import ModelIndex, gc_paused
 from ._optimizers import unwrap_optimizer
 from ._options import choice
+from ._state import ModelState, TensorEntry, model_entries
 from .errors import FrozenTensorChanged, InvalidArgumentError
-from .freezing import frozen_modules
+from .hashing import fingerprint, named_digest, tensor_digest
 
 __all__ = [
     "Guard",
@@ -41,182 +41,6 @@ __all__ = [
     "tensor_digest",
 ]
 
-TensorSource = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
-
-
-def tensor_digest(t: torch.Tensor, hasher: Any = None) -> str:
-    """SHA-256 of one tensor's dtype, shape and bytes (device independent).
-
-    For a DTensor (FSDP2) it digests this rank's local shard; a sparse tensor
-    is digested by its layout, coalesced indices and values.
-
-    Raises:
-        InvalidArgumentError: the tensor has no values (meta device, or an
-            uninitialised lazy parameter).
-
-    Example:
-        >>> import torch
-        >>> tensor_digest(torch.ones(2)) == tensor_digest(torch.ones(2, dtype=torch.float32))
-        True
-        >>> tensor_digest(torch.ones(2)) == tensor_digest(torch.ones(2, dtype=torch.float64))
-        False
-    """
-    h = hasher if hasher is not None else hashlib.sha256()
-    if is_lazy(t):
-        raise InvalidArgumentError(
-            "cannot fingerprint an uninitialised lazy parameter (it has no values yet); "
-            "run one forward pass through the lazy module first"
-        )
-    data = _local(t.detach())
-    if data.device.type == "meta":
-        raise InvalidArgumentError("cannot fingerprint a tensor on the meta device (no values)")
-    if data.layout != torch.strided:
-        coo = data.to_sparse_coo().coalesce() if data.layout != torch.sparse_coo else data
-        coo = coo.coalesce()
-        h.update(f"{data.layout}|{data.dtype}|{tuple(data.shape)}|".encode())
-        _update_bytes(h, coo.indices())
-        _update_bytes(h, coo.values())
-        return str(h.hexdigest())
-    h.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
-    _update_bytes(h, data)
-    return str(h.hexdigest())
-
-
-def _update_bytes(h: Any, data: torch.Tensor) -> None:
-    if data.numel():
-        flat = data.cpu().contiguous().reshape(-1)
-        if flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(-1)
-        h.update(flat.view(torch.uint8).numpy().data)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2); any other tensor as it is."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-@dataclass
-class TensorEntry:
-    """A named tensor of a model and where it lives: ``owner`` holds it as ``leaf``.
-
-    Example:
-        >>> import torch
-        >>> from gradgate._index import ModelIndex
-        >>> [(e.name, e.kind, e.leaf) for e in model_entries(ModelIndex(torch.nn.Linear(1, 1)))]
-        [('weight', 'parameter', 'weight'), ('bias', 'parameter', 'bias')]
-    """
-
-    name: str
-    tensor: torch.Tensor
-    kind: str  # "parameter" or "buffer"
-    owner: nn.Module
-    leaf: str
-    position: int  # the owner's position in the ModelIndex
-    base: torch.Tensor | None = None  # rows (issue 16): what the name holds when tensor is a view
-
-
-def model_entries(index: ModelIndex) -> list[TensorEntry]:
-    """Every parameter then every buffer of a model, tied tensors once, without recursion.
-
-    The order is ``named_parameters()`` then ``named_buffers()``, so
-    fingerprints match a walk with torch's own iterators, but the walk is
-    iterative: a 3000-deep chain of modules does not hit the recursion limit.
-    """
-    out: list[TensorEntry] = []
-    seen: set[int] = set()
-    mods = index.mods
-    for (name, p), owner in zip(index.aliases, index.alias_owner, strict=True):
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(
-                TensorEntry(name, p, "parameter", mods[owner], name.rpartition(".")[2], owner)
-            )
-    visited: set[int] = set()
-    for i, (mname, module) in enumerate(zip(index.names, mods, strict=True)):
-        if id(module) in visited:
-            continue
-        visited.add(id(module))
-        prefix = mname + "." if mname else ""
-        for bname, b in module._buffers.items():
-            if b is not None and id(b) not in seen:
-                seen.add(id(b))
-                out.append(TensorEntry(prefix + bname, b, "buffer", module, bname, i))
-    return out
-
-
-def _named_tensors(obj: TensorSource) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(obj, nn.Module):
-        with gc_paused():
-            return [(e.name, e.tensor) for e in model_entries(ModelIndex(obj))]
-    if isinstance(obj, Mapping):
-        pairs = list(obj.items())
-    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, torch.Tensor)):
-        pairs = list(obj)
-    else:
-        raise InvalidArgumentError(
-            f"fingerprint(obj) needs a module, a {{name: tensor}} mapping or (name, tensor) "
-            f"pairs; got obj={obj!r:.80}"
-        )
-    for i, pair in enumerate(pairs):
-        if not (
-            isinstance(pair, (tuple, list))
-            and len(pair) == 2
-            and isinstance(pair[0], str)
-            and isinstance(pair[1], torch.Tensor)
-        ):
-            raise InvalidArgumentError(
-                f"fingerprint(obj) needs (name, tensor) pairs, but entry {i} of obj is "
-                f"{pair!r:.80}; pass a module, a {{name: tensor}} mapping or "
-                "model.named_parameters()"
-            )
-    return [(name, t) for name, t in pairs]
-
-
-def fingerprint(obj: TensorSource) -> str:
-    """Exact digest of names, dtypes, shapes and values; equal on CPU and GPU copies.
-
-    Args:
-        obj: a module (its parameters and buffers), a ``{name: tensor}``
-            mapping, or an iterable of ``(name, tensor)`` pairs.
-
-    Returns:
-        A hex SHA-256 string; any changed bit, name, shape or dtype changes it.
-
-    Raises:
-        InvalidArgumentError: ``obj`` is none of these, or a tensor has no
-            values (an uninitialised lazy parameter, the meta device); the
-            message names it.
-
-    Example:
-        >>> import torch, gradgate as gg
-        >>> lin = torch.nn.Linear(2, 2)
-        >>> before = gg.fingerprint(lin)
-        >>> with torch.no_grad():
-        ...     lin.bias.data[0] += 1
-        >>> gg.fingerprint(lin) == before
-        False
-    """
-    h = hashlib.sha256()
-    for name, t in _named_tensors(obj):
-        h.update(name.encode() + b"\0")
-        named_digest(name, t, h)
-    return h.hexdigest()
-
-
-def named_digest(name: str, t: torch.Tensor, hasher: Any = None) -> str:
-    """``tensor_digest`` whose error names the tensor.
-
-    Example:
-        >>> import torch
-        >>> named_digest("w", torch.ones(1)) == tensor_digest(torch.ones(1))
-        True
-    """
-    try:
-        return tensor_digest(t, hasher)
-    except InvalidArgumentError as e:
-        raise InvalidArgumentError(f"{name!r}: {e}") from None
-
 
 def frozen_entries(index: ModelIndex, buffers: bool) -> list[TensorEntry]:
     """Frozen parameters, then (with ``buffers``) the buffers of frozen modules.
@@ -228,29 +52,7 @@ def frozen_entries(index: ModelIndex, buffers: bool) -> list[TensorEntry]:
         >>> [e.name for e in frozen_entries(ModelIndex(lin), buffers=True)]
         ['weight', 'bias']
     """
-    entries = model_entries(index)
-    frozen_params = [e for e in entries if e.kind == "parameter" and not e.tensor.requires_grad]
-    frozen_params += _row_entries(index, entries)  # rows (issue 16): frozen rows of partial tensors
-    if not buffers:
-        return frozen_params
-    frozen_ids = {id(m) for _, m in frozen_modules(index.model)}
-    params = {id(e.tensor) for e in frozen_params}
-    return frozen_params + [
-        e
-        for e in entries
-        if e.kind == "buffer" and id(e.owner) in frozen_ids and id(e.tensor) not in params
-    ]
-
-
-def _row_entries(index: ModelIndex, entries: Sequence[TensorEntry]) -> list[TensorEntry]:
-    """rows (issue 16): each run of frozen rows of a partial tensor, a view named ``name[a:b]``."""
-    blocks = subtensor.frozen_row_blocks(index.model)
-    at = {id(e.tensor): e for e in entries} if blocks else {}
-    return [
-        TensorEntry(name, view, "parameter", e.owner, e.leaf, e.position, base=w)
-        for name, view, w in blocks
-        if (e := at.get(id(w))) is not None
-    ]
+    return ModelState(index).frozen_entries(buffers)
 
 
 def frozen_tensors(model: nn.Module, buffers: bool = True) -> list[tuple[str, torch.Tensor, str]]:
@@ -267,7 +69,7 @@ def frozen_tensors(model: nn.Module, buffers: bool = True) -> list[tuple[str, to
         [('1.weight', 'parameter'), ('1.bias', 'parameter'), ('1.running_mean', 'buffer')]
     """
     with gc_paused():
-        return [(e.name, e.tensor, e.kind) for e in frozen_entries(ModelIndex(model), buffers)]
+        return [(e.name, e.tensor, e.kind) for e in ModelState(model).frozen_entries(buffers)]
 
 
 class Check(enum.Enum):
@@ -372,8 +174,42 @@ class Guard:
         self._unsubscribe: Callable[[], None] | None = None
         self._lock = threading.RLock()
         self._pending: list[str] = []
+        self._entered = False
+        # Until the guard is entered: a step pre-hook per optimizer that warns that
+        # this guard watches nothing (``gg.guard(model, opt)`` without ``with``).
+        self._unentered: list[Any] = []
 
-    def _watch(self, entries: Sequence[TensorEntry], index: ModelIndex) -> None:
+    def _arm(self) -> None:
+        """Warn at the first optimizer step, or when dropped, if this guard was never entered."""
+        ref = weakref.ref(self)
+
+        def unentered_step(optimizer: torch.optim.Optimizer, *args: Any) -> None:
+            guard = ref()
+            if guard is not None and not guard._entered:
+                guard._warn_unentered("an optimizer step ran")
+
+        self._unentered = [opt.register_step_pre_hook(unentered_step) for opt in self.optimizers]
+
+    def _warn_unentered(self, when: str) -> None:
+        for h in self._unentered:
+            h.remove()
+        self._unentered = []
+        if self._entered:
+            return
+        self._entered = True  # warn once
+        warnings.warn(
+            f"{when} but gg.guard({type(self.model).__name__}, ...) was never entered, so it "
+            "watches nothing: use it as `with gg.guard(model, optimizer):` around the "
+            "training loop (or call its __enter__/__exit__)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def __del__(self) -> None:
+        if not getattr(self, "_entered", True):
+            self._warn_unentered("the guard was dropped")
+
+    def _watch(self, entries: Sequence[TensorEntry], state: ModelState) -> None:
         exact = self.check_mode is not Check.FAST
         for e in entries:
             if id(e.tensor) in self._watched:
@@ -394,11 +230,12 @@ class Guard:
                 digest=named_digest(e.name, e.tensor) if exact else None,
                 base=e.base,  # rows (issue 16)
             )
-        self._relink(index)
+        self._relink(state)
 
-    def _relink(self, index: ModelIndex) -> None:
+    def _relink(self, state: ModelState) -> None:
         # Positions change when modules come and go: take each tensor's place afresh.
-        place = {id(e.tensor): e for e in model_entries(index)}
+        index = state.index
+        place = {id(e.tensor): e for e in state.entries()}
         needed: set[int] = set()
         for w in self._watched.values():
             e = place.get(id(w.held))  # rows (issue 16): a row block lives where its tensor does
@@ -417,10 +254,14 @@ class Guard:
         self._fast = None
 
     def __enter__(self) -> Guard:
+        for h in self._unentered:
+            h.remove()
+        self._unentered = []
         with self._lock, gc_paused():
-            index = ModelIndex(self.model)
+            self._entered = True
+            state = ModelState(self.model)
             self._watched = {}
-            self._watch(frozen_entries(index, self.buffers), index)
+            self._watch(state.frozen_entries(self.buffers), state)
         self._unsubscribe = subscribe(self._on_change)
         self._handles += [
             register_module_parameter_registration_hook(self._on_register),
@@ -458,8 +299,8 @@ class Guard:
             self._fast = None
             if not (change.frozen or change.unfrozen):
                 return
-            index = ModelIndex(self.model)
-            current = frozen_entries(index, self.buffers)
+            state = ModelState(self.model)
+            current = state.frozen_entries(self.buffers)
             # rows (issue 16): a row block leaves with its partial tensor (undo, other rows)
             blocks = {id(e.tensor) for e in current if e.base is not None}
             for key in [k for k, w in self._watched.items() if w.base is not None]:
@@ -473,7 +314,7 @@ class Guard:
                 ]:
                     del self._watched[key]
             try:
-                self._watch(current, index)
+                self._watch(current, state)
             except InvalidArgumentError as e:
                 # The change itself is done; a listener must not make it look failed.
                 self._pending.append(str(e))
@@ -523,8 +364,9 @@ class Guard:
             moved = any(_slot(up._modules, key) is not down for up, key, down in self._links)
             moved = moved or any(w.lost for w in self._watched.values())
             # A replaced module replaces every name under it: resolve names afresh then.
+            now_state = ModelState(self.model) if moved else None
             resolved = (
-                {e.name: e.tensor for e in model_entries(ModelIndex(self.model))} if moved else None
+                {e.name: e.tensor for e in now_state.entries()} if now_state is not None else None
             )
             replaced = False
             try:
@@ -552,7 +394,7 @@ class Guard:
                         self._violation(w, "bumped", where, stepped)
             finally:
                 if replaced:  # watch what the names hold now; report a replacement once
-                    self._rebase()
+                    self._rebase(now_state)
 
     def _cause(self, w: _Watched, how: str, stepped: torch.optim.Optimizer | None) -> str:
         if how == "replaced":
@@ -616,14 +458,14 @@ class Guard:
         self.violations.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _rebase(self) -> None:
+    def _rebase(self, state: ModelState | None) -> None:
         """After a reported replacement (warn mode), watch what the names hold now."""
-        index = ModelIndex(self.model)
+        if state is None:
+            state = ModelState(self.model)
         names = {w.name for w in self._watched.values()}
         self._watched = {}
-        entries = model_entries(index)
-        entries += _row_entries(index, entries)  # rows (issue 16)
-        self._watch([e for e in entries if e.name in names], index)
+        entries = state.entries() + state.row_entries()
+        self._watch([e for e in entries if e.name in names], state)
 
 
 class _FastView:
@@ -738,4 +580,6 @@ def guard(
     else:
         given = [optimizer]
     opts = [unwrap_optimizer(o) for o in given]
-    return Guard(model, opts, check_e, every, on_e, buffers)
+    watch = Guard(model, opts, check_e, every, on_e, buffers)
+    watch._arm()
+    return watch

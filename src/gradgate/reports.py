@@ -8,11 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import subtensor
 from ._format import render_table
-from ._index import ModelIndex, gc_paused, owner_of, sizes
+from ._index import gc_paused, owner_of, sizes
+from ._state import ModelState
 from .errors import InvalidArgumentError
-from .freezing import sticky_flags
 
 __all__ = ["GradReport", "Summary", "grad_report", "summary"]
 
@@ -123,7 +122,8 @@ def summary(model: nn.Module, depth: int = 2) -> Summary:
 
 
 def _summary(model: nn.Module, depth: int) -> Summary:
-    index = ModelIndex(model)
+    record = ModelState(model)
+    index = record.index
     names, parent = index.names, index.parent
     level = [0] * len(names)
     for i in range(1, len(names)):
@@ -140,7 +140,7 @@ def _summary(model: nn.Module, depth: int) -> Summary:
     seen: dict[int, set[int]] = {}
     shared = index.shared
     alias_sizes = sizes(p for _, p in index.aliases)
-    partial = subtensor.partials(model)  # rows (issue 16): element counts of partial tensors
+    partial = record.partials  # rows (issue 16): element counts of partial tensors
     for (_, p), owner, n in zip(index.aliases, index.alias_owner, alias_sizes, strict=True):
         key = id(p)
         n_train, n_froz = (n, 0) if p.requires_grad else (0, n)
@@ -156,7 +156,7 @@ def _summary(model: nn.Module, depth: int) -> Summary:
             froz[row] += n_froz
     # Held, not merely marked: a module whose parameters were made trainable
     # by other means is never shown as "eval (sticky)".
-    held = sticky_flags(index, shown)
+    held = record.held(shown)
     rows = []
     for i in shown:
         name, module = names[i], index.mods[i]
@@ -255,12 +255,13 @@ def grad_report(model: nn.Module) -> GradReport:
         >>> gg.grad_report(net).missing
         ['b.weight', 'b.bias']
     """
-    index = ModelIndex(model)
+    record = ModelState(model)
+    index = record.index
     missing: list[str] = []
     unexpected: list[str] = []
     sq: dict[str, float] = {}
     count: dict[str, int] = {}
-    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's grad is on R
+    rows = record.trainable_rows()  # rows (issue 16): a partial tensor's grad is on R
     for name, p in index.params.items():
         owner = owner_of(name)
         sq.setdefault(owner, 0.0)

@@ -22,15 +22,12 @@ import difflib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 from torch import nn
 
 from ._index import ModelIndex, numel
 from .errors import InvalidArgumentError, NoMatchError
-
-if TYPE_CHECKING:
-    from .subtensor import Rows  # rows (issue 16)
 
 __all__ = ["Selection", "Selector", "norms", "select"]
 
@@ -40,7 +37,7 @@ Selector = Union[
     nn.Parameter,
     type[nn.Module],
     Callable[[str, nn.Module], bool],
-    "Rows",
+    "SelectorItem",
     Sequence["Selector"],
 ]
 """Anything a ``*selectors`` argument accepts (see the module docstring)."""
@@ -50,6 +47,17 @@ _WIDE_RANGE = re.compile(r"[0-9]{2}\s*-|-\s*[0-9]{2}")
 # Only number-set characters, but not a number set: [-1], [1-], [0-3,], [,].
 _NOT_NUMBERS = re.compile(r"[0-9,\s-]*[,-][0-9,\s-]*")
 _SLICE = re.compile(r"\s*-?[0-9]*\s*:\s*-?[0-9]*\s*(?::\s*-?[0-9]*\s*)?")
+
+
+class SelectorItem:
+    """A selector item that selects what its ``selector`` selects, and says more.
+
+    ``gg.rows`` items derive from it: selection resolves the inner selector;
+    what the item adds (which rows) is read by the code that knows it.
+    """
+
+    __slots__ = ()
+    selector: Selector
 
 
 class _Syntax(Exception):
@@ -220,7 +228,6 @@ def glob_to_regex(pattern: str, *, scan: bool = True) -> str:
 class _Match:
     roots: set[str] = field(default_factory=set)
     aliases: set[str] = field(default_factory=set)
-    param_ids: set[int] = field(default_factory=set)
 
 
 def _describe(selector: object) -> str:
@@ -326,9 +333,7 @@ def _resolve_one(index: ModelIndex, selector: object, out: _Match) -> bool:
         hit = [n for n, m in index.modules.items() if selector(n, m)]
         out.roots.update(hit)
         return bool(hit)
-    from .subtensor import Rows  # rows (issue 16): a rows item selects its tensors
-
-    if isinstance(selector, Rows):
+    if isinstance(selector, SelectorItem):  # gg.rows: an item selects its tensors
         return _resolve_one(index, selector.selector, out)
     raise InvalidArgumentError(
         f"cannot use {type(selector).__name__} as a selector; use a name pattern, "

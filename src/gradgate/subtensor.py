@@ -28,7 +28,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -37,9 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from ._events import Change, announce
 from ._index import ModelIndex, is_float
 from .errors import CheckpointError, InvalidArgumentError
-
-if TYPE_CHECKING:
-    from .selection import Selector
+from .selection import Selector, SelectorItem, describe_selectors, resolve
 
 __all__ = ["PartialRows", "RowIndex", "Rows", "partials", "rows"]
 
@@ -50,7 +48,7 @@ _REGISTRY = "_gradgate_rows"  # key in an owning module's __dict__: {param name:
 _ROWS_KEY = "__rows__."  # checkpoint key prefix of a partial tensor's row indices
 
 
-class Rows:
+class Rows(SelectorItem):
     """A selector item naming rows (dim 0) of the parameters another selector matches.
 
     Made by ``gg.rows``; accepted wherever a selector is (``select``,
@@ -69,8 +67,6 @@ class Rows:
         self.index = index
 
     def __repr__(self) -> str:
-        from .selection import describe_selectors
-
         return f"rows({describe_selectors([self.selector])}, {_describe_index(self.index)})"
 
 
@@ -386,7 +382,7 @@ class PartialRows:
         self._attach_grad_hook()
 
 
-def partials(model: nn.Module) -> dict[int, PartialRows]:
+def partials(model: nn.Module, index: ModelIndex | None = None) -> dict[int, PartialRows]:
     """Every live partial tensor of ``model``, keyed by ``id(W)``.
 
     Example:
@@ -398,7 +394,7 @@ def partials(model: nn.Module) -> dict[int, PartialRows]:
         return {}
     out: dict[int, PartialRows] = {}
     # ModelIndex walks iteratively: a 3000-deep chain stays within the recursion limit.
-    for m in ModelIndex(model).mods:
+    for m in (index if index is not None else ModelIndex(model)).mods:
         reg = m.__dict__.get(_REGISTRY)
         if reg:
             for name, part in reg.items():
@@ -407,7 +403,7 @@ def partials(model: nn.Module) -> dict[int, PartialRows]:
     return out
 
 
-def trainable_of(model: nn.Module) -> dict[int, nn.Parameter]:
+def trainable_of(model: nn.Module, index: ModelIndex | None = None) -> dict[int, nn.Parameter]:
     """``id(W) -> R`` for every partial tensor: what an optimizer gets in ``W``'s place.
 
     Example:
@@ -417,16 +413,18 @@ def trainable_of(model: nn.Module) -> dict[int, nn.Parameter]:
         >>> tuple(trainable_of(lin)[id(lin.weight)].shape)
         (1, 3)
     """
-    return {key: part.trainable for key, part in partials(model).items()}
+    return {key: part.trainable for key, part in partials(model, index).items()}
 
 
-def write_back_all(model: nn.Module) -> None:
+def write_back_all(model: nn.Module, index: ModelIndex | None = None) -> None:
     """Bring every partial tensor of ``model`` up to date with its trainable rows."""
-    for part in partials(model).values():
+    for part in partials(model, index).values():
         part.write_back()
 
 
-def frozen_row_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, nn.Parameter]]:
+def frozen_row_blocks(
+    model: nn.Module, index: ModelIndex | None = None
+) -> list[tuple[str, torch.Tensor, nn.Parameter]]:
     """The frozen rows of each partial tensor as views of ``W`` (one per run of rows).
 
     Views share ``W``'s version counter, so ``guard(check="fast")`` sees any
@@ -444,11 +442,11 @@ def frozen_row_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, nn.Para
         >>> frozen_row_blocks(emb)[0][1] is frozen_row_blocks(emb)[0][1]
         True
     """
-    found = partials(model)
+    found = partials(model, index)
     if not found:
         return []
     out: list[tuple[str, torch.Tensor, nn.Parameter]] = []
-    for name, p in ModelIndex(model).params.items():
+    for name, p in (index if index is not None else ModelIndex(model)).params.items():
         part = found.get(id(p))
         if part is not None:
             out += [(f"{name}[{a}:{b}]", view, p) for a, b, view in _blocks(part)]
@@ -514,6 +512,7 @@ class RowsPlan:
     action: str = ""
     want: dict[int, bool] = field(default_factory=dict)
     masks: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = field(default_factory=dict)
+    index: ModelIndex | None = None  # the calling freeze's read of the model (not re-walked)
 
     def carry_out(self, handle: Any) -> None:
         """Apply the planned partials and register their undo on ``handle``.
@@ -527,7 +526,7 @@ class RowsPlan:
         model = self.model
         undo = _Undo(model)
         handle.undo_hooks.append(undo)
-        _install(model, self.masks, undo.done)
+        _install(model, self.masks, undo.done, self.index)
         done = undo.done
         if not done:
             return
@@ -564,14 +563,16 @@ def _install(
     model: nn.Module,
     masks: Mapping[int, tuple[nn.Parameter, torch.Tensor | None]],
     done: _Done,
+    index: ModelIndex | None = None,
 ) -> None:
     """Replace each tensor's partial by the planned one, appending ``(W, old, new)`` to ``done``.
 
     Each change is in ``done`` as soon as it is made (a release first, then
     the new partial), so an interrupted install can be reverted exactly.
     """
-    index = ModelIndex(model)
-    current = partials(model)
+    if index is None:
+        index = ModelIndex(model)
+    current = partials(model, index)
     for key, (weight, idx) in masks.items():
         old = current.get(key)
         if old is not None and idx is not None and torch.equal(old.index.cpu(), idx):
@@ -621,7 +622,11 @@ class _Undo:
 
 
 def plan(
-    model: nn.Module, action: str, selectors: Sequence[Any], exclude: Any = None
+    model: nn.Module,
+    action: str,
+    selectors: Sequence[Any],
+    exclude: Any = None,
+    index: ModelIndex | None = None,
 ) -> tuple[list[Any], RowsPlan]:
     """Check every ``Rows`` item and work out the partial tensors of a freeze call.
 
@@ -635,14 +640,13 @@ def plan(
             "to train or to freeze as a selector instead"
         )
     given = has_rows(selectors)
-    current = partials(model)
+    current = partials(model, index)
     if not given and not current:
         return list(selectors), RowsPlan()
-    from .selection import describe_selectors, resolve
-
     plain: list[Any] = [s for s in _flatten(selectors) if not isinstance(s, Rows)]
     items = [s for s in _flatten(selectors) if isinstance(s, Rows)]
-    index = ModelIndex(model)
+    if index is None:
+        index = ModelIndex(model)
     plain_ids: set[int] = set()
     if plain or not given:  # no selector at all means the whole model
         plain_ids = {id(p) for _, p in resolve(index, plain, exclude).named_parameters()}
@@ -677,7 +681,7 @@ def plan(
             prev = picked.get(id(p))
             merged = idx if prev is None else torch.unique(torch.cat([prev[2], idx]))
             picked[id(p)] = (n, p, merged)
-    out = RowsPlan(model=model, action=action)
+    out = RowsPlan(model=model, action=action, index=index)
     for key, settled in current.items():
         # A partial tensor named whole, or frozen by train_only, stops being partial.
         if key not in picked and (key in plain_ids or action == "train_only"):
@@ -710,17 +714,19 @@ def plan(
 # -- checkpoints ---------------------------------------------------------------
 
 
-def trainable_rows_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_rows_state(
+    model: nn.Module, index: ModelIndex | None = None
+) -> dict[str, torch.Tensor]:
     """For each partial tensor: its trainable rows under its name, and its row numbers.
 
     The row numbers go under ``"__rows__.<name>"`` so that a load can check
     that the file's rows are the model's.
     """
-    found = partials(model)
+    found = partials(model, index)
     out: dict[str, torch.Tensor] = {}
     if not found:
         return out
-    for name, p in ModelIndex(model).params.items():
+    for name, p in (index if index is not None else ModelIndex(model)).params.items():
         part = found.get(id(p))
         if part is not None:
             out[name] = part.trainable

@@ -25,7 +25,7 @@ from ..errors import (
     NondeterministicDatasetError,
     StaleCacheError,
 )
-from ..integrity import tensor_digest
+from ..hashing import tensor_digest
 from .key import input_fn_digest, module_digests, value_digests
 from .stores import Column, DiskStore, MemoryStore, Shape, Store, Stored, Writer, columns
 

@@ -27,7 +27,7 @@ from torch.nn.parameter import is_lazy
 
 from ..errors import InvalidArgumentError
 from ..freezing import is_sticky
-from ..integrity import tensor_digest
+from ..hashing import tensor_digest
 
 __all__ = ["ValueHasher", "input_fn_digest", "module_digests", "value_digests"]
 

@@ -14,7 +14,7 @@ from torch import nn
 from .. import subtensor
 from .._index import ModelIndex
 from ..errors import InvalidArgumentError
-from ..selection import Selector, select
+from ..selection import Selector, resolve
 
 __all__ = [
     "DEFAULT_NO_DECAY",
@@ -114,6 +114,7 @@ def build_groups(
     rules: Rules = (),
     defaults: Callable[[str], Mapping[str, Any]] | None = None,
     with_names: bool = True,
+    index: ModelIndex | None = None,
 ) -> list[dict[str, Any]]:
     """Group ``named`` parameters by their options, in parameter order.
 
@@ -132,6 +133,8 @@ def build_groups(
         >>> [(g["param_names"], g.get("lr")) for g in groups]
         [(['0.weight', '0.bias'], None), (['1.weight', '1.bias'], 0.5)]
     """
+    if index is None:
+        index = ModelIndex(model)
     options: dict[str, dict[str, Any]] = {
         n: dict(defaults(n)) if defaults is not None else {} for n, _ in named
     }
@@ -141,7 +144,7 @@ def build_groups(
                 f"rule for {sel!r} must map option names to values, e.g. {{'lr': 1e-3}}; "
                 f"got {opts!r}"
             )
-        for pname in select(model, sel).parameters:
+        for pname in resolve(index, [sel]).parameters:
             if pname in options:
                 options[pname].update(opts)
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -212,10 +215,9 @@ def param_groups(
         layer_decay = LayerDecay(stages=layer_decay[1], decay=layer_decay[0])
     if layer_decay is not None:
         _check_layer_decay(layer_decay)
-    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
-    named = [
-        (n, rows.get(id(p), p)) for n, p in ModelIndex(model).params.items() if p.requires_grad
-    ]
+    index = ModelIndex(model)  # the one read of the model for this call
+    rows = subtensor.trainable_of(model, index)  # rows: a partial tensor's trainable rows
+    named = [(n, rows.get(id(p), p)) for n, p in index.params.items() if p.requires_grad]
     if not named:
         raise InvalidArgumentError(
             f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"
@@ -225,11 +227,11 @@ def param_groups(
         sels = list(no_decay) if isinstance(no_decay, (list, tuple)) else [no_decay]
         for sel in sels:
             with contextlib.suppress(LookupError):  # a model without biases is fine
-                decay_off.update(select(model, sel).parameters)
+                decay_off.update(resolve(index, [sel]).parameters)
     factor: dict[str, float] = {}
     if layer_decay is not None:
         for sel, f in zip(layer_decay.stages, layer_decay.factors(), strict=True):
-            factor.update(dict.fromkeys(select(model, sel).parameters, f))
+            factor.update(dict.fromkeys(resolve(index, [sel]).parameters, f))
 
     def defaults(name: str) -> dict[str, Any]:
         return {
@@ -237,4 +239,4 @@ def param_groups(
             "weight_decay": 0.0 if name in decay_off else weight_decay,
         }
 
-    return build_groups(model, named, rules, defaults)
+    return build_groups(model, named, rules, defaults, index=index)

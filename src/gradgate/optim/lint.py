@@ -73,9 +73,9 @@ def lint(optimizer: Any, model: nn.Module, scheduler: Any = None) -> list[Findin
         ['GG103']
     """
     opt = unwrap_optimizer(optimizer)
-    index = ModelIndex(model)
-    names = index.canonical
-    rows = subtensor.trainable_of(model)  # rows (issue 16): W counts as frozen, R as trainable
+    index = ModelIndex(model)  # the one read of the model for this call
+    names = dict(index.canonical)
+    rows = subtensor.trainable_of(model, index)  # rows: W counts as frozen, R as trainable
     names.update({id(r): names[key] for key, r in rows.items()})
     is_lbfgs = isinstance(opt, torch.optim.LBFGS)
     findings: list[Finding] = []

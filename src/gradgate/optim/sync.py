@@ -21,7 +21,7 @@ from .._events import Change, announce
 from .._index import ModelIndex
 from .._optimizers import unwrap_optimizer
 from ..errors import InvalidArgumentError
-from ..selection import Selector, select
+from ..selection import Selector, resolve
 from .groups import Rules, build_groups
 from .schedulers import extend_scheduler, schedulers
 
@@ -170,9 +170,9 @@ def sync(
         ['0.weight', '0.bias']
     """
     opt = unwrap_optimizer(optimizer)
-    index = ModelIndex(model)
-    names = index.canonical
-    rows = subtensor.trainable_of(model)  # rows (issue 16): W leaves, its trainable rows R join
+    index = ModelIndex(model)  # the one read of the model for this call
+    names = dict(index.canonical)
+    rows = subtensor.trainable_of(model, index)  # rows: W leaves, its trainable rows R join
     names.update({id(r): names[key] for key, r in rows.items()})
     ledger = _ledger(opt)
     others = _others(opt)
@@ -182,7 +182,7 @@ def sync(
     chosen: set[str] | None = None
     if params is not None:
         sels = list(params) if isinstance(params, (list, tuple)) else [params]
-        chosen = set(select(model, *sels).parameters) if sels else set()
+        chosen = set(resolve(index, sels).parameters) if sels else set()
 
     fresh: list[tuple[str, nn.Parameter]] = []
     adopted: set[int] = set()
@@ -210,7 +210,7 @@ def sync(
     with_names = "param_names" in opt.param_groups[0]
     # Built before anything changes (also with nothing new, so that a rule
     # that matches nothing is reported at once): a failure leaves all as it was.
-    new_groups = build_groups(model, fresh, rules, with_names=with_names)
+    new_groups = build_groups(model, fresh, rules, with_names=with_names, index=index)
 
     # Parameters this optimizer holds that another one only adopted by default.
     for o, led, ids in other_ids:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .._progress import progress
-from .output import add_json_argument, write_json
+from .output import add_json_argument, machine_info, write_json
 from .training import train_epochs
 
 __all__ = [
@@ -173,37 +172,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     rows.add_argument(
         "--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)"
     )
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """Torch version, CPU model, thread count and git commit, for the JSON.
-
-    Example:
-        >>> sorted(machine_info(1))[:2]
-        ['commit', 'cpu']
-    """
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "torch": torch.__version__,
-        "cpu": cpu,
-        "threads": threads,
-        "commit": commit or "unknown",
-        "python": platform.python_version(),
-    }
 
 
 class _Block(nn.Module):
@@ -707,7 +675,7 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fingerprint_speed() -> float:
-    from ..integrity import tensor_digest
+    from ..hashing import tensor_digest
 
     t = torch.randn(64 * 1024 * 1024)  # 256 MB
     best = math.inf

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import gradgate as gg
 
-from .bench import machine_info
+from .output import machine_info
 
 STRATEGIES = ["full", "progressive", "autofreeze", "autofreeze_cache"]
 

@@ -45,7 +45,7 @@ import gradgate as gg
 
 from .._format import render_table
 from . import zoo
-from .bench import machine_info
+from .output import machine_info
 
 
 @dataclass

@@ -36,7 +36,7 @@ import gradgate as gg
 
 from .._format import render_table
 from ..errors import InvalidArgumentError
-from .bench import machine_info
+from .output import machine_info
 
 WARMUP_STEPS = 2  # the first steps allocate optimizer state; not what is compared
 TINY = {"vocab": 2000, "dim": 32, "fraction": 0.05, "reps": 1, "steps": 2}

@@ -1,10 +1,14 @@
-"""What every command writes: one ``--json [PATH]`` option and one way to write it."""
+"""What every command writes: one ``--json [PATH]`` option, one way to write it, the machine."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import subprocess
 from typing import Any
+
+import torch
 
 
 def add_json_argument(parser: argparse.ArgumentParser | Any, what: str) -> None:
@@ -41,3 +45,34 @@ def write_json(data: Any, path: str | None) -> None:
     elif path:
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """Torch version, CPU model, thread count and git commit, for the JSON.
+
+    Example:
+        >>> sorted(machine_info(1))[:2]
+        ['commit', 'cpu']
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "threads": threads,
+        "commit": commit or "unknown",
+        "python": platform.python_version(),
+    }

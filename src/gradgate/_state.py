@@ -1,0 +1,218 @@
+"""The model-state record: what is frozen, trainable or partial, read once per call (private).
+
+A public call builds one ``ModelState`` (one ``ModelIndex`` walk) and passes
+it to every helper it uses; nothing below a public call re-indexes the
+model. The record reads flags when asked and caches what it derived, so it
+describes the model as it was when first read: a call that changes flags
+reads what it needs before, or builds its plan from the index alone.
+
+What it answers, and the one place each answer is defined:
+
+- ``trains``: per module, whether a trainable parameter lies under it;
+- ``has_params``: per module, whether any parameter lies under it;
+- ``held``: per module, whether a freeze holds it in sticky eval;
+- ``frozen_modules``: modules that hold no trainable parameter and are frozen
+  (held in eval, or with parameters none of which trains);
+- ``partials``: partial (row-frozen) tensors, through ``subtensor``'s interface;
+- ``entries`` / ``frozen_entries`` / ``trainable_state``: named tensors,
+  the frozen ones (what a guard watches and a checkpoint fingerprints), the
+  trainable ones (what a checkpoint stores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import subtensor
+from ._index import ModelIndex, trainable_flags
+from ._sticky import sticky_flags
+
+__all__ = ["ModelState", "TensorEntry", "model_entries"]
+
+
+@dataclass
+class TensorEntry:
+    """A named tensor of a model and where it lives: ``owner`` holds it as ``leaf``.
+
+    Example:
+        >>> import torch
+        >>> [(e.name, e.kind, e.leaf) for e in ModelState(torch.nn.Linear(1, 1)).entries()]
+        [('weight', 'parameter', 'weight'), ('bias', 'parameter', 'bias')]
+    """
+
+    name: str
+    tensor: torch.Tensor
+    kind: str  # "parameter" or "buffer"
+    owner: nn.Module
+    leaf: str
+    position: int  # the owner's position in the ModelIndex
+    base: torch.Tensor | None = None  # rows (issue 16): what the name holds when tensor is a view
+
+
+def model_entries(index: ModelIndex) -> list[TensorEntry]:
+    """Every parameter then every buffer of a model, tied tensors once, without recursion.
+
+    The order is ``named_parameters()`` then ``named_buffers()``, so
+    fingerprints match a walk with torch's own iterators, but the walk is
+    iterative: a 3000-deep chain of modules does not hit the recursion limit.
+    """
+    out: list[TensorEntry] = []
+    seen: set[int] = set()
+    mods = index.mods
+    for (name, p), owner in zip(index.aliases, index.alias_owner, strict=True):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(
+                TensorEntry(name, p, "parameter", mods[owner], name.rpartition(".")[2], owner)
+            )
+    visited: set[int] = set()
+    for i, (mname, module) in enumerate(zip(index.names, mods, strict=True)):
+        if id(module) in visited:
+            continue
+        visited.add(id(module))
+        prefix = mname + "." if mname else ""
+        for bname, b in module._buffers.items():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                out.append(TensorEntry(prefix + bname, b, "buffer", module, bname, i))
+    return out
+
+
+class ModelState:
+    """One read of a model: its index and what is frozen, trainable, partial or held.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> _ = net[0].requires_grad_(False)
+        >>> [n for n, _ in ModelState(net).frozen_modules()]
+        ['', '0']
+    """
+
+    def __init__(self, model: nn.Module | ModelIndex) -> None:
+        self.index = model if isinstance(model, ModelIndex) else ModelIndex(model)
+        self.model = self.index.model
+        self._trains: list[bool] | None = None
+        self._has_params: list[bool] | None = None
+        self._held: dict[int, bool] | None = None
+        self._partials: dict[int, subtensor.PartialRows] | None = None
+        self._entries: list[TensorEntry] | None = None
+
+    @property
+    def trains(self) -> list[bool]:
+        """Per module (by position): whether a trainable parameter lies under it."""
+        if self._trains is None:
+            self._trains = trainable_flags(self.index)
+        return self._trains
+
+    @property
+    def has_params(self) -> list[bool]:
+        """Per module (by position): whether any parameter lies under it."""
+        if self._has_params is None:
+            index = self.index
+            flags = [False] * len(index.names)
+            for owner in index.alias_owner:
+                flags[owner] = True
+            parent = index.parent
+            for i in range(len(flags) - 1, 0, -1):
+                if flags[i]:
+                    flags[parent[i]] = True
+            self._has_params = flags
+        return self._has_params
+
+    def held(self, rows: Sequence[int] | None = None) -> dict[int, bool]:
+        """For modules at positions ``rows`` (default all): whether a freeze holds them in eval."""
+        if rows is not None and self._held is None:
+            return sticky_flags(self.index, rows, trains=self.trains)
+        if self._held is None:
+            self._held = sticky_flags(self.index, trains=self.trains)
+        return self._held if rows is None else {i: self._held[i] for i in rows}
+
+    def frozen_modules(self) -> list[tuple[str, nn.Module]]:
+        """Modules that hold no trainable parameter and are frozen, each once, in pre-order.
+
+        A module counts as frozen when a freeze holds it in inference mode,
+        or when it has parameters and none of them trains (however they
+        were frozen).
+        """
+        trains, has_params, held = self.trains, self.has_params, self.held()
+        index = self.index
+        out: list[tuple[str, nn.Module]] = []
+        seen: set[int] = set()
+        for i, (name, module) in enumerate(zip(index.names, index.mods, strict=True)):
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if not trains[i] and (held[i] or has_params[i]):
+                out.append((name, module))
+        return out
+
+    @property
+    def partials(self) -> dict[int, subtensor.PartialRows]:
+        """Partial (row-frozen) tensors by ``id`` of the whole tensor (``subtensor``'s record)."""
+        if self._partials is None:
+            self._partials = subtensor.partials(self.model, self.index)
+        return self._partials
+
+    def trainable_rows(self) -> dict[int, nn.Parameter]:
+        """``id(W) -> R``: what an optimizer gets in a partial tensor's place."""
+        return subtensor.trainable_of(self.model, self.index)
+
+    def entries(self) -> list[TensorEntry]:
+        """Every parameter then every buffer, tied tensors once (see ``model_entries``)."""
+        if self._entries is None:
+            self._entries = model_entries(self.index)
+        return self._entries
+
+    def row_entries(self) -> list[TensorEntry]:
+        """Each run of frozen rows of a partial tensor, a view named ``name[a:b]``."""
+        blocks = subtensor.frozen_row_blocks(self.model, self.index) if self.partials else []
+        if not blocks:
+            return []
+        at = {id(e.tensor): e for e in self.entries()}
+        return [
+            TensorEntry(name, view, "parameter", e.owner, e.leaf, e.position, base=w)
+            for name, view, w in blocks
+            if (e := at.get(id(w))) is not None
+        ]
+
+    def frozen_entries(self, buffers: bool) -> list[TensorEntry]:
+        """Frozen parameters (and frozen rows), then (with ``buffers``) buffers of frozen modules.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(1, 1).requires_grad_(False)
+            >>> [e.name for e in ModelState(lin).frozen_entries(buffers=True)]
+            ['weight', 'bias']
+        """
+        entries = self.entries()
+        frozen_params = [e for e in entries if e.kind == "parameter" and not e.tensor.requires_grad]
+        frozen_params += self.row_entries()
+        if not buffers:
+            return frozen_params
+        frozen_ids = {id(m) for _, m in self.frozen_modules()}
+        params = {id(e.tensor) for e in frozen_params}
+        return frozen_params + [
+            e
+            for e in entries
+            if e.kind == "buffer" and id(e.owner) in frozen_ids and id(e.tensor) not in params
+        ]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters plus buffers of modules that are not frozen, by name.
+
+        A partial tensor contributes its trainable rows and their row numbers.
+        """
+        frozen = {id(m) for _, m in self.frozen_modules()}
+        out: dict[str, torch.Tensor] = {}
+        for e in self.entries():
+            trains = e.tensor.requires_grad if e.kind == "parameter" else id(e.owner) not in frozen
+            if trains:
+                out[e.name] = e.tensor
+        if self.partials:
+            out.update(subtensor.trainable_rows_state(self.model, self.index))
+        return out
