@@ -28,8 +28,8 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
 
 
-def _builds(call: Callable[[], Any]) -> int:
-    with counting_builds() as counter:
+def _builds(call: Callable[[], Any], model: nn.Module | None = None) -> int:
+    with counting_builds(model) as counter:
         call()
     return counter.count
 
@@ -41,7 +41,7 @@ def test_every_public_call_reads_the_model_once(rows: bool, tmp_path: Path) -> N
 
     def count(name: str, call: Callable[[], Any]) -> Any:
         out: list[Any] = []
-        counts[name] = _builds(lambda: out.append(call()))
+        counts[name] = _builds(lambda: out.append(call()), model)
         return out[0]
 
     count("freeze", lambda: gg.freeze(model, "0", "1", exclude="1.bias"))
@@ -123,3 +123,11 @@ def test_the_record_sees_partial_tensors_through_subtensor() -> None:
     ]
     assert sorted(record.trainable_state()) == ["__rows__.embed.weight", "embed.weight"]
     assert torch.equal(record.trainable_state()["__rows__.embed.weight"], torch.tensor([2, 5]))
+
+
+def test_a_counter_for_one_model_ignores_walks_of_another() -> None:
+    mine, other = TiedLM(), TiedLM()
+    with counting_builds(mine) as counter:
+        gg.select(other, "body")
+        gg.select(mine, "body")
+    assert counter.count == 1

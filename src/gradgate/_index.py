@@ -26,16 +26,25 @@ def owner_of(name: str) -> str:
 class BuildCounter:
     """How many model indexes were built while counting was on (see ``counting_builds``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None) -> None:
+        self.model = model
         self.count = 0
+
+    def saw(self, model: nn.Module) -> None:
+        """Count one walk of ``model`` (when this counter counts that model)."""
+        if self.model is None or self.model is model:
+            self.count += 1
 
 
 _counters: list[BuildCounter] = []
 
 
 @contextlib.contextmanager
-def counting_builds() -> Iterator[BuildCounter]:
+def counting_builds(model: nn.Module | None = None) -> Iterator[BuildCounter]:
     """Count every ``ModelIndex`` built inside the block (a test instrument; off by default).
+
+    With ``model``, only the walks of that model count (a live guard on
+    another model reacts to every change and walks its own model).
 
     Example:
         >>> import torch
@@ -44,7 +53,7 @@ def counting_builds() -> Iterator[BuildCounter]:
         >>> c.count
         1
     """
-    counter = BuildCounter()
+    counter = BuildCounter(model)
     _counters.append(counter)
     try:
         yield counter
@@ -63,7 +72,7 @@ class ModelIndex:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"expected a torch.nn.Module, got {type(model).__name__}")
         for counter in _counters:
-            counter.count += 1
+            counter.saw(model)
         self.model = model
         names: list[str] = []
         mods: list[nn.Module] = []
