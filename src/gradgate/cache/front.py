@@ -260,7 +260,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         >>> data = TensorDataset(torch.randn(10, 4), torch.arange(10))
         >>> cache = gg.FeatureCache(front, data, progress=False)
         >>> feats, label = cache[3]
-        >>> torch.equal(feats, front(data[3][0])), int(label)
+        >>> torch.allclose(feats, front(data[3][0])), int(label)
         (True, 3)
         >>> for x, y in cache.loader(batch_size=4, shuffle=True):  # or DataLoader(cache, ...)
         ...     pass
