@@ -310,7 +310,11 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for name in complex_names:
         if name not in tensors or tensors[name].shape[-1:] != (2,):
             raise CheckpointError(f"{str(path)!r}: complex tensor {name!r} is malformed")
-        tensors[name] = torch.view_as_complex(tensors[name].contiguous())
+        # A fresh, aligned copy: the file's buffer may sit at an 8-byte offset, and
+        # viewing that as complex128 (16-byte elements) crashed torch 2.6 on copy_.
+        tensors[name] = torch.view_as_complex(
+            tensors[name].clone(memory_format=torch.contiguous_format)
+        )
     return tensors, meta
 
 

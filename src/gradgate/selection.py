@@ -12,14 +12,17 @@ in that set; any other bracket is a character class of single characters
 slices (``[-4:]``) are not part of the grammar: they would depend on how many
 siblings exist, so write the range (``layer.[8-11]``); neither are negative
 indices, open ranges or empty items (``[-1]``, ``[1-]``, ``[0-3,]``), which
-are refused rather than read as character classes. A malformed bracket is
-an ``InvalidArgumentError`` naming the selector.
+are refused rather than read as character classes, and neither is a number
+with a leading zero (``layer.[01]``: the number 1, or glob's class {0, 1}?
+module indices have no leading zeros, so the error shows both readings). A
+malformed bracket is an ``InvalidArgumentError`` naming the selector.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -97,8 +100,32 @@ def range_regex(lo: int, hi: int) -> str:
     return "(?:" + "|".join(parts) + ")"
 
 
+def _refuse_leading_zero(body: str) -> None:
+    """Refuse ``[01]``-style brackets: a number set or a character class, nobody can tell.
+
+    Module indices never have a leading zero, so ``layer.[01]`` read as numbers
+    would be layer 1 alone while glob (and users) read it as layers 0 and 1.
+    """
+    numbers = [t.strip() for item in body.split(",") for t in item.split("-")]
+    odd = next((t for t in numbers if len(t) > 1 and t.startswith("0")), None)
+    if odd is None:
+        return
+    as_numbers = ",".join(
+        "-".join(str(int(t)) for t in item.split("-")) for item in body.split(",")
+    )
+    reading = f"read as numbers it means [{as_numbers}]"
+    if body.strip().isdigit():
+        chars = sorted(set(body.strip()), key=int)
+        reading += f", read as a glob character class [{','.join(chars)}]"
+    raise _Syntax(
+        f"[{body}] is ambiguous: {odd!r} has a leading zero, which no module index has; "
+        f"{reading}: write the one you mean"
+    )
+
+
 def _number_set(body: str) -> str:
     """Translate the body of a whole-number bracket (``6-11`` or ``0,2,4-6``)."""
+    _refuse_leading_zero(body)
     parts = []
     for item in body.split(","):
         lo_text, _, hi_text = item.partition("-")
@@ -271,10 +298,21 @@ def _suggest(index: ModelIndex, selector: object) -> str:
 
 def _compile(selector: str, pattern: str, flags: int) -> re.Pattern[str]:
     """Compile a selector's regex; a pattern the engine refuses is the user's input error."""
+    shown = selector if len(selector) <= 80 else selector[:77] + "..."
     try:
-        return re.compile(pattern, flags)
+        with warnings.catch_warnings():
+            # The stdlib warns (FutureWarning) of a set such as '[[a]' or '[a--b]'
+            # whose meaning a future Python changes: what such a selector
+            # matches would change silently, so it is refused now.
+            warnings.simplefilter("error", FutureWarning)
+            return re.compile(pattern, flags)
+    except FutureWarning as e:
+        raise InvalidArgumentError(
+            f"selector {shown!r} is ambiguous: Python will read it differently in a future "
+            f"version ({e}); escape the character, e.g. '\\[' for a literal '[' or "
+            "'\\-' for a literal '-'"
+        ) from None
     except (re.error, RecursionError, OverflowError, MemoryError) as e:
-        shown = selector if len(selector) <= 80 else selector[:77] + "..."
         what = "regular expression" if selector.startswith("re:") else "pattern"
         raise InvalidArgumentError(
             f"selector {shown!r} is not a valid {what} ({type(e).__name__}: "

@@ -116,6 +116,38 @@ def _drop(optimizer: torch.optim.Optimizer, gone: set[int], names: dict[int, str
         optimizer._numel_cache = None
 
 
+def _init_eager_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> None:
+    """Create the state an optimizer creates only in its constructor, for added ``params``.
+
+    Adagrad before torch 2.12 builds ``step`` and ``sum`` in ``__init__`` and
+    its ``step`` reads them unconditionally (``KeyError: 'sum'`` for a
+    parameter added later); they are made here exactly as its constructor
+    makes them (with the group's ``initial_accumulator_value``).
+    """
+    if not isinstance(optimizer, torch.optim.Adagrad):
+        return
+    wanted = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        init = group.get(
+            "initial_accumulator_value", optimizer.defaults.get("initial_accumulator_value", 0)
+        )
+        fused = bool(group.get("fused"))
+        for p in group["params"]:
+            if id(p) not in wanted or optimizer.state.get(p):
+                continue
+            wide = torch.get_default_dtype() == torch.float64 and not fused
+            step = torch.zeros(
+                (),
+                dtype=torch.float64 if wide else torch.float32,
+                device=p.device if fused else None,
+            )
+            value = complex(init, init) if torch.is_complex(p) else init
+            optimizer.state[p] = {
+                "step": step,
+                "sum": torch.full_like(p, value, memory_format=torch.preserve_format),
+            }
+
+
 def sync(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -244,6 +276,7 @@ def sync(
         for group in new_groups:
             opt.add_param_group(group)
         positions = list(range(start, len(opt.param_groups)))
+        _init_eager_state(opt, [p for _, p in fresh])
         for sched in schedulers(scheduler):
             extend_scheduler(sched, opt, positions)
     removed = [names[id(p)] for p in gone]
