@@ -239,9 +239,8 @@ def test_unfreeze_mid_run_follows_schedule_and_resumes_identically(sched_name: s
     assert len(opt.param_groups) == 2
     new_lr = opt.param_groups[1]["lr"]
     assert new_lr > 0
-    if sched_name == "CosineAnnealingLR":
-        ratio = (opt.param_groups[1]["lr"] - 1e-3) / (0.002 - 1e-3)
-        assert ratio == pytest.approx((opt.param_groups[0]["lr"] - 1e-3) / (0.01 - 1e-3))
+    if sched_name == "CosineAnnealingLR":  # the floor scales with the peak (issue 23.13)
+        assert new_lr == pytest.approx(0.2 * opt.param_groups[0]["lr"])
     _step(model, opt, sched)
     torch.manual_seed(123)
     saved = (

@@ -9,6 +9,7 @@ never to a second one.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from .._optimizers import unwrap_optimizer
 from ..errors import InvalidArgumentError
 from ..selection import Selector, resolve
 from .groups import Rules, build_groups
-from .schedulers import extend_scheduler, schedulers
+from .schedulers import _group_peak, extend_scheduler, schedulers
 
 __all__ = ["Ledger", "held_elsewhere", "sync"]
 
@@ -43,6 +44,9 @@ class Ledger:
         # reused by a later tensor is told apart by the referent's identity.
         self.held: dict[int, weakref.ref[torch.Tensor]] = {}
         self.adopted: set[int] = set()
+        # How many groups the optimizer had when sync first saw it: the groups
+        # it was built with, whose rate a new group without a rule lr takes.
+        self.built: int | None = None
 
     def note(self, p: torch.Tensor, adopted: bool = False) -> None:
         """Record that the optimizer holds ``p`` (``adopted``: only because nobody else did)."""
@@ -114,6 +118,37 @@ def _drop(optimizer: torch.optim.Optimizer, gone: set[int], names: dict[int, str
         # Its curvature history spans the old flat parameter vector.
         optimizer.state.clear()
         optimizer._numel_cache = None
+
+
+def _meant_lr(
+    optimizer: torch.optim.Optimizer, scheduler: Any, built: int, names: Sequence[str]
+) -> float:
+    """The learning rate of a new group no rule gives one: the rate the user evidently meant.
+
+    The peak rate (``initial_lr``/``max_lr`` when a scheduler set one, else
+    ``lr``) of the groups the optimizer was built with when they all agree;
+    else the optimizer's default ``lr`` when some built group uses it (it was
+    passed to the constructor); else group 0's, with a warning naming the
+    rates and how to choose. Never a constructor default no group uses.
+    """
+    found = list(schedulers(scheduler))
+    count = max(1, min(built, len(optimizer.param_groups)))
+    peaks = [_group_peak(found, optimizer, i) for i in range(count)]
+    distinct = sorted(set(peaks))
+    if len(distinct) == 1:
+        return distinct[0]
+    default = optimizer.defaults.get("lr")
+    if isinstance(default, (int, float, torch.Tensor)) and float(default) in distinct:
+        return float(default)
+    shown = ", ".join(f"{v:g}" for v in distinct)
+    warnings.warn(
+        f"gg.sync: the optimizer's groups train at different rates ({shown}), so the rate "
+        f"for the newly trainable {list(names)[:3]} cannot be known; they join at group "
+        f"0's ({peaks[0]:g}). Choose with rules={{selector: {{'lr': ...}}}}",
+        UserWarning,
+        stacklevel=3,
+    )
+    return peaks[0]
 
 
 def _init_eager_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> None:
@@ -243,6 +278,12 @@ def sync(
     # Built before anything changes (also with nothing new, so that a rule
     # that matches nothing is reported at once): a failure leaves all as it was.
     new_groups = build_groups(model, fresh, rules, with_names=with_names, index=index)
+    if ledger.built is None:
+        ledger.built = len(opt.param_groups)
+    if any("lr" not in g for g in new_groups):
+        meant = _meant_lr(opt, scheduler, ledger.built, [n for n, _ in fresh])
+        for g in new_groups:
+            g.setdefault("lr", meant)
 
     # Parameters this optimizer holds that another one only adopted by default.
     for o, led, ids in other_ids:
@@ -277,8 +318,7 @@ def sync(
             opt.add_param_group(group)
         positions = list(range(start, len(opt.param_groups)))
         _init_eager_state(opt, [p for _, p in fresh])
-        for sched in schedulers(scheduler):
-            extend_scheduler(sched, opt, positions)
+        extend_scheduler(scheduler, opt, positions)
     removed = [names[id(p)] for p in gone]
     added = [n for n, _ in fresh]
     if gone or fresh:
