@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,3 +67,70 @@ def test_complex128_checkpoint_is_read_into_an_aligned_buffer(tmp_path: Path) ->
         net.z.zero_()
     gg.load_trainable(net, path)
     assert torch.equal(net.z, saved)
+
+
+def _bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+
+
+def test_save_into_a_path_whose_parent_is_a_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    # Before: a raw FileExistsError/NotADirectoryError from mkdir.
+    (tmp_path / "notes.txt").write_text("mine")
+    net = _bn_net()
+    gg.freeze(net, "0")
+    for dest in (tmp_path / "notes.txt" / "h.safetensors", tmp_path / "notes.txt" / "a" / "h.st"):
+        with pytest.raises(gg.CheckpointError) as info:
+            gg.save_trainable(net, dest)
+        assert repr(str(dest)) in str(info.value)
+        assert f"{str(tmp_path / 'notes.txt')!r} is a file, not a folder" in str(info.value)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_frozen_batchnorm_eps_change_is_a_different_base(tmp_path: Path) -> None:
+    net = _bn_net()
+    gg.freeze(net, "0", "1")
+    path = gg.save_trainable(net, tmp_path / "h.safetensors")
+    net[1].eps = 1e-3  # no tensor changed, the computation did
+    before = [t.detach().clone() for t in net.state_dict().values()]
+    with pytest.raises(gg.FingerprintMismatch, match=r"settings differ: 1\.eps 1e-05 -> 0\.001"):
+        gg.load_trainable(net, path)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.state_dict().values(), strict=True))
+    net[1].eps = 1e-5
+    gg.load_trainable(net, path)  # the same settings load
+
+
+def test_loading_onto_a_fresh_unfrozen_model_says_freeze_it_first(tmp_path: Path) -> None:
+    net = _bn_net()
+    gg.freeze(net, "0", "1")
+    path = gg.save_trainable(net, tmp_path / "h.safetensors")
+    fresh = _bn_net()
+    with pytest.raises(gg.FingerprintMismatch) as info:
+        gg.load_trainable(fresh, path)
+    msg = str(info.value)
+    assert "freeze it the same way first" in msg
+    assert f"gg.freeze(model, '0', '1'); gg.load_trainable(model, {str(path)!r})" in msg
+    assert "strict=False" not in msg
+    gg.freeze(fresh, "0", "1")  # doing what it says works
+    gg.load_trainable(fresh, path)
+
+
+def test_load_trainable_returns_a_short_readable_result(tmp_path: Path) -> None:
+    net = _bn_net()
+    gg.freeze(net, "0", "1")
+    opt = torch.optim.SGD(gg.trainable_parameters(net), lr=0.1)
+    path = gg.save_trainable(net, tmp_path / "h.safetensors", optimizer=opt)
+    result = gg.load_trainable(net, path, optimizer=opt)
+    assert isinstance(result, checkpoint.LoadResult)
+    assert result.loaded == ("2.weight", "2.bias")
+    assert result.optimizer is True and result.path == path
+    assert result.frozen == 7  # two Linear tensors, BatchNorm's two and its three buffers
+    assert result.fingerprint == result["gradgate.frozen_fingerprint"]
+    assert f"torch {torch.__version__}" in result.saved_with
+    text = repr(result)
+    assert "\n" not in text and len(text) < 300 and "2.weight" in text
+    assert str(result) == text
+    # still the metadata mapping it used to be
+    assert result["torch.version"] == torch.__version__
+    assert dict(result) == dict(result.metadata) and "gradgate.format" in result

@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .errors import CheckpointError, CheckpointKeyError, FingerprintMismatch
 from .hashing import named_digest, tensor_digest
 
 __all__ = [
+    "LoadResult",
     "load_trainable",
     "save_trainable",
     "trainable_state",
@@ -45,6 +47,63 @@ _PER_TENSOR_LIMIT = 20_000
 _PER_TENSOR_BYTES = 8 << 20
 _STATE = "__optim__."  # prefix of stored optimizer-state tensors
 _GROUP = "__optim_group__."  # prefix of tensor-valued group options (a tensor lr)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadResult(Mapping[str, str]):
+    """What ``load_trainable`` loaded, and from which base.
+
+    Short to print; still the file's metadata as a read-only mapping
+    (``result["torch.version"]``), as ``load_trainable`` returned before.
+
+    Attributes:
+        path: the file read.
+        loaded: the names of the tensors written into the model, model order.
+        optimizer: whether optimizer state was loaded too.
+        frozen: how many frozen tensors the file's base had.
+        fingerprint: the frozen base's fingerprint (``gg.fingerprint`` of it).
+        saved_with: the gradgate and torch versions that wrote the file.
+        metadata: every metadata entry of the file.
+
+    Example:
+        >>> import tempfile, os, torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> _ = gg.freeze(net, "0")
+        >>> p = gg.save_trainable(net, os.path.join(tempfile.mkdtemp(), "h.safetensors"))
+        >>> result = gg.load_trainable(net, p)
+        >>> result.loaded, result.frozen, result.optimizer
+        (('1.weight', '1.bias'), 2, False)
+        >>> result["gradgate.format"]
+        '2'
+    """
+
+    path: Path
+    loaded: tuple[str, ...]
+    optimizer: bool
+    frozen: int
+    fingerprint: str
+    saved_with: str
+    metadata: Mapping[str, str] = field(repr=False)
+
+    def __getitem__(self, key: str) -> str:
+        return self.metadata[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metadata)
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.loaded[:4]) + (", ..." if len(self.loaded) > 4 else "")
+        return (
+            f"LoadResult({len(self.loaded)} tensors from {str(self.path)!r}: {shown}; "
+            f"optimizer state {'loaded' if self.optimizer else 'not loaded'}; base: "
+            f"{self.frozen} frozen tensors, fingerprint {self.fingerprint[:12]}; "
+            f"saved by {self.saved_with})"
+        )
+
+    __str__ = __repr__
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,6 +131,40 @@ def _frozen_digests(record: ModelState) -> tuple[str, dict[str, str]]:
         per[name] = d
         total.update(f"{name}\0{d}\n".encode())
     return total.hexdigest(), per
+
+
+_SETTINGS = "gradgate.frozen_settings"
+
+
+def _settings_of(module: nn.Module) -> dict[str, str]:
+    """A module's parameter-free settings (BatchNorm's ``eps``, a conv's ``stride``), as text.
+
+    Its public attributes holding numbers, strings, booleans, ``None`` or
+    tuples of these: what changes the computation without being a tensor.
+    """
+    out: dict[str, str] = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        if all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+            out[key] = repr(value)
+    return out
+
+
+def _frozen_settings(record: ModelState) -> dict[str, dict[str, str]]:
+    """The settings of every module that owns a frozen tensor, by module path."""
+    out: dict[str, dict[str, str]] = {}
+    seen: set[int] = set()
+    with gc_paused():
+        entries = record.frozen_entries(buffers=True)
+    for e in entries:
+        if id(e.owner) in seen:
+            continue
+        seen.add(id(e.owner))
+        path = e.name.rpartition(".")[0] if e.name.endswith("." + e.leaf) else ""
+        out[path] = {"class": type(e.owner).__name__, **_settings_of(e.owner)}
+    return out
 
 
 def _payload_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
@@ -220,6 +313,12 @@ def save_trainable(
             f"save_trainable(path={str(dest)!r}): that path is a directory; pass a file "
             f"path, e.g. {str(dest / 'trainable.safetensors')!r}"
         )
+    blocker = next((p for p in dest.parents if p.is_file()), None)
+    if blocker is not None:
+        raise CheckpointError(
+            f"save_trainable(path={str(dest)!r}): {str(blocker)!r} is a file, not a folder; "
+            "choose a path whose folders are folders"
+        )
     opt = unwrap_optimizer(optimizer) if optimizer is not None else None
     with gc_paused():
         record = ModelState(model)
@@ -239,6 +338,9 @@ def save_trainable(
         per_json = json.dumps(per)
         if len(per_json) <= _PER_TENSOR_BYTES:
             metadata["gradgate.frozen_digests"] = per_json
+        settings_json = json.dumps(_frozen_settings(record))
+        if len(settings_json) <= _PER_TENSOR_BYTES:
+            metadata[_SETTINGS] = settings_json
     if opt is not None:
         opt_tensors, opt_meta = _optimizer_payload(opt, record)
         tensors.update(opt_tensors)
@@ -246,7 +348,13 @@ def save_trainable(
     metadata[_DIGEST] = _payload_digest(tensors, metadata)
     if not _is_writer():
         return dest  # under torch.distributed only rank 0 writes (all ranks gathered)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"save_trainable(path={str(dest)!r}): cannot create its folder "
+            f"({e.strerror or e}); choose a folder you can write"
+        ) from e
     remove_orphans(dest.parent)
     tmp = temp_path(dest)
     try:
@@ -327,13 +435,75 @@ def _json(meta: Mapping[str, str], key: str, path: Path) -> Any:
         raise CheckpointError(f"checkpoint {str(path)!r}: {key!r} is not valid JSON ({e})") from e
 
 
+def _cover(model: nn.Module, names: set[str]) -> list[str]:
+    """The fewest module paths whose parameters are exactly within ``names``."""
+    under: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        for k in range(len(parts)):
+            under.setdefault(".".join(parts[:k]), []).append(name)
+    out: list[str] = []
+    covered: set[str] = set()
+    for name in sorted(names, key=list(dict(model.named_parameters())).index):
+        if name in covered:
+            continue
+        parts = name.split(".")
+        best = name
+        for k in range(1, len(parts)):
+            path = ".".join(parts[:k])
+            if all(n in names for n in under.get(path, [])):
+                best = path
+                break
+        covered.update(under.get(best, [best]))
+        out.append(best)
+    return out
+
+
+def _freeze_first(model: nn.Module, meta: Mapping[str, str], path: Path) -> str | None:
+    """The advice when ``model`` trains what the checkpoint's base had frozen, else None."""
+    try:
+        saved = set(json.loads(meta.get("gradgate.trainable", "[]")))
+    except ValueError:
+        return None
+    params = dict(model.named_parameters())
+    extra = {n for n, p in params.items() if p.requires_grad and n not in saved}
+    if not extra or not saved & set(params):
+        return None
+    sels = ", ".join(repr(s) for s in _cover(model, extra)[:4])
+    return (
+        f"{type(model).__name__} trains {len(extra)} tensor(s) the checkpoint's base had "
+        f"frozen ({', '.join(sorted(extra)[:3])}{', ...' if len(extra) > 3 else ''}): "
+        f"freeze it the same way first, then load: gg.freeze(model, {sels}); "
+        f"gg.load_trainable(model, {str(path)!r})"
+    )
+
+
+def _settings_diff(record: ModelState, meta: Mapping[str, str], path: Path) -> list[str]:
+    """The frozen modules whose settings differ from the checkpoint's, as ``path.key a -> b``."""
+    if _SETTINGS not in meta:
+        return []  # written before settings were recorded
+    saved = _json(meta, _SETTINGS, path)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r}: malformed {_SETTINGS!r} entry")
+    out = []
+    for module, now in _frozen_settings(record).items():
+        before = saved.get(module)
+        if not isinstance(before, dict):
+            continue
+        for key in sorted(set(before) & set(now)):
+            if before[key] != now[key]:
+                out.append(f"{module or '(root)'}.{key} {before[key]} -> {now[key]}")
+    return out
+
+
 def _check_base(record: ModelState, meta: Mapping[str, str], path: Path) -> None:
     total, per = _frozen_digests(record)
     if "gradgate.frozen_fingerprint" not in meta:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks the frozen base's fingerprint")
-    if total == meta["gradgate.frozen_fingerprint"]:
+    settings = _settings_diff(record, meta, path)
+    if total == meta["gradgate.frozen_fingerprint"] and not settings:
         return
-    detail = ""
+    parts = []
     if "gradgate.frozen_digests" in meta:
         saved = _json(meta, "gradgate.frozen_digests", path)
         if not isinstance(saved, dict):
@@ -341,17 +511,19 @@ def _check_base(record: ModelState, meta: Mapping[str, str], path: Path) -> None
         changed = [n for n in per if n in saved and saved[n] != per[n]]
         missing = [n for n in saved if n not in per]
         extra = [n for n in per if n not in saved]
-        parts = []
         if changed:
             parts.append("values differ: " + ", ".join(changed[:8]))
         if missing:
             parts.append("frozen in the checkpoint's base only: " + ", ".join(missing[:8]))
         if extra:
             parts.append("frozen in this model only: " + ", ".join(extra[:8]))
-        detail = " (" + "; ".join(parts) + ")"
+    if settings:
+        parts.append("settings differ: " + ", ".join(settings[:8]))
+    detail = " (" + "; ".join(parts) + ")" if parts else ""
+    advice = _freeze_first(record.model, meta, path)
     raise FingerprintMismatch(
         f"checkpoint {str(path)!r} was saved on a different frozen base{detail}; "
-        "load it onto the model it was trained with, or pass strict=False"
+        + (advice or "load it onto the model it was trained with, or pass strict=False")
     )
 
 
@@ -360,7 +532,7 @@ def load_trainable(
     path: str | os.PathLike[str],
     optimizer: torch.optim.Optimizer | None = None,
     strict: bool = True,
-) -> dict[str, Any]:
+) -> LoadResult:
     """Load a ``save_trainable`` file into ``model`` (and ``optimizer``).
 
     Everything is read and checked first (the file's payload digest, the
@@ -380,7 +552,8 @@ def load_trainable(
             have are loaded; at least one must match.
 
     Returns:
-        The checkpoint's metadata.
+        A ``LoadResult``: what was loaded, from which base (printing it is
+        one line); it is also a mapping of the file's metadata.
 
     Raises:
         FingerprintMismatch: the frozen base differs (naming what differs).
@@ -417,9 +590,11 @@ def load_trainable(
     missing = [k for k in state if k not in saved]
     unexpected = [k for k in saved if k not in state]
     if strict and (missing or unexpected):
+        advice = _freeze_first(model, meta, src)
         raise CheckpointKeyError(
             f"checkpoint {str(src)!r} does not match the model's trainable set: "
             f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
+            + (f"; {advice}" if advice else "")
         )
     load = {k: saved[k] for k in state if k in saved}  # in the model's order
     if saved and not load:
@@ -442,7 +617,16 @@ def load_trainable(
     opt_state = _optimizer_state(opt, record, tensors, meta, src) if opt is not None else None
     _apply(state, load, opt, opt_state, src)
     subtensor.write_back_all(model, record.index)  # rows (issue 16): loaded rows reach W at once
-    return meta
+    return LoadResult(
+        path=src,
+        loaded=tuple(load),
+        optimizer=opt is not None,
+        frozen=int(meta.get("gradgate.frozen_count", "0") or 0),
+        fingerprint=meta.get("gradgate.frozen_fingerprint", ""),
+        saved_with=f"gradgate {meta.get('gradgate.version', '?')}, "
+        f"torch {meta.get('torch.version', '?')}",
+        metadata=meta,
+    )
 
 
 def _apply(
