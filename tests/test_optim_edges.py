@@ -92,12 +92,14 @@ def test_a_frozen_batchnorm_eps_change_is_a_different_base(tmp_path: Path) -> No
     net = _bn_net()
     gg.freeze(net, "0", "1")
     path = gg.save_trainable(net, tmp_path / "h.safetensors")
-    net[1].eps = 1e-3  # no tensor changed, the computation did
+    bn = net[1]
+    assert isinstance(bn, nn.BatchNorm1d)
+    bn.eps = 1e-3  # no tensor changed, the computation did
     before = [t.detach().clone() for t in net.state_dict().values()]
     with pytest.raises(gg.FingerprintMismatch, match=r"settings differ: 1\.eps 1e-05 -> 0\.001"):
         gg.load_trainable(net, path)
     assert all(torch.equal(a, b) for a, b in zip(before, net.state_dict().values(), strict=True))
-    net[1].eps = 1e-5
+    bn.eps = 1e-5
     gg.load_trainable(net, path)  # the same settings load
 
 
