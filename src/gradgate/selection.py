@@ -424,13 +424,17 @@ def norms(name: str, module: nn.Module) -> bool:
     convention of Hugging Face and timm, any class whose name ends in
     ``Norm``, ``Norm1d/2d/3d`` or ``NormAct``/``NormAct2d`` (``LlamaRMSNorm``,
     ``T5LayerNorm``, ``BatchNormAct2d``, ``LayerNorm2d``,
-    ``FrozenBatchNorm2d``) whose submodules own no parameters: a wrapper
+    ``FrozenBatchNorm2d``) and, by the Hugging Face Trainer's name patterns,
+    any module owning parameters whose own name contains ``layernorm`` or
+    ``rmsnorm``, is ``norm`` or ends in ``_norm`` (``input_layernorm``,
+    ``q_norm``), as long as its submodules own no parameters: a wrapper
     such as ``PreNorm`` (a norm and a feed-forward) is not a norm, its inner
-    norm is. fastai's ``train_bn=True`` recipe is
+    norm is. It is also what ``gg.param_groups`` keeps out of weight decay
+    (``gg.DEFAULT_NO_DECAY``). fastai's ``train_bn=True`` recipe is
     ``gg.freeze(model, "backbone", exclude=gg.norms)``.
 
     Args:
-        name: the module's path (unused; part of the predicate signature).
+        name: the module's path (its last segment is matched by name).
         module: the module to test.
 
     Returns:
@@ -445,11 +449,16 @@ def norms(name: str, module: nn.Module) -> bool:
     if isinstance(module, _TORCH_NORMS):
         return True
     # A name alone also fits a wrapper (``PreNorm`` holding a norm and a
-    # feed-forward); since a module selector takes its subtree, only a class
+    # feed-forward); since a module selector takes its subtree, only a module
     # whose children own no parameters (timm's act/drop) counts as a norm.
-    return bool(_NORM_CLASS_NAME.search(type(module).__name__)) and not any(
-        next(child.parameters(), None) is not None for child in module.children()
-    )
+    if any(next(child.parameters(), None) is not None for child in module.children()):
+        return False
+    if _NORM_CLASS_NAME.search(type(module).__name__):
+        return True
+    last = name.rpartition(".")[2].lower()
+    return (
+        "layernorm" in last or "rmsnorm" in last or last == "norm" or last.endswith("_norm")
+    ) and next(module.parameters(recurse=False), None) is not None
 
 
 @dataclass(frozen=True)

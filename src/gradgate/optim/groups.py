@@ -14,7 +14,7 @@ from torch import nn
 from .. import subtensor
 from .._index import ModelIndex
 from ..errors import InvalidArgumentError
-from ..selection import Selector, resolve
+from ..selection import Selector, norms, resolve
 
 __all__ = [
     "DEFAULT_NO_DECAY",
@@ -33,15 +33,15 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-"""Module types whose parameters ``DEFAULT_NO_DECAY`` keeps out of weight decay."""
+"""Torch's normalisation types (``gg.norms`` matches these and more, by name)."""
 
-
-def _is_no_decay(name: str, module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES)
-
-
-DEFAULT_NO_DECAY: tuple[Selector, ...] = ("**.bias", _is_no_decay)
-"""Biases and every parameter of a normalisation layer get no weight decay."""
+DEFAULT_NO_DECAY: tuple[Selector, ...] = ("**.*bias*", norms)
+"""What gets no weight decay by default: every parameter whose name has a segment
+containing ``bias`` (the Hugging Face Trainer's rule: ``bias``,
+``relative_attention_bias``) and every parameter of a normalisation layer as
+``gg.norms`` defines it (torch's norms, ``LlamaRMSNorm``, ``T5LayerNorm``,
+``input_layernorm``, ...). ``param_groups`` also keeps every other 0-D and
+1-D parameter out of decay unless ``decay_1d=True`` (timm's rule)."""
 
 Rules = Mapping[Any, Mapping[str, Any]] | Sequence[tuple[Selector, Mapping[str, Any]]]
 """``{selector: {option: value}}`` or a list of ``(selector, options)`` pairs; later rules win."""
@@ -167,6 +167,7 @@ def param_groups(
     rules: Rules = (),
     no_decay: Selector | Sequence[Selector] | None = DEFAULT_NO_DECAY,
     layer_decay: LayerDecay | tuple[float, Sequence[Selector]] | None = None,
+    decay_1d: bool = False,
 ) -> list[dict[str, Any]]:
     """Parameter groups of the trainable parameters, for any ``torch.optim`` optimizer.
 
@@ -180,8 +181,13 @@ def param_groups(
         rules: ``{selector: {option: value}}`` (or a list of pairs) applied in
             order, e.g. ``{"back_end.fc2": {"lr": 1e-2}}``; an explicit
             ``lr`` in a rule is not scaled by ``layer_decay``.
-        no_decay: selectors whose parameters get ``weight_decay=0`` (default:
-            biases and normalisation layers); ``None`` decays everything.
+        no_decay: selectors whose parameters get ``weight_decay=0`` (default
+            ``DEFAULT_NO_DECAY``: names with ``bias`` in a segment, and
+            ``gg.norms``); ``None`` decays everything but 1-D tensors.
+        decay_1d: decay the 0-D and 1-D parameters ``no_decay`` does not
+            name. By default they get no decay, as in timm: such tensors are
+            scales and offsets (ConvNeXt's layer-scale ``gamma``, a custom
+            norm's weight), which decay would pull towards 0, i.e. off.
         layer_decay: a ``LayerDecay`` (or ``(decay, stages)``) for
             discriminative learning rates.
 
@@ -232,6 +238,9 @@ def param_groups(
     if layer_decay is not None:
         for sel, f in zip(layer_decay.stages, layer_decay.factors(), strict=True):
             factor.update(dict.fromkeys(resolve(index, [sel]).parameters, f))
+
+    if not decay_1d:
+        decay_off.update(n for n, p in named if p.dim() <= 1)
 
     def defaults(name: str) -> dict[str, Any]:
         return {
