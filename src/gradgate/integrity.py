@@ -398,35 +398,38 @@ class Guard:
 
     def _cause(self, w: _Watched, how: str, stepped: torch.optim.Optimizer | None) -> str:
         if how == "replaced":
-            return _REPLACED_CAUSE
+            return f"Likely cause: {_REPLACED_CAUSE}"
         if how == "removed":
             return (
-                "its name no longer holds a tensor (deleted, set to None, or its module replaced)"
+                "Likely cause: its name no longer holds a tensor (deleted, set to None, or its "
+                "module replaced)"
             )
         if w.kind == "buffer" and w.owner.training:
             return (
-                f"{type(w.owner).__name__} is in training mode and updates its running "
-                "statistics (frozen with mode='keep', or .train() called on it); "
+                f"Likely cause: {type(w.owner).__name__} is in training mode and updates its "
+                "running statistics (frozen with mode='keep', or .train() called on it); "
                 "freeze with mode='eval'"
             )
         if how == "unversioned":
-            return "a write through .data or another path that bypasses autograd's version counter"
+            return (
+                "Likely cause: a write through .data or another path that bypasses autograd's "
+                "version counter"
+            )
         if w.kind == "buffer":
-            return "an in-place write to the buffer (load_state_dict, copy_, or custom code)"
+            return (
+                "Likely cause: an in-place write to the buffer (load_state_dict, copy_, or "
+                "custom code)"
+            )
         holders = [stepped] if stepped is not None else []
         holders += [o for o in self.optimizers if o is not stepped]
         for opt in holders:
             for group in opt.param_groups:
                 if any(p is w.tensor for p in group["params"]):
-                    state = opt.state.get(w.tensor, {})
-                    keys = ", ".join(sorted(state)) or "none"
-                    return (
-                        "optimizer step (weight decay/momentum with a zero or stale gradient): "
-                        f"{type(opt).__name__} still holds it (state: {keys}; weight_decay="
-                        f"{group.get('weight_decay', 0)}) and moves it even with a zero or "
-                        "missing gradient; call gg.sync(optimizer, model) after freezing"
-                    )
-        return "an in-place write (load_state_dict, copy_, or a custom update)"
+                    return _held_cause(w.tensor, opt, group, stepped is opt)
+        return (
+            "No optimizer under the guard holds it. Likely cause: an in-place write "
+            "(load_state_dict, copy_, or a custom update)"
+        )
 
     def _violation(
         self, w: _Watched, how: str, where: str, stepped: torch.optim.Optimizer | None
@@ -444,10 +447,8 @@ class Guard:
                 "kept watching it; make parts trainable with gg.unfreeze (or enter a new "
                 "guard after the change) to let them train under a guard."
             )
-        msg = (
-            f"frozen {w.kind} {w.name!r} changed {where}: {what}. "
-            f"Likely cause: {self._cause(w, how, stepped)}.{behind}"
-        )
+        cause = self._cause(w, how, stepped)
+        msg = f"frozen {w.kind} {w.name!r} changed {where}: {what}. {cause}.{behind}"
         # Each change is reported once: what it left becomes the new baseline.
         self._fast = None
         w.version = w.tensor._version
@@ -466,6 +467,50 @@ class Guard:
         self._watched = {}
         entries = state.entries() + state.row_entries()
         self._watch([e for e in entries if e.name in names], state)
+
+
+def _held_cause(
+    tensor: torch.Tensor, opt: torch.optim.Optimizer, group: dict[str, Any], stepped: bool
+) -> str:
+    """What is known when an optimizer holds the changed tensor; a cause only where it is sure.
+
+    Torch's optimizers (all but LBFGS) skip a tensor whose ``grad`` is
+    ``None``: then the write came from other code, whatever the optimizer holds.
+    """
+    name = type(opt).__name__
+    state = opt.state.get(tensor, {})
+    held = (
+        f"{name} still holds it (state: {', '.join(sorted(state)) or 'none'}; "
+        f"weight_decay={group.get('weight_decay', 0)})"
+    )
+    grad = tensor.grad
+    skips = type(opt).__module__.startswith("torch.optim") and not isinstance(
+        opt, torch.optim.LBFGS
+    )
+    if grad is None and skips:
+        return (
+            f"Known: {held}, but it has no gradient and {name} skips a tensor without "
+            "one, so the write came from other code (an in-place op on it, copy_, "
+            "load_state_dict); still, call gg.sync(optimizer, model) after freezing to take "
+            "it out of the optimizer"
+        )
+    if grad is None:
+        kind = "no gradient"
+    elif grad.is_sparse or bool(grad.any()):
+        kind = "a stale non-zero gradient"
+    else:
+        kind = "an all-zero gradient"
+    if stepped:
+        return (
+            f"Likely cause: optimizer step (weight decay/momentum with a zero or stale "
+            f"gradient): {held} with {kind}, and a step moves such a tensor (weight decay, "
+            "momentum, moments); call gg.sync(optimizer, model) after freezing"
+        )
+    return (
+        f"Known: {held} with {kind}; the check did not run right after its step, so "
+        f"whether {name}'s step or other code wrote it is unknown; call "
+        "gg.sync(optimizer, model) after freezing"
+    )
 
 
 class _FastView:
