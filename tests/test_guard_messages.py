@@ -14,6 +14,12 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
 
 
+def _first(model: nn.Sequential) -> nn.Linear:
+    first = model[0]
+    assert isinstance(first, nn.Linear)
+    return first
+
+
 def test_users_own_write_to_a_held_tensor_without_gradient_is_not_blamed_on_adamw() -> None:
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
@@ -25,7 +31,7 @@ def test_users_own_write_to_a_held_tensor_without_gradient_is_not_blamed_on_adam
     with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt):
         model(torch.randn(4, 3)).sum().backward()
         with torch.no_grad():
-            model[0].weight.add_(1.0)  # the user's own write
+            _first(model).weight.add_(1.0)  # the user's own write
         opt.step()  # AdamW skips 0.weight: it has no gradient
     msg = str(info.value)
     # Before: "optimizer step ... AdamW ... moves it even with a zero or missing gradient".
@@ -57,7 +63,7 @@ def test_an_on_demand_check_does_not_guess_which_wrote_it() -> None:
     model[0].weight.requires_grad_(False)
     with gg.guard(model, opt, on_violation="warn") as g:
         with torch.no_grad():
-            model[0].weight.mul_(2.0)
+            _first(model).weight.mul_(2.0)
         with pytest.warns(RuntimeWarning):
             g.check()
     msg = g.violations[0]
@@ -72,6 +78,6 @@ def test_a_tensor_no_optimizer_holds_says_so() -> None:
     opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
     with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt):
         with torch.no_grad():
-            model[0].bias.add_(1.0)
+            _first(model).bias.add_(1.0)
         opt.step()
     assert "No optimizer under the guard holds it" in str(info.value)
