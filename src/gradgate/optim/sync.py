@@ -24,7 +24,7 @@ from .._optimizers import unwrap_optimizer
 from ..errors import InvalidArgumentError
 from ..selection import Selector, resolve
 from .groups import Rules, build_groups
-from .schedulers import _group_peak, extend_scheduler, schedulers
+from .schedulers import extend_scheduler, peak_lr
 
 __all__ = ["Ledger", "held_elsewhere", "sync"]
 
@@ -131,9 +131,8 @@ def _meant_lr(
     passed to the constructor); else group 0's, with a warning naming the
     rates and how to choose. Never a constructor default no group uses.
     """
-    found = list(schedulers(scheduler))
     count = max(1, min(built, len(optimizer.param_groups)))
-    peaks = [_group_peak(found, optimizer, i) for i in range(count)]
+    peaks = [peak_lr(optimizer, scheduler, i) for i in range(count)]
     distinct = sorted(set(peaks))
     if len(distinct) == 1:
         return distinct[0]
