@@ -58,7 +58,7 @@ def main(episodes: int = 150, pretrain_steps: int = 2000, seed: int = 0) -> dict
     env.action_space.seed(seed)
     encoder = pretrain_encoder(env, pretrain_steps)
     gg.freeze(encoder)
-    fast = gg.accelerate(encoder)  # an inference copy: no autograd, no BN/Dropout
+    fast = gg.inference_copy(encoder)  # an inference copy: no autograd, no BN/Dropout
     before = gg.fingerprint(encoder)
 
     policy = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 2))

@@ -63,7 +63,7 @@ def test_wrong_base_raises_and_leaves_model(tmp_path: Path) -> None:
     other = Agent()  # a different front-end
     gg.freeze(other, "front_end")
     before = gg.fingerprint(other)
-    with pytest.raises(gg.FingerprintMismatch, match=r"front_end\.conv1\.weight"):
+    with pytest.raises(gg.FingerprintMismatchError, match=r"front_end\.conv1\.weight"):
         gg.load_trainable(other, path)
     assert gg.fingerprint(other) == before
     gg.load_trainable(other, path, strict=False)
@@ -89,7 +89,7 @@ def test_changed_trainable_set_is_a_different_base(tmp_path: Path) -> None:
     agent, _ = _trained()
     path = gg.save_trainable(agent, tmp_path / "p.safetensors")
     gg.unfreeze(agent, "front_end.conv2")
-    with pytest.raises(gg.FingerprintMismatch, match="frozen in the checkpoint's base only"):
+    with pytest.raises(gg.FingerprintMismatchError, match="frozen in the checkpoint's base only"):
         gg.load_trainable(agent, path)
 
 

@@ -28,7 +28,7 @@ def test_users_own_write_to_a_held_tensor_without_gradient_is_not_blamed_on_adam
     for p in model[0].parameters():  # frozen by hand, no sync: AdamW still holds them
         p.requires_grad_(False)
     opt.zero_grad(set_to_none=True)
-    with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt):
+    with pytest.raises(gg.FrozenTensorChangedError) as info, gg.guard(model, opt):
         model(torch.randn(4, 3)).sum().backward()
         with torch.no_grad():
             _first(model).weight.add_(1.0)  # the user's own write
@@ -48,7 +48,7 @@ def test_a_held_tensor_with_a_zero_gradient_is_still_blamed_on_the_step() -> Non
     model(torch.randn(4, 3)).sum().backward()
     model[0].weight.requires_grad_(False)
     model[0].weight.grad = torch.zeros(3, 3)
-    with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt):
+    with pytest.raises(gg.FrozenTensorChangedError) as info, gg.guard(model, opt):
         opt.step()
     msg = str(info.value)
     assert "Likely cause: optimizer step" in msg and "with an all-zero gradient" in msg
@@ -76,7 +76,7 @@ def test_a_tensor_no_optimizer_holds_says_so() -> None:
     model = _model()
     gg.freeze(model, "0")
     opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
-    with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt):
+    with pytest.raises(gg.FrozenTensorChangedError) as info, gg.guard(model, opt):
         with torch.no_grad():
             _first(model).bias.add_(1.0)
         opt.step()

@@ -59,7 +59,7 @@ def test_guard_catches_stale_adam_state() -> None:
     _step(agent, opt, set_to_none=False)
     for p in agent.front_end.parameters():  # frozen by hand mid-run, no sync
         p.requires_grad_(False)
-    with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(agent, opt):
+    with pytest.raises(gg.FrozenTensorChangedError) as info, gg.guard(agent, opt):
         _step(agent, opt, set_to_none=False)  # zero-tensor grads: Adam moves them
     msg = str(info.value)
     assert "front_end.conv1.weight" in msg and "parameter" in msg
@@ -72,7 +72,10 @@ def test_guard_catches_weight_decay_on_zero_gradient() -> None:
     opt = torch.optim.AdamW(agent.parameters(), lr=1e-2, weight_decay=0.5)
     for p in agent.front_end.parameters():
         p.grad = torch.zeros_like(p)
-    with pytest.raises(gg.FrozenTensorChanged, match=r"weight_decay=0\.5"), gg.guard(agent, opt):
+    with (
+        pytest.raises(gg.FrozenTensorChangedError, match=r"weight_decay=0\.5"),
+        gg.guard(agent, opt),
+    ):
         agent(torch.randn(2, 3, 28, 28)).sum().backward()
         opt.step()
 
@@ -82,7 +85,7 @@ def test_guard_catches_batchnorm_under_mode_keep() -> None:
     gg.freeze(model, "0", "1", mode="keep")
     opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
     model.train()
-    with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt):
+    with pytest.raises(gg.FrozenTensorChangedError) as info, gg.guard(model, opt):
         model(torch.randn(4, 3)).sum().backward()
         opt.step()
     assert "buffer '1." in str(info.value) and "BatchNorm1d" in str(info.value)
@@ -97,7 +100,7 @@ def test_data_write_caught_by_exact_only() -> None:
         agent.front_end.conv1.weight.data.add_(1.0)
         _step(agent, opt)
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"\.data"),
+        pytest.raises(gg.FrozenTensorChangedError, match=r"\.data"),
         gg.guard(agent, opt, check="exact"),
     ):
         agent.front_end.conv1.weight.data.add_(1.0)
@@ -108,7 +111,10 @@ def test_guard_catches_load_state_dict_overwrite() -> None:
     agent = Agent()
     gg.freeze(agent, "front_end")
     other = Agent()
-    with pytest.raises(gg.FrozenTensorChanged, match=r"front_end\.conv1\.weight"), gg.guard(agent):
+    with (
+        pytest.raises(gg.FrozenTensorChangedError, match=r"front_end\.conv1\.weight"),
+        gg.guard(agent),
+    ):
         agent.load_state_dict(other.state_dict())
 
 
@@ -209,7 +215,7 @@ def test_guard_catches_load_state_dict_assign() -> None:
     model = _frozen_head()
     same_values = {k: v.clone() for k, v in model.state_dict().items()}
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"'0\.weight' .*replaced.*assign=True"),
+        pytest.raises(gg.FrozenTensorChangedError, match=r"'0\.weight' .*replaced.*assign=True"),
         gg.guard(model, check="both"),
     ):
         model.load_state_dict(same_values, assign=True)  # no version bump, equal values
@@ -234,7 +240,7 @@ def test_guard_catches_a_new_tensor_under_a_frozen_name(what: str) -> None:
     else:
         del model[0].bias
         pattern = r"frozen parameter '0\.bias' .*was removed"
-    with pytest.raises(gg.FrozenTensorChanged, match=pattern):
+    with pytest.raises(gg.FrozenTensorChangedError, match=pattern):
         guard.__exit__(None, None, None)
 
 
@@ -258,7 +264,7 @@ def test_exact_check_blames_weight_decay_on_the_optimizer_step() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
     model(torch.randn(4, 3)).sum().backward()
     model[0].weight.grad = torch.zeros(3, 3)  # the zero-gradient trap
-    with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt, check="exact"):
+    with pytest.raises(gg.FrozenTensorChangedError) as info, gg.guard(model, opt, check="exact"):
         opt.step()
     msg = str(info.value)
     assert "'0.weight'" in msg and "after optimizer step 1" in msg
@@ -271,7 +277,9 @@ def test_exact_check_blames_a_data_write_on_data() -> None:
     model = _frozen_head()
     opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"without an in-place version bump.*\.data"),
+        pytest.raises(
+            gg.FrozenTensorChangedError, match=r"without an in-place version bump.*\.data"
+        ),
         gg.guard(model, opt, check="exact"),
     ):
         model.get_parameter("0.weight").data.mul_(2)
@@ -285,7 +293,7 @@ def test_exact_check_ignores_a_version_bump_that_keeps_the_values() -> None:
         weight.copy_(weight.clone())
     assert g.violations == []
     with (
-        pytest.raises(gg.FrozenTensorChanged, match="written in place"),
+        pytest.raises(gg.FrozenTensorChangedError, match="written in place"),
         gg.guard(model),
         torch.no_grad(),
     ):
@@ -316,7 +324,9 @@ def test_guard_through_optimizer_wrappers(wrap: Any) -> None:
     model(torch.randn(4, 3)).sum().backward()
     model[0].weight.grad = torch.zeros(3, 3)
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"after optimizer step 1.*SGD still holds"),
+        pytest.raises(
+            gg.FrozenTensorChangedError, match=r"after optimizer step 1.*SGD still holds"
+        ),
         gg.guard(model, wrapped) as g,
     ):
         step()
@@ -370,7 +380,7 @@ def test_guard_watches_what_is_frozen_while_it_runs_by_model_names() -> None:
     with gg.guard(model, opt) as g:
         gg.freeze(model[2], "weight")  # announced for a submodule: mapped to '2.weight'
         model[2].weight.grad = torch.zeros(4, 4)  # a stale zero gradient, as zero_grad leaves
-        with pytest.raises(gg.FrozenTensorChanged) as info:
+        with pytest.raises(gg.FrozenTensorChangedError) as info:
             opt.step()  # momentum keeps moving the just-frozen weight (no sync)
         assert "'2.weight'" in str(info.value) and "SGD still holds it" in str(info.value)
         assert "momentum_buffer" in str(info.value)
@@ -387,7 +397,7 @@ def test_a_freeze_inside_the_guard_takes_its_baseline_at_the_freeze() -> None:
         g.check()
         with torch.no_grad():
             weight.add_(1)  # frozen now: a violation
-        with pytest.raises(gg.FrozenTensorChanged, match=r"'0\.weight'"):
+        with pytest.raises(gg.FrozenTensorChangedError, match=r"'0\.weight'"):
             g.check()
         gg.unfreeze(model, "0")  # through gradgate: leaves the watch at once
 
@@ -395,7 +405,7 @@ def test_a_freeze_inside_the_guard_takes_its_baseline_at_the_freeze() -> None:
 def test_a_parameter_unfrozen_behind_gradgates_back_stays_watched() -> None:
     model = _frozen_head()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(gg.FrozenTensorChanged) as info, gg.guard(model, opt):
+    with pytest.raises(gg.FrozenTensorChangedError) as info, gg.guard(model, opt):
         model[0].weight.requires_grad_(True)  # not through gg.unfreeze
         model(torch.randn(4, 3)).sum().backward()
         opt.step()
@@ -438,7 +448,7 @@ def test_fast_guard_sees_a_replacement_at_the_next_step_and_leaves_no_global_hoo
         opt.step()
         model[0].weight = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
         with pytest.raises(
-            gg.FrozenTensorChanged, match=r"'0\.weight' changed after optimizer step 2"
+            gg.FrozenTensorChangedError, match=r"'0\.weight' changed after optimizer step 2"
         ):
             opt.step()
         opt.step()  # reported once; the new tensor is the baseline now

@@ -96,7 +96,7 @@ def test_a_frozen_batchnorm_eps_change_is_a_different_base(tmp_path: Path) -> No
     assert isinstance(bn, nn.BatchNorm1d)
     bn.eps = 1e-3  # no tensor changed, the computation did
     before = [t.detach().clone() for t in net.state_dict().values()]
-    with pytest.raises(gg.FingerprintMismatch, match=r"settings differ: 1\.eps 1e-05 -> 0\.001"):
+    with pytest.raises(gg.FingerprintMismatchError, match=r"settings differ: 1\.eps 1e-05 -> 0\.001"):
         gg.load_trainable(net, path)
     assert all(torch.equal(a, b) for a, b in zip(before, net.state_dict().values(), strict=True))
     bn.eps = 1e-5
@@ -108,7 +108,7 @@ def test_loading_onto_a_fresh_unfrozen_model_says_freeze_it_first(tmp_path: Path
     gg.freeze(net, "0", "1")
     path = gg.save_trainable(net, tmp_path / "h.safetensors")
     fresh = _bn_net()
-    with pytest.raises(gg.FingerprintMismatch) as info:
+    with pytest.raises(gg.FingerprintMismatchError) as info:
         gg.load_trainable(fresh, path)
     msg = str(info.value)
     assert "freeze it the same way first" in msg

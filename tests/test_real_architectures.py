@@ -361,7 +361,7 @@ def test_trainable_checkpoint_round_trips_onto_the_same_base_only(
     other = _build(arch, seed=1)
     gg.train_only(other, arch.head)
     untouched = gg.fingerprint(other)
-    with pytest.raises(gg.FingerprintMismatch, match="frozen"):
+    with pytest.raises(gg.FingerprintMismatchError, match="frozen"):
         gg.load_trainable(other, path)
     assert gg.fingerprint(other) == untouched
 

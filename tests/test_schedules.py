@@ -311,7 +311,7 @@ def test_one_guard_spans_a_gradual_unfreeze_run() -> None:
     opt = torch.optim.Adam(gg.param_groups(model, lr=0.01))
     sch = gg.GradualUnfreeze(model, STAGES, at=[99, 3, 1, 0], optimizer=opt)
     finished = False
-    with pytest.raises(gg.FrozenTensorChanged, match=r"\b0\.weight"), gg.guard(model, opt):
+    with pytest.raises(gg.FrozenTensorChangedError, match=r"\b0\.weight"), gg.guard(model, opt):
         for epoch in range(5):
             sch.step(epoch)  # stages 2 and 1 join mid-run and train under the same guard
             _epoch(model, opt, None, epoch)

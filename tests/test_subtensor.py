@@ -248,13 +248,13 @@ def test_guard_sees_a_write_to_a_frozen_row() -> None:
     model = TiedLM()
     gg.train_only(model, gg.rows("embed.weight", NEW))
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"embed.weight\[0:26\]"),
+        pytest.raises(gg.FrozenTensorChangedError, match=r"embed.weight\[0:26\]"),
         gg.guard(model),
         torch.no_grad(),
     ):
         model.embed.weight[3] += 1
     with (
-        pytest.raises(gg.FrozenTensorChanged, match="without an in-place version bump"),
+        pytest.raises(gg.FrozenTensorChangedError, match="without an in-place version bump"),
         gg.guard(model, check="exact"),
     ):
         model.embed.weight.data[5] += 1
@@ -312,7 +312,7 @@ def test_save_and_load_only_the_rows(tmp_path: Path) -> None:
     with torch.no_grad():
         other_base.embed.weight[0] += 1  # a frozen row differs
     gg.train_only(other_base, gg.rows("embed.weight", NEW))
-    with pytest.raises(gg.FingerprintMismatch, match=r"embed.weight\[0:26\]"):
+    with pytest.raises(gg.FingerprintMismatchError, match=r"embed.weight\[0:26\]"):
         gg.load_trainable(other_base, path)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from . import distributed
 from ._version import __version__
-from .acceleration import Accelerated, accelerate
 from .cache import FeatureCache
 from .checkpoint import load_trainable, save_trainable
 from .errors import (
@@ -21,8 +20,11 @@ from .errors import (
     CheckpointError,
     CheckpointKeyError,
     FingerprintMismatch,
+    FingerprintMismatchError,
     FrozenTensorChanged,
+    FrozenTensorChangedError,
     GradgateError,
+    InferenceCopyError,
     InvalidArgumentError,
     MissingDependencyError,
     NoMatchError,
@@ -41,6 +43,7 @@ from .freezing import (
     unfreeze,
 )
 from .hashing import fingerprint
+from .inference import Accelerated, InferenceCopy, accelerate, inference_copy
 from .integrity import Guard, guard
 from .optim import DEFAULT_NO_DECAY, Finding, LayerDecay, lint, param_groups, sync
 from .reports import GradReport, Summary, grad_report, summary
@@ -58,12 +61,16 @@ __all__ = [
     "FeatureCache",
     "Finding",
     "FingerprintMismatch",
+    "FingerprintMismatchError",
     "Freezing",
     "FrozenTensorChanged",
+    "FrozenTensorChangedError",
     "GradReport",
     "GradgateError",
     "GradualUnfreeze",
     "Guard",
+    "InferenceCopy",
+    "InferenceCopyError",
     "InvalidArgumentError",
     "LayerDecay",
     "MissingDependencyError",
@@ -86,6 +93,7 @@ __all__ = [
     "freeze_to",
     "grad_report",
     "guard",
+    "inference_copy",
     "is_sticky",
     "lint",
     "load_trainable",

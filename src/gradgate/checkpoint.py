@@ -29,7 +29,7 @@ from ._optimizers import unwrap_optimizer
 from ._state import ModelState
 from ._tempfiles import remove_orphans, temp_path
 from ._version import __version__
-from .errors import CheckpointError, CheckpointKeyError, FingerprintMismatch
+from .errors import CheckpointError, CheckpointKeyError, FingerprintMismatchError
 from .hashing import named_digest, tensor_digest
 
 __all__ = [
@@ -521,7 +521,7 @@ def _check_base(record: ModelState, meta: Mapping[str, str], path: Path) -> None
         parts.append("settings differ: " + ", ".join(settings[:8]))
     detail = " (" + "; ".join(parts) + ")" if parts else ""
     advice = _freeze_first(record.model, meta, path)
-    raise FingerprintMismatch(
+    raise FingerprintMismatchError(
         f"checkpoint {str(path)!r} was saved on a different frozen base{detail}; "
         + (advice or "load it onto the model it was trained with, or pass strict=False")
     )
@@ -556,7 +556,7 @@ def load_trainable(
         one line); it is also a mapping of the file's metadata.
 
     Raises:
-        FingerprintMismatch: the frozen base differs (naming what differs).
+        FingerprintMismatchError: the frozen base differs (naming what differs).
         CheckpointKeyError: missing or unexpected trainable tensors, or (with
             ``strict=False``) no name in common.
         CheckpointError: a missing, truncated, damaged or foreign file, or a

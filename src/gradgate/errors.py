@@ -13,8 +13,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointKeyError",
     "FingerprintMismatch",
+    "FingerprintMismatchError",
     "FrozenTensorChanged",
+    "FrozenTensorChangedError",
     "GradgateError",
+    "InferenceCopyError",
     "InvalidArgumentError",
     "MissingDependencyError",
     "NoMatchError",
@@ -71,22 +74,28 @@ class SharedParameterError(GradgateError, ValueError):
     """
 
 
-class FrozenTensorChanged(GradgateError, RuntimeError):
+class FrozenTensorChangedError(GradgateError, RuntimeError):
     """A tensor that ``guard`` watches as frozen changed.
+
+    ``FrozenTensorChanged`` is the same class under its old name (one release).
 
     Example:
         >>> import gradgate as gg
-        >>> issubclass(gg.FrozenTensorChanged, RuntimeError)
+        >>> issubclass(gg.FrozenTensorChangedError, RuntimeError)
+        True
+        >>> gg.FrozenTensorChanged is gg.FrozenTensorChangedError
         True
     """
 
 
-class FingerprintMismatch(GradgateError, ValueError):
+class FingerprintMismatchError(GradgateError, ValueError):
     """A checkpoint or cache was made for a different frozen base.
+
+    ``FingerprintMismatch`` is the same class under its old name (one release).
 
     Example:
         >>> import gradgate as gg
-        >>> issubclass(gg.FingerprintMismatch, ValueError)
+        >>> issubclass(gg.FingerprintMismatchError, ValueError)
         True
     """
 
@@ -131,12 +140,14 @@ class CheckpointKeyError(CheckpointError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class AccelerationError(GradgateError, RuntimeError):
-    """``accelerate``'s optimised copy does not reproduce the original's output.
+class InferenceCopyError(GradgateError, RuntimeError):
+    """``inference_copy``'s optimised copy does not reproduce the original's output.
+
+    ``AccelerationError`` is the same class under its old name (one release).
 
     Example:
         >>> import gradgate as gg
-        >>> issubclass(gg.AccelerationError, RuntimeError)
+        >>> issubclass(gg.InferenceCopyError, RuntimeError)
         True
     """
 
@@ -170,3 +181,10 @@ class NondeterministicDatasetError(GradgateError, ValueError):
         >>> issubclass(NondeterministicDatasetError, ValueError)
         True
     """
+
+
+# Old names, kept for one release: the same class objects, so ``except`` with
+# either name catches both.
+FrozenTensorChanged = FrozenTensorChangedError
+FingerprintMismatch = FingerprintMismatchError
+AccelerationError = InferenceCopyError

@@ -26,7 +26,7 @@ from ._index import ModelIndex, gc_paused
 from ._optimizers import unwrap_optimizer
 from ._options import choice
 from ._state import ModelState, TensorEntry, model_entries
-from .errors import FrozenTensorChanged, InvalidArgumentError
+from .errors import FrozenTensorChangedError, InvalidArgumentError
 from .hashing import fingerprint, named_digest, tensor_digest
 
 __all__ = [
@@ -333,7 +333,7 @@ class Guard:
             where: words used in the message to say when the check ran.
 
         Raises:
-            FrozenTensorChanged: a frozen tensor changed (``on_violation="raise"``).
+            FrozenTensorChangedError: a frozen tensor changed (``on_violation="raise"``).
             InvalidArgumentError: a tensor frozen while the guard was active
                 cannot be watched (an uninitialised lazy parameter).
         """
@@ -455,7 +455,7 @@ class Guard:
         if w.digest is not None and how not in ("replaced", "removed"):
             w.digest = tensor_digest(w.tensor)
         if self.on_violation is OnViolation.RAISE:
-            raise FrozenTensorChanged(msg)
+            raise FrozenTensorChangedError(msg)
         self.violations.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
@@ -588,7 +588,7 @@ def guard(
             misses writes through ``.data``), ``"exact"`` compares SHA-256
             fingerprints every ``every`` steps, ``"both"`` does both.
         every: exact comparisons run every this many steps (and on exit).
-        on_violation: ``"raise"`` (``FrozenTensorChanged``) or ``"warn"``.
+        on_violation: ``"raise"`` (``FrozenTensorChangedError``) or ``"warn"``.
         buffers: also watch buffers of frozen modules.
 
     Returns:
@@ -608,7 +608,7 @@ def guard(
         >>> try:
         ...     with gg.guard(net, opt):
         ...         opt.step()
-        ... except gg.FrozenTensorChanged as e:
+        ... except gg.FrozenTensorChangedError as e:
         ...     print(str(e)[:51])
         frozen parameter '0.weight' changed after optimizer
     """

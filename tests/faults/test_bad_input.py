@@ -91,8 +91,8 @@ CASES: dict[str, tuple[Call, type[gg.GradgateError], str]] = {
         gg.InvalidArgumentError,
         "start=",
     ),
-    "accelerate(str)": (
-        lambda m, d: gg.accelerate("m"),  # type: ignore[arg-type]
+    "inference_copy(str)": (
+        lambda m, d: gg.inference_copy("m"),  # type: ignore[arg-type]
         gg.InvalidArgumentError,
         "module=",
     ),

@@ -22,7 +22,7 @@ def test_replacement_through_a_compiled_wrapper_is_seen() -> None:
     model = _model()
     compiled = torch.compile(model, backend="eager")
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"'_orig_mod\.0\.weight' .*replaced"),
+        pytest.raises(gg.FrozenTensorChangedError, match=r"'_orig_mod\.0\.weight' .*replaced"),
         gg.guard(compiled),  # type: ignore[arg-type]
     ):
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
@@ -36,7 +36,7 @@ def test_a_freeze_from_another_thread_joins_the_watch() -> None:
         worker.start()
         worker.join()
         model.get_parameter("2.weight").grad = torch.zeros(1, 3)  # weight decay would move it
-        with pytest.raises(gg.FrozenTensorChanged, match=r"'2\.weight'"):
+        with pytest.raises(gg.FrozenTensorChangedError, match=r"'2\.weight'"):
             opt.step()
     assert g.steps == 1
 
@@ -47,7 +47,7 @@ def test_two_guards_on_two_models_do_not_see_each_others_changes() -> None:
         gg.unfreeze(a, "0")
         with torch.no_grad():
             a.get_parameter("0.weight").add_(1)  # a's guard let it go
-        with torch.no_grad(), pytest.raises(gg.FrozenTensorChanged, match=r"'0\.weight'"):
+        with torch.no_grad(), pytest.raises(gg.FrozenTensorChangedError, match=r"'0\.weight'"):
             b.get_parameter("0.weight").add_(1)
             gb.check()
         ga.check()
@@ -70,7 +70,9 @@ def test_buffer_replaced_by_load_state_dict_assign_is_seen() -> None:
     model = _model()
     stats = {"1.running_mean": torch.full((3,), 7.0)}
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"^frozen buffer '1\.running_mean' .*replaced"),
+        pytest.raises(
+            gg.FrozenTensorChangedError, match=r"^frozen buffer '1\.running_mean' .*replaced"
+        ),
         gg.guard(model, check="exact"),
     ):
         model.load_state_dict(stats, strict=False, assign=True)
@@ -79,6 +81,9 @@ def test_buffer_replaced_by_load_state_dict_assign_is_seen() -> None:
 def test_a_module_replaced_before_a_gradgate_change_is_still_reported() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 1))
     gg.freeze(model, "0", "1")
-    with pytest.raises(gg.FrozenTensorChanged, match=r"'1\.weight' .*replaced"), gg.guard(model):
+    with (
+        pytest.raises(gg.FrozenTensorChangedError, match=r"'1\.weight' .*replaced"),
+        gg.guard(model),
+    ):
         model[1] = nn.Linear(3, 3).requires_grad_(False)  # the old '1' is gone
         gg.freeze(model, "2")  # a gradgate change re-reads the model before any check

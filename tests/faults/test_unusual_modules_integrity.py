@@ -59,7 +59,7 @@ def test_sparse_parameters(tmp_path: Path) -> None:
         b.table.copy_(torch.sparse_coo_tensor(torch.tensor([[0, 2]]), [1.0, 2.5], (4,)))
     assert gg.fingerprint(a) != gg.fingerprint(b)  # values, not only the pattern
     gg.freeze(a, "table")
-    with pytest.raises(gg.FrozenTensorChanged, match="'table'"), gg.guard(a, check="exact"):
+    with pytest.raises(gg.FrozenTensorChangedError, match="'table'"), gg.guard(a, check="exact"):
         a.table.data = torch.sparse_coo_tensor(torch.tensor([[1]]), [9.0], (4,))
     path = gg.save_trainable(a, tmp_path / "s.safetensors")  # a frozen sparse base is fingerprinted
     gg.load_trainable(a, path)
@@ -111,7 +111,7 @@ def test_torchscript_module(tmp_path: Path) -> None:
     assert gg.fingerprint(target) == gg.fingerprint(model)
     frozen = dict(target.named_parameters())["0.weight"]
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"'0\.weight'"),
+        pytest.raises(gg.FrozenTensorChangedError, match=r"'0\.weight'"),
         gg.guard(target),
         torch.no_grad(),
     ):
@@ -142,7 +142,7 @@ def test_a_3000_deep_chain(tmp_path: Path) -> None:
         opt.step()
     kept = deepest.detach().clone()
     with (
-        pytest.raises(gg.FrozenTensorChanged, match=r"'(inner\.){3000}weight'"),
+        pytest.raises(gg.FrozenTensorChangedError, match=r"'(inner\.){3000}weight'"),
         gg.guard(model),
         torch.no_grad(),
     ):

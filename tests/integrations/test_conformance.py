@@ -134,7 +134,7 @@ def write_into_frozen(case: Case) -> fw.Poke:
 def test_guard_raises_on_a_write_into_a_frozen_weight(
     case: Case, check: str, tmp_path: Path
 ) -> None:
-    with pytest.raises(gg.FrozenTensorChanged, match=r"frozen parameter '.*' changed after"):
+    with pytest.raises(gg.FrozenTensorChangedError, match=r"frozen parameter '.*' changed after"):
         case.fit(tmp_path, case.make(guard=check), poke=write_into_frozen(case))
 
 

@@ -103,7 +103,7 @@ def test_hf_saves_only_what_trains_bound_to_the_frozen_base(
     with torch.no_grad():
         other.get_parameter("bert.embeddings.word_embeddings.weight")[0, 0] += 1
     gg.train_only(other, "classifier")
-    with pytest.raises(gg.FingerprintMismatch):
+    with pytest.raises(gg.FingerprintMismatchError):
         gg.load_trainable(other, path)
 
 

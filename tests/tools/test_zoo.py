@@ -38,7 +38,7 @@ def test_efficientnet_state_dict_loads_strictly() -> None:
 def _probe(model: EfficientNetLite0, x: torch.Tensor, y: torch.Tensor) -> float:
     front = Features(model)
     gg.freeze(front)
-    feats = gg.FeatureCache(gg.accelerate(front, x[:4]), TensorDataset(x, y), progress=False)
+    feats = gg.FeatureCache(gg.inference_copy(front, x[:4]), TensorDataset(x, y), progress=False)
     f = feats.features().numpy()
     clf = sk.LogisticRegression(max_iter=2000).fit(f[:400], y[:400].numpy())
     return float(clf.score(f[400:], y[400:].numpy()))

@@ -48,7 +48,7 @@ class GradgateFinetuning(pl.Callback):
         mode: train/eval behaviour of frozen modules, as in ``gg.freeze``.
         guard: ``gg.guard`` check over the fit (``"fast"``, ``"exact"``,
             ``"both"``), or ``None``; a write into a frozen tensor raises
-            ``gg.FrozenTensorChanged`` out of ``fit()``.
+            ``gg.FrozenTensorChangedError`` out of ``fit()``.
         summary: print ``gg.summary`` of the model at fit start.
 
     Raises:

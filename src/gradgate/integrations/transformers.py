@@ -66,7 +66,7 @@ class GradgateFinetuning(TrainerCallback):
         mode: train/eval behaviour of frozen modules, as in ``gg.freeze``.
         guard: ``gg.guard`` check over training (``"fast"``, ``"exact"``,
             ``"both"``) or ``None``; a write into a frozen tensor raises
-            ``gg.FrozenTensorChanged`` out of ``train()``.
+            ``gg.FrozenTensorChangedError`` out of ``train()``.
         summary: print ``gg.summary`` of the model at train start.
         save_trainable: at each checkpoint also write ``trainable.safetensors``
             (``gg.save_trainable``: only what trains, bound to the frozen

@@ -327,7 +327,7 @@ def strategy_frozen_front(
     elif name == "gradgate_cache":
         gg.freeze(pair, "front_end")
         opt = torch.optim.Adam(gg.param_groups(pair, lr=1e-3))
-        source = gg.accelerate(front, x[:8]) if accelerate else front
+        source = gg.inference_copy(front, x[:8]) if accelerate else front
         cache = gg.FeatureCache(source, data, progress=False)
         _loop(back, opt, cache, epochs)
     elif name == "limit":
@@ -390,7 +390,7 @@ def strategy_text(name: str, data: TensorDataset, epochs: int) -> None:
 
 
 def strategy_bn_cnn_pass(name: str, data: TensorDataset, epochs: int) -> None:
-    """One front-end pass over the data: plain no_grad eval vs ``gg.accelerate``."""
+    """One front-end pass over the data: plain no_grad eval vs ``gg.inference_copy``."""
     import gradgate as gg
 
     from .zoo import Features, efficientnet_lite0
@@ -398,7 +398,7 @@ def strategy_bn_cnn_pass(name: str, data: TensorDataset, epochs: int) -> None:
     front = Features(efficientnet_lite0())
     gg.freeze(front)
     x = data.tensors[0]
-    run = gg.accelerate(front, x[:8]) if name == "accelerate_pass" else front
+    run = gg.inference_copy(front, x[:8]) if name == "accelerate_pass" else front
     for _ in range(epochs):
         _front_pass(run, x)
 

@@ -251,7 +251,7 @@ def _train_guarded(
     try:
         with gg.guard(agent, opt, check="both"):
             curve = run(opt)
-    except gg.FrozenTensorChanged as e:
+    except gg.FrozenTensorChangedError as e:
         stage.check(what, False, False)
         stage.warnings.append(str(e))
         return curve

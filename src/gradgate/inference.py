@@ -1,4 +1,9 @@
-"""accelerate(): an inference-optimised copy of a frozen part."""
+"""inference_copy(): an inference-optimised copy of a frozen part.
+
+Named for what it returns, not ``accelerate``: the users of the trainer
+integrations read "accelerate" as Hugging Face Accelerate. ``accelerate`` and
+``Accelerated`` stay importable as aliases for one release.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,15 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from .errors import AccelerationError, InvalidArgumentError
+from .errors import InferenceCopyError, InvalidArgumentError
 
-__all__ = ["Accelerated", "accelerate"]
+__all__ = ["Accelerated", "InferenceCopy", "accelerate", "inference_copy"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-class Accelerated(nn.Module):
+class InferenceCopy(nn.Module):
     """A frozen module's optimised copy, run without autograd.
 
     Attributes:
@@ -29,7 +34,7 @@ class Accelerated(nn.Module):
         >>> import torch, gradgate as gg
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
         >>> _ = gg.freeze(net)
-        >>> gg.accelerate(net).folded
+        >>> gg.inference_copy(net).folded
         [('0', '1')]
     """
 
@@ -50,7 +55,7 @@ class Accelerated(nn.Module):
             out = out.contiguous()
         return out
 
-    def train(self, mode: bool = True) -> Accelerated:
+    def train(self, mode: bool = True) -> InferenceCopy:
         """Stay in inference mode whatever is asked (it is a frozen copy)."""
         super().train(False)
         return self
@@ -125,14 +130,14 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def accelerate(
+def inference_copy(
     module: nn.Module,
     example_input: Any = None,
     compile: bool = False,
     atol: float = 1e-4,
     rtol: float = 1e-4,
     channels_last: bool | None = None,
-) -> Accelerated:
+) -> InferenceCopy:
     """Return an inference-optimised copy of a frozen module.
 
     Conv/Linear followed by BatchNorm are folded into one layer, Dropout is
@@ -162,30 +167,30 @@ def accelerate(
             the module has a ``Conv2d``).
 
     Returns:
-        An ``Accelerated`` module.
+        An ``InferenceCopy`` module.
 
     Raises:
         InvalidArgumentError: ``module`` is not a module, or still trains.
-        AccelerationError: the copy's output differs from the original's.
+        InferenceCopyError: the copy's output differs from the original's.
 
     Example:
         >>> import torch, gradgate as gg
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4),
         ...                           torch.nn.Dropout(0.1))
         >>> _ = gg.freeze(net)
-        >>> fast = gg.accelerate(net, torch.randn(3, 4))
+        >>> fast = gg.inference_copy(net, torch.randn(3, 4))
         >>> [type(m).__name__ for m in fast.inner]
         ['Linear', 'Identity', 'Identity']
     """
     if not isinstance(module, nn.Module):
         raise InvalidArgumentError(
-            f"accelerate(module=...) needs an nn.Module (the frozen part to speed up); got "
+            f"inference_copy(module=...) needs an nn.Module (the frozen part to speed up); got "
             f"{type(module).__name__} {module!r:.60}"
         )
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     if trainable:
         raise InvalidArgumentError(
-            f"accelerate() makes an inference copy of a frozen part, but "
+            f"inference_copy() makes an inference copy of a frozen part, but "
             f"{type(module).__name__} still trains {', '.join(trainable[:5])}; "
             "call gg.freeze on it first"
         )
@@ -221,7 +226,7 @@ def accelerate(
     inner: nn.Module = work
     if compile:
         inner = torch.compile(work)  # type: ignore[assignment]
-    fast = Accelerated(inner, folded, channels_last)
+    fast = InferenceCopy(inner, folded, channels_last)
     fast.eval()
     if example_input is not None:
         modes = [(m, m.training) for m in ref.modules()]
@@ -235,8 +240,15 @@ def accelerate(
                 m.training = training
         if not torch.allclose(want, got, atol=atol, rtol=rtol):
             diff = float((want - got).abs().max())
-            raise AccelerationError(
-                f"accelerate({type(module).__name__}) changed the output by up to {diff:.3g} "
+            raise InferenceCopyError(
+                f"inference_copy({type(module).__name__}) changed the output by up to {diff:.3g} "
                 f"(atol={atol}, rtol={rtol}); pass a looser tolerance or report the model"
             )
     return fast
+
+
+accelerate = inference_copy
+"""Old name of ``inference_copy`` (the same function), kept for one release."""
+
+Accelerated = InferenceCopy
+"""Old name of ``InferenceCopy`` (the same class), kept for one release."""

@@ -50,7 +50,7 @@ def test_accelerate_matches_original(
     x = torch.randn(*shape)
     _warm_bn(model, x)
     gg.freeze(model)
-    fast = gg.accelerate(model, x)
+    fast = gg.inference_copy(model, x)
     assert len(fast.folded) == expect_folded
     assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in fast.modules()) or (
         expect_folded == 0
@@ -70,21 +70,21 @@ def test_accelerate_leaves_original_untouched() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     gg.freeze(model)
     before = gg.fingerprint(model)
-    gg.accelerate(model, torch.randn(1, 3, 5, 5))
+    gg.inference_copy(model, torch.randn(1, 3, 5, 5))
     assert gg.fingerprint(model) == before
     assert isinstance(model[1], nn.BatchNorm2d)
 
 
 def test_accelerate_refuses_trainable() -> None:
     with pytest.raises(gg.InvalidArgumentError, match=r"still trains 0\.weight") as info:
-        gg.accelerate(nn.Sequential(nn.Linear(2, 2)))
+        gg.inference_copy(nn.Sequential(nn.Linear(2, 2)))
     assert isinstance(info.value, ValueError)
 
 
 def test_accelerated_output_feeds_training() -> None:
     front = FeatureExtractor()
     gg.freeze(front)
-    fast = gg.accelerate(front, torch.randn(2, 3, 28, 28))
+    fast = gg.inference_copy(front, torch.randn(2, 3, 28, 28))
     head = nn.Linear(1568, 2)
     head(fast(torch.randn(2, 3, 28, 28))).sum().backward()
     assert head.weight.grad is not None
@@ -96,9 +96,9 @@ def test_accelerate_leaves_the_originals_submodule_modes() -> None:
     model.train()
     model[1].eval()  # a mix the user chose
     modes = [m.training for m in model.modules()]
-    gg.accelerate(model, torch.randn(1, 3, 5, 5))
+    gg.inference_copy(model, torch.randn(1, 3, 5, 5))
     assert [m.training for m in model.modules()] == modes
-    gg.accelerate(model)
+    gg.inference_copy(model)
     assert [m.training for m in model.modules()] == modes
 
 
@@ -122,17 +122,17 @@ def test_linear_batchnorm1d_on_3d_input_is_not_folded_wrongly() -> None:
     gg.freeze(model)
     with torch.no_grad():
         want = model(x)
-    blind = gg.accelerate(model)  # no example: nothing proves the fold right
+    blind = gg.inference_copy(model)  # no example: nothing proves the fold right
     assert blind.folded == []
     assert torch.allclose(blind(x), want, atol=1e-5, rtol=1e-5)
-    traced = gg.accelerate(model, x)  # the example shows a 3-d Linear output: no fold
+    traced = gg.inference_copy(model, x)  # the example shows a 3-d Linear output: no fold
     assert traced.folded == []
     assert torch.allclose(traced(x), want, atol=1e-5, rtol=1e-5)
     flat = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
     _warm_bn(flat, torch.randn(8, 6))
     gg.freeze(flat)
-    assert gg.accelerate(flat).folded == []  # 2-d or 3-d input? only an example tells
-    assert gg.accelerate(flat, torch.randn(8, 6)).folded == [("0", "1")]
+    assert gg.inference_copy(flat).folded == []  # 2-d or 3-d input? only an example tells
+    assert gg.inference_copy(flat, torch.randn(8, 6)).folded == [("0", "1")]
 
 
 def test_accelerate_reports_a_mismatch_with_a_named_error() -> None:
@@ -147,6 +147,6 @@ def test_accelerate_reports_a_mismatch_with_a_named_error() -> None:
 
     model = Noisy()
     gg.freeze(model)
-    with pytest.raises(gg.AccelerationError, match="changed the output by up to") as info:
-        gg.accelerate(model, torch.randn(4, 2))
+    with pytest.raises(gg.InferenceCopyError, match="changed the output by up to") as info:
+        gg.inference_copy(model, torch.randn(4, 2))
     assert isinstance(info.value, RuntimeError)
