@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .._optimizers import unwrap_optimizer, unwrap_scheduler
 from .._options import choice
 from ..errors import CheckpointError, InvalidArgumentError
 from ..freezing import Mode, freeze, train_only, unfreeze
@@ -25,25 +26,11 @@ from ..optim import sync
 from ..reports import summary
 from ..selection import Selector
 
-__all__ = ["FinetuneCore", "Unfreeze", "unwrap"]
+__all__ = ["FinetuneCore", "Unfreeze"]
 
 GuardOption = Literal["fast", "exact", "both"] | None
 ModeOption = Literal["eval", "norm", "keep"]
 UnfreezeSpec = Sequence[tuple[int, Selector]]
-
-
-def unwrap(obj: Any, attr: str) -> Any:
-    """The object behind wrappers that expose it as ``attr`` (accelerate, Lightning).
-
-    Example:
-        >>> class Wrapper:
-        ...     optimizer = "real"
-        >>> unwrap(Wrapper(), "optimizer")
-        'real'
-    """
-    while hasattr(obj, attr) and getattr(obj, attr) is not obj and getattr(obj, attr) is not None:
-        obj = getattr(obj, attr)
-    return obj
 
 
 def _everything(name: str, module: nn.Module) -> bool:
@@ -118,7 +105,7 @@ class FinetuneCore:
         once, into the optimizer that exists at the first call (on an HF
         resume that is the one the checkpoint's state is about to load into).
         """
-        opt, sched = unwrap(optimizer, "optimizer"), unwrap(scheduler, "scheduler")
+        opt, sched = unwrap_optimizer(optimizer), unwrap_scheduler(scheduler)
         added = sync(opt, model, sched)["added"]
         if added:
             warnings.warn(
@@ -146,7 +133,7 @@ class FinetuneCore:
     def advance(self, model: nn.Module, epoch: int, optimizer: Any, scheduler: Any) -> list[int]:
         """Apply the unfreezes due at ``epoch``; return their indices."""
         due = self.due(epoch)
-        opt, sched = unwrap(optimizer, "optimizer"), unwrap(scheduler, "scheduler")
+        opt, sched = unwrap_optimizer(optimizer), unwrap_scheduler(scheduler)
         for index in due:
             self._unfreeze(model, index, opt, sched)
             self.applied.append(index)
@@ -177,7 +164,7 @@ class FinetuneCore:
         """Watch every frozen tensor from now on (no-op with ``guard=None``)."""
         self.stop_guard(check=False)
         if self.check is not None:
-            opts = [unwrap(o, "optimizer") for o in optimizers]
+            opts = [unwrap_optimizer(o) for o in optimizers]
             self._guard = guard(model, opts, check=self.check.value).__enter__()
 
     def stop_guard(self, check: bool) -> None:

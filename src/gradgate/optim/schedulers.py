@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as lrs
 
+from .._optimizers import unwrap_scheduler
+
 __all__ = [
     "GroupFloorCosineAnnealingLR",
     "GroupFloorCosineAnnealingWarmRestarts",
@@ -36,8 +38,7 @@ def schedulers(scheduler: Any) -> Iterator[Any]:
     """
     if scheduler is None:
         return
-    while not isinstance(scheduler, lrs.LRScheduler) and hasattr(scheduler, "scheduler"):
-        scheduler = scheduler.scheduler
+    scheduler = unwrap_scheduler(scheduler)  # cycle-safe
     yield scheduler
     for inner in getattr(scheduler, "_schedulers", []):
         yield from schedulers(inner)
