@@ -270,3 +270,65 @@ def test_trainable_parameter_helpers() -> None:
     names = [n for n, _ in gg.named_trainable_parameters(agent)]
     assert names == [n for n, p in agent.named_parameters() if n.startswith("back_end")]
     assert len(list(gg.trainable_parameters(agent))) == 4
+
+
+def _bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 1)
+    )
+
+
+def _snapshot(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def _restore(model: nn.Module, modes: dict[str, bool]) -> None:
+    """What Lightning does after validation: write each saved flag straight back."""
+    for name, m in model.named_modules():
+        m.training = modes[name]
+
+
+def test_a_part_unfrozen_during_validation_trains_when_the_loop_trains_again() -> None:
+    net = _bn_net()
+    gg.freeze(net, "1")
+    net.train()
+    before_validation = _snapshot(net)  # "1" and its BN: False (sticky eval)
+    net.eval()
+    gg.unfreeze(net, "1")  # a validation-metric-driven unfreeze, in eval
+    net(torch.randn(8, 4))  # the rest of validation runs in eval: so does "1"
+    assert not net[1].training and not net[1][1].training
+    _restore(net, before_validation)  # Lightning writes back the pre-validation modes
+    stats = net[1][1].running_mean.clone()
+    net(torch.randn(8, 4))  # the training loop's next forward
+    assert net[1].training and net[1][1].training  # follows the loop, not the snapshot
+    assert not torch.equal(net[1][1].running_mean, stats)  # BatchNorm updates again
+    assert not gg.is_sticky(net[1]) and not gg.is_sticky(net[1][1])
+
+
+def test_an_explicit_mode_on_a_released_part_holds_and_undo_holds_it_again() -> None:
+    net = _bn_net()
+    gg.freeze(net, "1")
+    net.train()
+    handle = gg.unfreeze(net, "1")
+    net[1].eval()  # the user's explicit choice settles it
+    net(torch.randn(8, 4))
+    assert net.training and not net[1].training
+    net.train()
+    assert net[1].training
+    handle.undo()  # frozen again: held in eval whatever the parent does
+    net.train()
+    net(torch.randn(8, 4))
+    assert gg.is_sticky(net[1]) and not net[1].training and not net[1][1].training
+
+
+def test_a_released_part_that_is_frozen_again_follows_nothing() -> None:
+    net = _bn_net()
+    gg.freeze(net, "1")
+    gg.unfreeze(net, "1")
+    gg.freeze(net, "1")
+    hooks = {n: [h.__name__ for h in m._forward_pre_hooks.values()] for n, m in net.named_modules()}
+    assert hooks == {"": [], "0": [], "1": [], "1.0": [], "1.1": ["hold_eval"], "2": []}
+    net.train()
+    net(torch.randn(8, 4))
+    assert not net[1].training and gg.is_sticky(net[1])

@@ -16,10 +16,13 @@ from torch import nn
 from ._index import ModelIndex, trainable_flags
 
 __all__ = [
+    "FollowParent",
     "StickyEval",
+    "attach_follower",
     "any_trains",
     "attach_mark",
     "children",
+    "follow_parent",
     "hold_eval",
     "is_sticky",
     "remove_mark",
@@ -216,6 +219,8 @@ def attach_mark(module: nn.Module, mark: StickyEval) -> None:
     # cost more than the whole walk on models with 10^5 modules. Negative
     # keys never meet the non-negative ids torch hands out for hooks.
     d = module.__dict__
+    if isinstance(d.get("train"), FollowParent):
+        remove_mark(module)  # held again: it follows nothing now
     d["train"] = mark
     d["training"] = False
     if type(module) in _INERT:
@@ -232,5 +237,59 @@ _hook_keys = itertools.count(-1, -1)
 def remove_mark(module: nn.Module) -> None:
     module.__dict__.pop("train", None)
     hooks = module.__dict__["_forward_pre_hooks"]
-    for key in [k for k, h in hooks.items() if h is hold_eval]:
+    for key in [k for k, h in hooks.items() if h is hold_eval or h is follow_parent]:
         del hooks[key]
+
+
+class FollowParent:
+    """Mark of a module an unfreeze released: it runs in the mode of the loop around it.
+
+    Set as the instance's ``train``. At each forward the module takes the
+    ``training`` of ``parent`` (the nearest ancestor the unfreeze did not
+    release; every released module of the part has its own mark), so a part
+    unfrozen inside a validation loop trains once the loop it runs in trains
+    again, although Lightning writes its pre-validation snapshot (eval)
+    straight into ``module.training``. The first ``train()``/``eval()`` that
+    reaches the module settles it: the mark goes, and the mode asked for holds.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> _ = gg.freeze(net, "1"); _ = net.eval(); _ = gg.unfreeze(net, "1")
+        >>> net.training = True; net[1].training = False  # a snapshot written back
+        >>> _ = net(torch.ones(3, 2)); net[1].training
+        True
+    """
+
+    def __init__(self, module: nn.Module, parent: nn.Module) -> None:
+        self.module = module
+        self.parent = parent
+
+    def __repr__(self) -> str:
+        # Stable across runs and modes: structure digests may render module attributes.
+        return "<gradgate follows parent mode>"
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        module = self.module
+        remove_mark(module)
+        return module.train(mode)
+
+
+def follow_parent(module: nn.Module, args: object) -> None:
+    """Forward pre-hook of a released module: run in the mode of the loop around it."""
+    mark = module.__dict__.get("train")
+    if isinstance(mark, FollowParent):
+        module.__dict__["training"] = mark.parent.training
+
+
+def attach_follower(module: nn.Module, parent: nn.Module) -> None:
+    """Make a released module follow ``parent``'s mode (plain dict writes, as ``attach_mark``).
+
+    Inert modules get the mark too: their flag is read by people and code.
+    """
+    d = module.__dict__
+    d["train"] = FollowParent(module, parent)
+    hooks = d["_forward_pre_hooks"]
+    key = next(_hook_keys)
+    hooks[key] = follow_parent
+    hooks.move_to_end(key, last=False)

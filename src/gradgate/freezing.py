@@ -16,7 +16,7 @@ from ._events import Change, announce
 from ._index import ModelIndex, gc_paused, is_float, owner_of
 from ._options import choice
 from ._state import ModelState
-from ._sticky import StickyEval, attach_mark, is_sticky, remove_mark
+from ._sticky import FollowParent, StickyEval, attach_follower, attach_mark, is_sticky, remove_mark
 from .errors import GradgateError, InvalidArgumentError, SharedParameterError
 from .selection import Selection, Selector, describe_selectors, resolve
 
@@ -160,7 +160,10 @@ class Freezing:
                     _set_flag(p, before)
                     (unfrozen if before else frozen).append(p)
             for m, old, new in reversed(self._modes):
-                if m.__dict__.get("train") is not new:
+                mark = m.__dict__.get("train")
+                if isinstance(mark, FollowParent):
+                    mark = None  # released by a call, not marked since
+                if mark is not new:
                     continue  # changed since: another call or the flags own it now
                 if new is not None:
                     remove_mark(m)
@@ -451,12 +454,17 @@ def _apply_walk(
         unfrozen = {id(p) for _, p, want in changes if want}
         release, stick = _plan_modes(index, sel, action, mode_e, unfrozen)
         _refuse_script(index, stick, action)
+        # Each released module follows the nearest ancestor this call did not release.
+        leader: dict[int, nn.Module] = {}
         for i in release:  # pre-order: a parent is settled before its children
             m = mods[i]
             old = m.__dict__["train"]
             handle._modes.append((m, old, None))
             remove_mark(m)
             m.__dict__["training"] = mods[parent[i]].training if i else old.wanted
+            if i:
+                leader[i] = leader.get(parent[i], mods[parent[i]])
+                attach_follower(m, leader[i])
         record = handle._modes.append
         for i, a in stick:
             m = mods[i]
