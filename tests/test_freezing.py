@@ -297,13 +297,14 @@ def test_a_part_unfrozen_during_validation_trains_when_the_loop_trains_again() -
     net.eval()
     gg.unfreeze(net, "1")  # a validation-metric-driven unfreeze, in eval
     net(torch.randn(8, 4))  # the rest of validation runs in eval: so does "1"
-    assert not net[1].training and not net[1][1].training
+    part, bn = net.get_submodule("1"), net.get_submodule("1.1")
+    assert not part.training and not bn.training
     _restore(net, before_validation)  # Lightning writes back the pre-validation modes
-    stats = net[1][1].running_mean.clone()
+    stats = bn.get_buffer("running_mean").clone()
     net(torch.randn(8, 4))  # the training loop's next forward
-    assert net[1].training and net[1][1].training  # follows the loop, not the snapshot
-    assert not torch.equal(net[1][1].running_mean, stats)  # BatchNorm updates again
-    assert not gg.is_sticky(net[1]) and not gg.is_sticky(net[1][1])
+    assert part.training and bn.training  # follows the loop, not the snapshot
+    assert not torch.equal(bn.get_buffer("running_mean"), stats)  # BatchNorm updates again
+    assert not gg.is_sticky(part) and not gg.is_sticky(bn)
 
 
 def test_an_explicit_mode_on_a_released_part_holds_and_undo_holds_it_again() -> None:
@@ -319,7 +320,7 @@ def test_an_explicit_mode_on_a_released_part_holds_and_undo_holds_it_again() -> 
     handle.undo()  # frozen again: held in eval whatever the parent does
     net.train()
     net(torch.randn(8, 4))
-    assert gg.is_sticky(net[1]) and not net[1].training and not net[1][1].training
+    assert gg.is_sticky(net[1]) and not net[1].training and not net.get_submodule("1.1").training
 
 
 def test_a_released_part_that_is_frozen_again_follows_nothing() -> None:

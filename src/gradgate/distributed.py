@@ -27,9 +27,10 @@ optimizer honest.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -294,26 +295,105 @@ def _register(ddp: DistributedDataParallel, counter: CommCounter) -> None:
     ddp.register_comm_hook(None, lambda state, bucket: counter.hook(state, bucket))
 
 
+_DDP = TypeVar("_DDP", bound=DistributedDataParallel)
+
+
+def _ddp_options(ddp: DistributedDataParallel) -> dict[str, Any]:
+    """The constructor options a plain DDP was built with, read back from it.
+
+    DDP keeps each option it was given as an attribute; the ones gradgate
+    cannot read back (delayed all-reduce parameters) are refused.
+    """
+    if getattr(ddp, "_delay_all_reduce_params", None):
+        raise InvalidArgumentError(
+            "cannot rebuild this DistributedDataParallel after the trainable set changed: it "
+            "was built with delay_all_reduce_named_params, which it does not keep; wrap the "
+            "model with gg.distributed.wrap (which records its options) instead"
+        )
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    options: dict[str, Any] = {
+        "device_ids": ddp.device_ids,
+        "output_device": ddp.output_device,
+        "dim": ddp.dim,
+        "find_unused_parameters": ddp.find_unused_parameters,
+        "gradient_as_bucket_view": ddp.gradient_as_bucket_view,
+        "static_graph": ddp.static_graph,
+    }
+    mesh = getattr(ddp, "device_mesh", None)
+    if mesh is not None and "device_mesh" in accepted:
+        options["device_mesh"] = mesh
+    else:
+        options["process_group"] = ddp.process_group
+    if "forward_sync_buffers" in accepted and hasattr(ddp, "forward_sync_buffers"):
+        options["forward_sync_buffers"] = ddp.forward_sync_buffers
+    elif hasattr(ddp, "broadcast_buffers"):
+        options["broadcast_buffers"] = ddp.broadcast_buffers
+    cap = getattr(ddp, "bucket_bytes_cap", None)
+    if cap is not None:
+        options["bucket_cap_mb"] = cap / (1024 * 1024)
+    for name in ("mixed_precision", "skip_all_reduce_unused_params", "batched_grad_copy"):
+        if name in accepted and hasattr(ddp, name):
+            options[name] = getattr(ddp, name)
+    return options
+
+
 def rewrap(
-    ddp_model: GatedDDP,
+    ddp_model: _DDP,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     rules: Rules = (),
-) -> GatedDDP:
+    *,
+    in_place: bool = False,
+) -> _DDP:
     """Build a fresh DDP around the same module after the trainable set changed.
 
-    The old wrapper's autograd hooks are removed, the new one broadcasts the
-    module state from rank 0 as DDP does at construction, and, when given,
-    the optimizer and scheduler are brought in line with ``gg.sync``.
+    The one rebuild every part of gradgate uses (``GatedDDP.gg_refresh``,
+    the schedules, ``AutoFreeze``, the Lightning and HF callbacks). The old
+    wrapper's autograd hooks are removed, the new one is built with the same
+    options (a ``gg.distributed.wrap`` wrapper recorded them; a plain
+    ``DistributedDataParallel``'s are read back from it) and broadcasts the
+    module state from rank 0 as DDP does at construction; communication hooks
+    registered on the old one are registered again. When given, the optimizer
+    and scheduler are brought in line with ``gg.sync``.
+
+    A collective call: every rank must make it at the same point.
+
+    Args:
+        ddp_model: a ``DistributedDataParallel`` (or ``GatedDDP``).
+        optimizer: an optimizer to ``gg.sync`` with the new trainable set.
+        scheduler: its scheduler.
+        rules: ``gg.sync`` rules for new groups.
+        in_place: rebuild the same wrapper object (the one a trainer's loop
+            already holds, as the HF Trainer's does) instead of a new one.
+
+    Returns:
+        The new wrapper (``ddp_model`` itself with ``in_place=True``).
+
+    Raises:
+        InvalidArgumentError: a plain DDP built with options it does not keep.
 
     Example (needs a process group): ``ddp = gg.distributed.rewrap(ddp, opt)``
     """
     module = ddp_model.module
+    counter: CommCounter | None = None
+    if isinstance(ddp_model, GatedDDP):
+        options = dict(ddp_model.gg_ddp_kwargs)
+        counter = ddp_model.gg_counter
+    else:
+        options = _ddp_options(ddp_model)
+    hooks = list(getattr(ddp_model, "_comm_hooks", []))
     ddp_model._remove_autograd_hooks()  # type: ignore[no-untyped-call]
-    new = GatedDDP(module, **ddp_model.gg_ddp_kwargs)
-    if ddp_model.gg_counter is not None:
-        _register(new, ddp_model.gg_counter)
-        new.gg_counter = ddp_model.gg_counter
+    if in_place:
+        type(ddp_model).__init__(ddp_model, module, **options)
+        new = ddp_model
+    else:
+        new = type(ddp_model)(module, **options)
+    for hook, state in hooks:
+        new.register_comm_hook(state, hook)
+    if counter is not None and isinstance(new, GatedDDP):
+        if not hooks:  # a torch without _comm_hooks: register the counting hook again
+            _register(new, counter)
+        new.gg_counter = counter
     if optimizer is not None:
         sync(optimizer, module, scheduler, rules)
     return new

@@ -1,40 +1,61 @@
 """What both trainer callbacks do, written once; the adapters only translate hooks (private).
 
-A trainer callback has four moments: before the optimizer exists
+A trainer callback has five moments: before the optimizer exists
 (``prepare``: freeze), once it exists (``align``: drop frozen parameters
-from it, replay a resumed run's unfreezes, start the guard), at the start of
-each epoch (``advance``: the unfreezes that are due), and at the end
-(``finish``: the guard's last check).
+from it, build the schedule, replay a resumed run's schedule, start the
+guard), at the start of each epoch (``on_epoch``: an epoch schedule steps),
+after each optimizer step (``on_optimizer_step``: a step schedule such as
+``AutoFreeze`` steps), and at the end (``finish``: the guard's last check).
+
+There is one schedule engine: ``unfreeze=[(epoch, selector), ...]`` builds a
+``gg.GradualUnfreeze`` and ``schedule=`` builds any gradgate schedule; the
+callbacks only step it, keep its state in the trainer's checkpoint and
+rebuild DDP after it changed the trainable set.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
 
 from .._optimizers import unwrap_optimizer, unwrap_scheduler
 from .._options import choice
+from ..distributed import rewrap
 from ..errors import CheckpointError, InvalidArgumentError
-from ..freezing import Mode, freeze, train_only, unfreeze
+from ..freezing import Mode, freeze, train_only
 from ..integrity import Check, Guard, guard
-from ..optim import sync
+from ..optim import DEFAULT_NO_DECAY, rule_items, sync
+from ..optim.schedulers import schedulers
+from ..optim.sync import claim
 from ..reports import summary
-from ..selection import Selector
+from ..schedules import GradualUnfreeze
+from ..selection import Selector, select
 
-__all__ = ["FinetuneCore", "Unfreeze"]
+__all__ = [
+    "FinetuneCore",
+    "ScheduleFactory",
+    "Unfreeze",
+    "per_optimizer_step",
+    "rebuild_ddp",
+    "trainable_ids",
+]
 
 GuardOption = Literal["fast", "exact", "both"] | None
 ModeOption = Literal["eval", "norm", "keep"]
 UnfreezeSpec = Sequence[tuple[int, Selector]]
+ScheduleFactory = Callable[[nn.Module, torch.optim.Optimizer, Any], Any]
+"""``(model, optimizer, scheduler) -> schedule``, called once the trainer built its optimizer."""
 
-
-def _everything(name: str, module: nn.Module) -> bool:
-    return name == ""
+_STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,92 @@ class Unfreeze:
 
     epoch: int
     selector: Selector
+
+
+def _everything(name: str, module: nn.Module) -> bool:
+    return name == ""
+
+
+def _constant(value: float, stage: int) -> float:
+    return value  # picklable (a ddp_spawn launch pickles the callback)
+
+
+def per_optimizer_step(schedule: Any) -> bool:
+    """Whether ``schedule.step`` takes no argument (stepped after each optimizer step).
+
+    ``AutoFreeze.step()`` counts optimizer steps; ``GradualUnfreeze.step(t)``
+    and ``ProgressiveFreeze.step(t)`` take the epoch.
+
+    Example:
+        >>> class EveryStep:
+        ...     def step(self): return []
+        >>> per_optimizer_step(EveryStep())
+        True
+    """
+    params = inspect.signature(schedule.step).parameters.values()
+    return not any(
+        p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in params
+    )
+
+
+def trainable_ids(model: nn.Module) -> frozenset[int]:
+    """The ids of ``model``'s parameters that require gradients (what DDP registers).
+
+    Example:
+        >>> len(trainable_ids(torch.nn.Linear(1, 1)))
+        2
+    """
+    return frozenset(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def rebuild_ddp(wrapper: Any) -> bool:
+    """Rebuild ``wrapper`` in place if it is a DDP whose trainable set changed; say if it was.
+
+    The trainer's loop keeps the wrapper object it holds, so it is rebuilt
+    in place (``gg.distributed.rewrap(..., in_place=True)``): DDP registers
+    only the parameters that require gradients when it is built, so an
+    unfrozen part would never be all-reduced and the ranks would diverge
+    silently (Lightning #20340), and a frozen one would stall the reducer.
+
+    Example:
+        >>> rebuild_ddp(torch.nn.Linear(1, 1))  # not a DDP: nothing to do
+        False
+    """
+    if not isinstance(wrapper, DistributedDataParallel):
+        return False
+    rewrap(wrapper, in_place=True)
+    return True
+
+
+class _PlacedUnfreeze(GradualUnfreeze):
+    """The ``unfreeze=`` shorthand: a ``GradualUnfreeze`` whose groups join on the schedule.
+
+    A new group's peak is ``lr_mult`` x the schedule's peak (``lr_for``), as
+    in any ``GradualUnfreeze``; it starts where group 0's schedule has got
+    to (its lr x group 0's ``lr / initial_lr``), also under schedulers
+    ``gg.sync`` does not place new groups on yet (StepLR, MultiStepLR,
+    ExponentialLR, ...). OneCycleLR and CyclicLR place it themselves.
+    """
+
+    def lr_for(self, i: int) -> float:
+        """Stage ``i``'s lr now: its peak times how far group 0 is down its schedule."""
+        peak = super().lr_for(i)
+        ref = self.optimizer.param_groups[0]
+        cyclic = any(isinstance(s, (OneCycleLR, CyclicLR)) for s in schedulers(self.scheduler))
+        if cyclic or "max_lr" in ref or not ref.get("initial_lr"):
+            return peak
+        return peak * float(ref["lr"]) / float(ref["initial_lr"])
+
+    def _unfreeze(self, due: list[int]) -> None:
+        # The peak goes in as the group's initial_lr (the base every schedule scales).
+        peaks = [(self.stages[i], {"initial_lr": GradualUnfreeze.lr_for(self, i)}) for i in due]
+        base, self.rules = self.rules, [*rule_items(self.rules), *peaks]
+        try:
+            super()._unfreeze(due)
+        finally:
+            self.rules = base
 
 
 class FinetuneCore:
@@ -55,8 +162,8 @@ class FinetuneCore:
         >>> core.prepare(net)
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
         >>> core.align(net, opt, None)
-        >>> len(opt.param_groups[0]["params"]), core.advance(net, 1, opt, None)
-        (2, [0])
+        >>> len(opt.param_groups[0]["params"]), core.on_epoch(net, 1)
+        (2, True)
         >>> opt.param_groups[1]["lr"]
         0.010000000000000002
     """
@@ -68,6 +175,7 @@ class FinetuneCore:
         train_only: Selector | None = None,
         unfreeze: UnfreezeSpec = (),
         lr_mult: float = 0.1,
+        schedule: ScheduleFactory | None = None,
         mode: ModeOption = "eval",
         guard: GuardOption = "fast",
         summary: bool = False,
@@ -79,34 +187,60 @@ class FinetuneCore:
             )
         if isinstance(lr_mult, bool) or not isinstance(lr_mult, (int, float)) or lr_mult <= 0:
             raise InvalidArgumentError(f"lr_mult must be a positive number; got {lr_mult!r}")
+        if schedule is not None and not callable(schedule):
+            raise InvalidArgumentError(
+                "schedule must be a factory called once the trainer built its optimizer, "
+                "e.g. schedule=lambda model, optimizer, scheduler: gg.AutoFreeze(model, "
+                f"optimizer=optimizer, scheduler=scheduler); got {type(schedule).__name__}"
+            )
         self.mode: Mode = choice(Mode, "mode", mode)
         self.check: Check | None = None if guard is None else choice(Check, "guard", guard)
         self.freeze_selector = freeze
         self.train_only_selector = train_only
         self.unfreezes = _parse_unfreeze(unfreeze)
+        if schedule is not None and self.unfreezes:
+            raise InvalidArgumentError(
+                "GradgateFinetuning got both unfreeze= and schedule=; unfreeze=[(epoch, "
+                "selector), ...] is a gg.GradualUnfreeze: pass one of them"
+            )
         self.lr_mult = float(lr_mult)
+        self.weight_decay: float | None = None  # the HF adapter sets TrainingArguments'
+        self.factory = schedule
         self.summary = summary
-        self.applied: list[int] = []
-        self._pending: list[int] = []
+        self.schedule: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self._restored: dict[str, Any] | None = None
         self._guard: Guard | None = None
+
+    # ------------------------------------------------------------ the fit
 
     def prepare(self, model: nn.Module) -> None:
         """Apply ``freeze``/``train_only`` before the trainer builds its optimizer."""
-        self.applied, self._pending = [], []
+        self.schedule, self.optimizer, self.scheduler = None, None, None
         if self.freeze_selector is not None:
             freeze(model, self.freeze_selector, mode=self.mode.value)
         elif self.train_only_selector is not None:
             train_only(model, self.train_only_selector, mode=self.mode.value)
 
     def align(self, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
-        """Once the optimizer exists: drop frozen parameters, replay restored unfreezes.
+        """Once the optimizer exists: own it, drop frozen parameters, build the schedule.
 
-        Calling it again changes nothing: each restored unfreeze is replayed
-        once, into the optimizer that exists at the first call (on an HF
-        resume that is the one the checkpoint's state is about to load into).
+        The fit's optimizer becomes the one gradgate adds to (an optimizer of
+        an earlier fit of the same model no longer counts, issue 23.11). A
+        restored schedule state is loaded into the schedule here, so its
+        groups exist before the trainer loads the optimizer state. Calling it
+        again with the same optimizer only hands a newly built scheduler on.
         """
         opt, sched = unwrap_optimizer(optimizer), unwrap_scheduler(scheduler)
-        added = sync(opt, model, sched)["added"]
+        if self.optimizer is opt:
+            if sched is not None and self.scheduler is None:
+                self.scheduler = sched
+                if self.schedule is not None and getattr(self.schedule, "scheduler", 0) is None:
+                    self.schedule.scheduler = sched
+            return
+        claim(opt, model)
+        added = sync(opt, model, sched, rules=self.new_group_rules(model))["added"]
         if added:
             warnings.warn(
                 f"trainable parameters missing from the optimizer were added to it in a new "
@@ -115,50 +249,110 @@ class FinetuneCore:
                 UserWarning,
                 stacklevel=3,
             )
-        pending, self._pending = self._pending, []
-        for index in pending:
-            self._unfreeze(model, index, opt, sched)
+        self.optimizer, self.scheduler = opt, sched
+        self.schedule = self._build(model, opt, sched)
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            self._load_schedule(restored)
+        self.ensure_complete(model)
+
+    def _build(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> Any:
+        if self.unfreezes:
+            return _PlacedUnfreeze(
+                model,
+                [u.selector for u in self.unfreezes],
+                at=[u.epoch for u in self.unfreezes],
+                optimizer=opt,
+                scheduler=sched,
+                lr_mult=functools.partial(_constant, self.lr_mult),
+                rules=self.new_group_rules(model),
+            )
+        if self.factory is None:
+            return None
+        made = self.factory(model, opt, sched)
+        missing = [a for a in ("step", "state_dict", "load_state_dict") if not hasattr(made, a)]
+        if missing:
+            raise InvalidArgumentError(
+                f"schedule= returned {type(made).__name__}, which has no {', '.join(missing)}; "
+                "return a gradgate schedule (gg.GradualUnfreeze, gg.ProgressiveFreeze, "
+                "gg.AutoFreeze) built over the model, optimizer and scheduler it is given"
+            )
+        return made
+
+    def new_group_rules(self, model: nn.Module) -> list[tuple[Selector, dict[str, float]]]:
+        """``gg.sync`` rules for the groups the callback adds: the trainer's weight decay.
+
+        With ``weight_decay`` set (the HF adapter sets ``TrainingArguments.
+        weight_decay``), new groups get it, and the parameters
+        ``gg.DEFAULT_NO_DECAY`` selects (biases, norms: the rule
+        ``gg.param_groups`` uses) get 0; without it, the optimizer's defaults.
+
+        Example:
+            >>> core = FinetuneCore()
+            >>> core.weight_decay = 0.1
+            >>> [opts for _, opts in core.new_group_rules(torch.nn.Linear(2, 2))]
+            [{'weight_decay': 0.1}, {'weight_decay': 0.0}]
+        """
+        if self.weight_decay is None:
+            return []
+        rules: list[tuple[Selector, dict[str, float]]] = [
+            (_everything, {"weight_decay": self.weight_decay})
+        ]
+        for sel in DEFAULT_NO_DECAY:
+            try:
+                select(model, sel)
+            except LookupError:  # a model without biases, or without norms
+                continue
+            rules.append((sel, {"weight_decay": 0.0}))
+        return rules
+
+    @property
+    def steps_per_optimizer_step(self) -> bool:
+        """Whether the schedule steps after each optimizer step (else at each epoch start)."""
+        return self.schedule is not None and per_optimizer_step(self.schedule)
+
+    def on_epoch(self, model: nn.Module, epoch: int) -> bool:
+        """Step an epoch schedule at the start of ``epoch``; say if the trainable set changed."""
+        if self.schedule is None or self.steps_per_optimizer_step:
+            return False
+        return self._step(model, lambda: self.schedule.step(epoch))
+
+    def on_optimizer_step(self, model: nn.Module) -> bool:
+        """Step a per-step schedule (``AutoFreeze``) after an optimizer step (gradients still
+        there); say if the trainable set changed."""
+        if not self.steps_per_optimizer_step:
+            return False
+        return self._step(model, self.schedule.step)
+
+    def _step(self, model: nn.Module, step: Callable[[], Any]) -> bool:
+        changed = bool(step())
+        if changed:
+            self.ensure_complete(model)
+        return changed
+
+    def ensure_complete(self, model: nn.Module) -> None:
+        """Refuse to go on while a trainable parameter is missing from the fit's optimizer.
+
+        The schedules add what they unfreeze through ``gg.sync``; this is the
+        check that nothing was left out silently (issue 23.11).
+        """
+        opt = self.optimizer
+        if opt is None:
+            return
+        left = sync(opt, model, self.scheduler, rules=self.new_group_rules(model))["left"]
+        if left:
+            raise InvalidArgumentError(
+                f"GradgateFinetuning made {left[:5]} trainable but the fit's optimizer does not "
+                "hold them (another optimizer holds them, and gg.sync will not step them twice); "
+                "build one optimizer over the model, or freeze them"
+            )
 
     def report(self, model: nn.Module) -> None:
         """Print ``gg.summary`` of the model when ``summary=True`` was asked for."""
         if self.summary:
             print(summary(model))
 
-    def due(self, epoch: int) -> list[int]:
-        """Indices of the unfreezes due at ``epoch`` and not applied yet."""
-        return [
-            i for i, u in enumerate(self.unfreezes) if u.epoch <= epoch and i not in self.applied
-        ]
-
-    def advance(self, model: nn.Module, epoch: int, optimizer: Any, scheduler: Any) -> list[int]:
-        """Apply the unfreezes due at ``epoch``; return their indices."""
-        due = self.due(epoch)
-        opt, sched = unwrap_optimizer(optimizer), unwrap_scheduler(scheduler)
-        for index in due:
-            self._unfreeze(model, index, opt, sched)
-            self.applied.append(index)
-        return due
-
-    def _unfreeze(
-        self, model: nn.Module, index: int, opt: torch.optim.Optimizer, sched: Any
-    ) -> None:
-        unfreeze(model, self.unfreezes[index].selector)
-        sync(opt, model, sched, rules=[(_everything, self._new_group_options(opt))])
-
-    def _new_group_options(self, opt: torch.optim.Optimizer) -> dict[str, float]:
-        """Options that place a new group at ``lr_mult`` x group 0 on every schedule.
-
-        ``initial_lr`` (a scheduler's base) scales too, so closed-form and
-        lambda schedules compute the new group's lr from a base that keeps the
-        ratio; OneCycleLR derives everything from ``max_lr``.
-        """
-        ref = opt.param_groups[0]
-        if "max_lr" in ref:
-            return {"lr": self.lr_mult * ref["max_lr"]}
-        options = {"lr": self.lr_mult * ref["lr"]}
-        if "initial_lr" in ref:
-            options["initial_lr"] = self.lr_mult * ref["initial_lr"]
-        return options
+    # ------------------------------------------------------------ the guard
 
     def start_guard(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
         """Watch every frozen tensor from now on (no-op with ``guard=None``)."""
@@ -174,29 +368,118 @@ class FinetuneCore:
             # An exit that is told of an exception removes the hooks without checking.
             g.__exit__(None if check else RuntimeError, None, None)
 
+    # ------------------------------------------------------------ resume
+
     def state_dict(self) -> dict[str, Any]:
-        """Which unfreezes have been applied (they are replayed on resume)."""
-        return {"applied": list(self.applied), "epochs": [u.epoch for u in self.unfreezes]}
+        """The schedule's own ``state_dict()`` and what it is (saved in the checkpoint)."""
+        if self.schedule is not None:
+            state: Any = self.schedule.state_dict()
+        elif self._restored is not None:
+            state = self._restored["schedule"]
+        elif self.unfreezes:  # not built yet: the plan, with nothing applied
+            state = {"at": [u.epoch for u in self.unfreezes], "unfrozen": [], "events": []}
+        else:
+            state = None
+        return {"version": _STATE_VERSION, "kind": self._kind(), "schedule": state}
+
+    def _kind(self) -> str:
+        if self.unfreezes:
+            return "GradualUnfreeze"
+        if self.schedule is not None:
+            return type(self.schedule).__name__
+        return "schedule" if self.factory is not None else "none"
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()``; the replay happens in ``align``."""
-        epochs = [u.epoch for u in self.unfreezes]
-        if list(state.get("epochs", [])) != epochs:
+        """Restore ``state_dict()``; the schedule loads it once it is built (in ``align``).
+
+        The ``unfreeze=`` shorthand's state is checked here, before anything
+        changes; a state written by gradgate 0.1 (``{"applied", "epochs"}``)
+        is still read.
+
+        Raises:
+            CheckpointError: the state is damaged, or it was written with
+                another ``unfreeze=``/``schedule=``.
+        """
+        if not isinstance(state, Mapping):
             raise CheckpointError(
-                f"the checkpoint's GradgateFinetuning ran unfreeze epochs {state.get('epochs')}, "
+                f"the checkpoint's GradgateFinetuning state is a {type(state).__name__}, not a "
+                "mapping; resume from a checkpoint saved by a run with this callback"
+            )
+        saved = _upgrade(state) if "applied" in state and "version" not in state else dict(state)
+        if saved.get("version") != _STATE_VERSION:
+            raise CheckpointError(
+                f"the checkpoint's GradgateFinetuning state has version {saved.get('version')!r}"
+                f", this gradgate reads {_STATE_VERSION}; resume from a checkpoint it wrote"
+            )
+        kind = self._kind()
+        if saved.get("kind") != kind and "schedule" not in (kind, saved.get("kind")):
+            raise CheckpointError(
+                f"the checkpoint's GradgateFinetuning ran a {saved.get('kind')} schedule, this "
+                f"one runs {kind}; resume with the same unfreeze=/schedule="
+            )
+        if self.unfreezes:
+            self._check_unfreeze_state(saved)
+        if self.schedule is not None:
+            self._load_schedule(saved)
+        else:
+            self._restored = saved
+
+    def _check_unfreeze_state(self, state: Mapping[str, Any]) -> None:
+        epochs = [u.epoch for u in self.unfreezes]
+        inner = state.get("schedule")
+        at = inner.get("at") if isinstance(inner, Mapping) else None
+        if at is None or list(at) != epochs:
+            raise CheckpointError(
+                f"the checkpoint's GradgateFinetuning ran unfreeze epochs {at}, "
                 f"this one has {epochs}; resume with the same unfreeze= schedule"
             )
-        applied = state.get("applied")
-        if not isinstance(applied, list) or not all(
-            isinstance(i, int) and 0 <= i < len(epochs) for i in applied
+        assert isinstance(inner, Mapping)
+        key = "applied" if state.get("legacy") else "unfrozen"
+        done = inner.get(key)
+        if not isinstance(done, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(epochs) for i in done
         ):
             raise CheckpointError(
-                f"the checkpoint's GradgateFinetuning state has applied={applied!r}, expected "
+                f"the checkpoint's GradgateFinetuning state has {key}={done!r}, expected "
                 f"indices into the {len(epochs)} unfreeze steps; the state is damaged, resume "
                 "from another checkpoint"
             )
-        self.applied = list(applied)
-        self._pending = list(applied)
+
+    def _load_schedule(self, state: Mapping[str, Any]) -> None:
+        schedule_state = state["schedule"]
+        if schedule_state is None or self.schedule is None:
+            if (schedule_state is None) != (self.schedule is None):
+                raise CheckpointError(
+                    "the checkpoint's GradgateFinetuning state and this callback disagree on "
+                    "whether there is a schedule; resume with the same unfreeze=/schedule="
+                )
+            return
+        legacy = bool(state.get("legacy"))
+        if not legacy and "groups" not in schedule_state and not schedule_state.get("events"):
+            return  # a plan saved before the schedule was built: nothing to re-apply
+        try:
+            if legacy:
+                # gradgate 0.1 applied each unfreeze in its own group, in this order.
+                for index in schedule_state["applied"]:
+                    if index not in self.schedule.unfrozen:
+                        self.schedule._unfreeze([index])
+            else:
+                self.schedule.load_state_dict(schedule_state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"the checkpoint's {state.get('kind')} state does not fit this callback's "
+                f"schedule ({type(e).__name__}: {e}); resume with the same unfreeze=/schedule="
+            ) from e
+
+
+def _upgrade(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A gradgate 0.1 state (``{"applied": [...], "epochs": [...]}``) in today's form."""
+    return {
+        "version": _STATE_VERSION,
+        "kind": "GradualUnfreeze",
+        "legacy": True,
+        "schedule": {"at": state.get("epochs"), "applied": state.get("applied")},
+    }
 
 
 def _parse_unfreeze(spec: UnfreezeSpec) -> list[Unfreeze]:

@@ -1,4 +1,4 @@
-"""``GradgateFinetuning`` for Lightning: freeze, unfreeze on schedule, guard, resume, DDP.
+"""``GradgateFinetuning`` for Lightning: freeze, run a schedule, guard, resume, DDP.
 
 Needs ``pip install "gradgate[lightning]"``.
 """
@@ -8,11 +8,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch.nn.parallel import DistributedDataParallel
-
 from ..errors import InvalidArgumentError, MissingDependencyError
 from ..selection import Selector
-from ._core import FinetuneCore, GuardOption, ModeOption, UnfreezeSpec
+from ._core import (
+    FinetuneCore,
+    GuardOption,
+    ModeOption,
+    ScheduleFactory,
+    UnfreezeSpec,
+    rebuild_ddp,
+    trainable_ids,
+)
 
 try:
     import lightning.pytorch as pl
@@ -25,26 +31,42 @@ __all__ = ["GradgateFinetuning"]
 
 
 class GradgateFinetuning(pl.Callback):
-    """A Lightning ``Callback`` that freezes, unfreezes on schedule and guards the fit.
+    """A Lightning ``Callback`` that freezes, runs a gradgate schedule and guards the fit.
 
     ``freeze``/``train_only`` apply in ``setup``, before ``configure_optimizers``;
     at ``on_fit_start`` the optimizer is brought in line with ``gg.sync`` (an
     optimizer built over all parameters loses the frozen ones, so weight
-    decay cannot move them). ``unfreeze=[(epoch, selector), ...]`` makes a
-    part trainable at the start of that epoch, in a new group of the (single)
-    optimizer at ``lr_mult`` x group 0's current lr, which the optimizer's
-    scheduler then drives. Frozen modules stay in inference mode (``mode``)
-    although Lightning switches the model to training mode every epoch and
-    after validation. Under DDP the wrapper is rebuilt after an unfreeze, so
-    the new parameters are all-reduced. The applied unfreezes travel in the
-    checkpoint: ``fit(ckpt_path=...)`` replays them before the optimizer
-    state loads.
+    decay cannot move them) and becomes the one this fit adds to: an
+    optimizer of an earlier fit of the same model that is still alive no
+    longer counts.
+
+    A schedule changes the trainable set during the fit. ``schedule=`` takes
+    any gradgate schedule as a factory called once the optimizer exists::
+
+        schedule=lambda model, optimizer, scheduler: gg.AutoFreeze(
+            model, optimizer=optimizer, scheduler=scheduler, every=16)
+
+    (likewise ``gg.GradualUnfreeze``, ``gg.ProgressiveFreeze``). A schedule
+    whose ``step`` takes an argument (``GradualUnfreeze``,
+    ``ProgressiveFreeze``) is stepped with the epoch at each epoch start; one
+    whose ``step()`` takes none (``AutoFreeze``) after each optimizer step.
+    ``unfreeze=[(epoch, selector), ...]`` is shorthand for a
+    ``GradualUnfreeze`` over those selectors, each joining in a new group at
+    ``lr_mult`` x the schedule's peak lr, placed where the scheduler has got
+    to. Frozen modules stay in inference mode (``mode``) although Lightning
+    switches the model to training mode every epoch and after validation.
+    Under DDP the wrapper is rebuilt (in place) after every change, so the
+    ranks stay identical. The schedule's ``state_dict`` travels in the
+    checkpoint: ``fit(ckpt_path=...)`` re-applies it before the optimizer
+    state loads. Under ``strategy="ddp_spawn"`` the factory must be picklable
+    (a module-level function or ``functools.partial``, not a lambda).
 
     Args:
         freeze: selector of what is frozen for the whole fit (see ``gg.select``).
         train_only: selector of what trains; everything else is frozen.
         unfreeze: ``[(epoch, selector), ...]`` made trainable at that epoch.
-        lr_mult: new groups' lr relative to group 0's lr at that moment.
+        lr_mult: an unfrozen part's lr relative to the schedule's peak lr.
+        schedule: ``(model, optimizer, scheduler) -> schedule``; not with ``unfreeze``.
         mode: train/eval behaviour of frozen modules, as in ``gg.freeze``.
         guard: ``gg.guard`` check over the fit (``"fast"``, ``"exact"``,
             ``"both"``), or ``None``; a write into a frozen tensor raises
@@ -57,8 +79,8 @@ class GradgateFinetuning(pl.Callback):
     Example:
         >>> from gradgate.integrations.lightning import GradgateFinetuning
         >>> cb = GradgateFinetuning("backbone", unfreeze=[(2, "backbone.layer4")])
-        >>> cb.state_dict()
-        {'applied': [], 'epochs': [2]}
+        >>> cb.state_dict()["kind"]
+        'GradualUnfreeze'
     """
 
     def __init__(
@@ -68,6 +90,7 @@ class GradgateFinetuning(pl.Callback):
         train_only: Selector | None = None,
         unfreeze: UnfreezeSpec = (),
         lr_mult: float = 0.1,
+        schedule: ScheduleFactory | None = None,
         mode: ModeOption = "eval",
         guard: GuardOption = "fast",
         summary: bool = False,
@@ -78,10 +101,17 @@ class GradgateFinetuning(pl.Callback):
             train_only=train_only,
             unfreeze=unfreeze,
             lr_mult=lr_mult,
+            schedule=schedule,
             mode=mode,
             guard=guard,
             summary=summary,
         )
+        self._global_step = -1
+
+    @property
+    def schedule(self) -> Any:
+        """The schedule this fit runs (built at ``on_fit_start``), or ``None``."""
+        return self.core.schedule
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Freeze before ``configure_optimizers`` runs."""
@@ -89,22 +119,34 @@ class GradgateFinetuning(pl.Callback):
             self.core.prepare(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Align the optimizer, replay a restored run's unfreezes, start the guard."""
+        """Align the optimizer, build (and on resume restore) the schedule, start the guard."""
         optimizer, scheduler = _single_optimizer(trainer)
+        before = trainable_ids(pl_module)
         self.core.align(pl_module, optimizer, scheduler)
         self.core.report(pl_module)
-        if self.core.applied:
-            _rewrap(trainer, pl_module)
+        if trainable_ids(pl_module) != before:  # a restored schedule, or one built unfrozen
+            rebuild_ddp(trainer.strategy.model)
+        self._global_step = trainer.global_step
         self.core.start_guard(pl_module, trainer.optimizers)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Apply the unfreezes due at this epoch."""
-        optimizer, scheduler = _single_optimizer(trainer)
-        if not self.core.due(trainer.current_epoch):
-            return
+        """Step an epoch schedule."""
+        if self.core.on_epoch(pl_module, trainer.current_epoch):
+            self._changed(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
+        """Step a per-step schedule after each optimizer step (gradients are still there)."""
+        if trainer.global_step == self._global_step:
+            return  # accumulating: no optimizer step in this batch
+        self._global_step = trainer.global_step
+        if self.core.on_optimizer_step(pl_module):
+            self._changed(trainer, pl_module)
+
+    def _changed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.core.stop_guard(check=True)
-        self.core.advance(pl_module, trainer.current_epoch, optimizer, scheduler)
-        _rewrap(trainer, pl_module)
+        rebuild_ddp(trainer.strategy.model)
         self.core.start_guard(pl_module, trainer.optimizers)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,11 +160,11 @@ class GradgateFinetuning(pl.Callback):
         self.core.stop_guard(check=False)
 
     def state_dict(self) -> dict[str, Any]:
-        """The applied unfreezes, saved in Lightning's checkpoint."""
+        """The schedule's state, saved in Lightning's checkpoint."""
         return self.core.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the applied unfreezes; they are replayed at ``on_fit_start``."""
+        """Restore the schedule's state; it is re-applied at ``on_fit_start``."""
         self.core.load_state_dict(state_dict)
 
 
@@ -141,20 +183,3 @@ def _single_optimizer(trainer: pl.Trainer) -> tuple[Any, Any]:
             "chain them with torch.optim.lr_scheduler.ChainedScheduler"
         )
     return opt, (schedulers[0] if schedulers else None)
-
-
-def _rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Rebuild Lightning's DDP wrapper: DDP registers only parameters trainable when built.
-
-    Without this an unfrozen parameter is never all-reduced and the ranks
-    silently diverge (Lightning #20340).
-    """
-    strategy = trainer.strategy
-    if not isinstance(strategy, pl.strategies.DDPStrategy):
-        return
-    old = strategy.model
-    if not isinstance(old, DistributedDataParallel):
-        return
-    old._remove_autograd_hooks()
-    strategy.model = pl_module
-    strategy.configure_ddp()

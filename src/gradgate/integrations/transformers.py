@@ -1,4 +1,4 @@
-"""``GradgateFinetuning`` for the Hugging Face ``Trainer``: freeze, unfreeze, guard, save.
+"""``GradgateFinetuning`` for the Hugging Face ``Trainer``: freeze, schedule, guard, save.
 
 Needs ``pip install "gradgate[transformers]"``.
 """
@@ -8,14 +8,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from typing import Any
 
 from torch import nn
 
 from ..checkpoint import save_trainable
-from ..errors import CheckpointError, MissingDependencyError
+from ..errors import CheckpointError, InvalidArgumentError, MissingDependencyError
 from ..selection import Selector
-from ._core import FinetuneCore, GuardOption, ModeOption, UnfreezeSpec
+from ._core import (
+    FinetuneCore,
+    GuardOption,
+    ModeOption,
+    ScheduleFactory,
+    UnfreezeSpec,
+    rebuild_ddp,
+    trainable_ids,
+)
 
 try:
     from transformers import (
@@ -42,27 +51,41 @@ STATE_FILE = "gradgate_finetuning.json"
 
 
 class GradgateFinetuning(TrainerCallback):
-    """An HF ``TrainerCallback`` that freezes, unfreezes on schedule and guards training.
+    """An HF ``TrainerCallback`` that freezes, runs a gradgate schedule and guards training.
 
     Pass it in ``Trainer(callbacks=[...])``: ``freeze``/``train_only`` apply
     at ``on_init_end``, before ``train()`` builds the optimizer (added later
     with ``add_callback``, it freezes at ``on_train_begin`` and takes the
     frozen parameters out of the optimizer). An optimizer given through
     ``optimizers=`` is brought in line with ``gg.sync`` at train start, so
-    weight decay cannot move a frozen weight. ``unfreeze=[(epoch, selector),
-    ...]`` makes a part trainable at the start of that epoch in a new group
-    at ``lr_mult`` x group 0's current lr, which the Trainer's scheduler
-    (linear, cosine, ... warm-up) then drives. Frozen modules stay in
-    inference mode although the Trainer calls ``model.train()``. Each
-    checkpoint folder gets ``gradgate_finetuning.json`` (which unfreezes ran);
-    resuming after an unfreeze needs ``GradgateTrainer``, which replays them
-    before the Trainer loads the optimizer state.
+    weight decay cannot move a frozen weight, and the fit's optimizer becomes
+    the one gradgate adds to (an earlier fit's optimizer no longer counts).
+
+    ``schedule=`` takes any gradgate schedule as a factory called once the
+    optimizer exists (``lambda model, optimizer, scheduler:
+    gg.AutoFreeze(model, optimizer=optimizer, scheduler=scheduler)``, likewise
+    ``gg.GradualUnfreeze``, ``gg.ProgressiveFreeze``); a schedule whose
+    ``step`` takes an argument is stepped with the epoch at each epoch start,
+    ``AutoFreeze`` after each optimizer step. ``unfreeze=[(epoch, selector),
+    ...]`` is shorthand for a ``GradualUnfreeze``: each part joins in a new
+    group at ``lr_mult`` x the schedule's peak lr, where the Trainer's
+    scheduler (linear, cosine, ... warm-up) has got to, with
+    ``TrainingArguments.weight_decay`` (0 for biases and norms, the
+    ``gg.param_groups`` rule). Frozen modules stay in inference mode although
+    the Trainer calls ``model.train()``. Each checkpoint folder gets
+    ``gradgate_finetuning.json`` (the schedule's ``state_dict``, which must be
+    JSON-ready: gradgate's are). Use ``GradgateTrainer`` to resume a run whose
+    schedule changed something (it re-applies the schedule before the Trainer
+    loads the optimizer state) and under DDP (it rebuilds the DDP wrapper
+    after every change; with a plain ``Trainer`` the callback refuses to run
+    a schedule under DDP).
 
     Args:
         freeze: selector of what is frozen (see ``gg.select``).
         train_only: selector of what trains; everything else is frozen.
         unfreeze: ``[(epoch, selector), ...]`` made trainable at that epoch.
-        lr_mult: new groups' lr relative to group 0's lr at that moment.
+        lr_mult: an unfrozen part's lr relative to the schedule's peak lr.
+        schedule: ``(model, optimizer, scheduler) -> schedule``; not with ``unfreeze``.
         mode: train/eval behaviour of frozen modules, as in ``gg.freeze``.
         guard: ``gg.guard`` check over training (``"fast"``, ``"exact"``,
             ``"both"``) or ``None``; a write into a frozen tensor raises
@@ -86,6 +109,7 @@ class GradgateFinetuning(TrainerCallback):
         train_only: Selector | None = None,
         unfreeze: UnfreezeSpec = (),
         lr_mult: float = 0.1,
+        schedule: ScheduleFactory | None = None,
         mode: ModeOption = "eval",
         guard: GuardOption = "fast",
         summary: bool = False,
@@ -96,12 +120,20 @@ class GradgateFinetuning(TrainerCallback):
             train_only=train_only,
             unfreeze=unfreeze,
             lr_mult=lr_mult,
+            schedule=schedule,
             mode=mode,
             guard=guard,
             summary=summary,
         )
         self.save_trainable = save_trainable
         self._prepared = False
+        self._trainer: weakref.ref[Trainer] | None = None  # set by GradgateTrainer
+        self._stale = False
+
+    @property
+    def schedule(self) -> Any:
+        """The schedule this run uses (built once the optimizer exists), or ``None``."""
+        return self.core.schedule
 
     def on_init_end(
         self,
@@ -125,12 +157,30 @@ class GradgateFinetuning(TrainerCallback):
         lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Align the optimizer with what trains and start the guard."""
+        """Align the optimizer with what trains, build the schedule, start the guard."""
         assert model is not None  # the Trainer always passes its model
         self._prepare_once(model)
-        self.core.align(model, optimizer, lr_scheduler)
+        self.align(args, model, optimizer, lr_scheduler)
+        if self._stale:
+            rebuild_ddp(self._wrapper())
+            self._stale = False
+        if self.core.schedule is not None and _distributed() and self._wrapper() is None:
+            raise InvalidArgumentError(
+                "GradgateFinetuning runs a schedule that changes what trains, and under DDP "
+                "the wrapper must then be rebuilt on every rank; a plain Trainer does not let "
+                "a callback reach it: use gradgate.integrations.transformers.GradgateTrainer"
+            )
         self.core.report(model)
         self.core.start_guard(model, [optimizer])
+
+    def align(self, args: TrainingArguments, model: nn.Module, optimizer: Any, sched: Any) -> None:
+        """Bring the optimizer in line and build (or restore) the schedule."""
+        self.core.weight_decay = float(args.weight_decay)
+        before = trainable_ids(model)
+        self.core.align(model, optimizer, sched)
+        # The DDP wrapper is rebuilt at train begin: in create_scheduler the Trainer
+        # has not published it yet (model_wrapped).
+        self._stale = self._stale or trainable_ids(model) != before
 
     def on_epoch_begin(
         self,
@@ -139,18 +189,38 @@ class GradgateFinetuning(TrainerCallback):
         control: TrainerControl,
         model: nn.Module | None = None,
         optimizer: Any = None,
-        lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Apply the unfreezes due at this epoch."""
+        """Step an epoch schedule."""
         assert model is not None
         # state.epoch is a float that counts finished steps; it is whole at an epoch start
         # except on a resume in the middle of one.
         epoch = math.floor((state.epoch or 0.0) + 1e-6)
-        if self.core.due(epoch):
-            self.core.stop_guard(check=True)
-            self.core.advance(model, epoch, optimizer, lr_scheduler)
-            self.core.start_guard(model, [optimizer])
+        if self.core.on_epoch(model, epoch):
+            self._changed(model, optimizer)
+
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Step a per-step schedule (``AutoFreeze``): after the step, before ``zero_grad``."""
+        assert model is not None
+        if self.core.on_optimizer_step(model):
+            self._changed(model, optimizer)
+
+    def _changed(self, model: nn.Module, optimizer: Any) -> None:
+        self.core.stop_guard(check=True)
+        rebuild_ddp(self._wrapper())
+        self.core.start_guard(model, [optimizer])
+
+    def _wrapper(self) -> Any:
+        trainer = self._trainer() if self._trainer is not None else None
+        return None if trainer is None else trainer.model_wrapped
 
     def on_save(
         self,
@@ -160,7 +230,7 @@ class GradgateFinetuning(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write the applied unfreezes (and, with ``save_trainable``, what trains) into the
+        """Write the schedule's state (and, with ``save_trainable``, what trains) into the
         checkpoint folder."""
         if not state.is_world_process_zero:
             return
@@ -178,12 +248,13 @@ class GradgateFinetuning(TrainerCallback):
     def restore(self, checkpoint: str) -> None:
         """Read the state ``on_save`` wrote into ``checkpoint``; ``GradgateTrainer`` calls it.
 
-        The restored unfreezes are replayed into the optimizer as soon as it
-        exists, before the Trainer loads the checkpoint's optimizer state.
+        The restored schedule is re-applied as soon as the optimizer and its
+        scheduler exist, before the Trainer loads the checkpoint's optimizer
+        state.
 
         Raises:
             CheckpointError: the folder has no readable state file, or it was
-                written with a different ``unfreeze=`` schedule.
+                written with a different ``unfreeze=``/``schedule=``.
         """
         path = os.path.join(checkpoint, STATE_FILE)
         try:
@@ -209,18 +280,26 @@ class GradgateFinetuning(TrainerCallback):
         self.core.stop_guard(check=True)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class GradgateTrainer(Trainer):
-    """A ``Trainer`` that resumes a ``GradgateFinetuning`` run after an unfreeze.
+    """A ``Trainer`` that resumes ``GradgateFinetuning`` schedules and rebuilds DDP for them.
 
     The plain ``Trainer`` loads a checkpoint's optimizer state right after it
-    builds the optimizer, before any callback runs, so the groups an unfreeze
-    added do not exist yet and ``torch`` refuses the state ("different number
-    of parameter groups"). This subclass reads each ``GradgateFinetuning``'s
-    state from the checkpoint in ``train()`` and replays its unfreezes in
-    ``create_optimizer``, so the optimizer has the saved groups, in the saved
-    order, when the state loads. It changes nothing else; use it in place of
-    ``Trainer``, or put it first in the bases of your own subclass
-    (``class MyTrainer(GradgateTrainer, SFTTrainer)``).
+    builds the optimizer and scheduler, before any callback runs, so the
+    groups a schedule added do not exist yet and ``torch`` refuses the state
+    ("different number of parameter groups"). This subclass reads each
+    ``GradgateFinetuning``'s state from the checkpoint in ``train()`` and
+    re-applies its schedule in ``create_scheduler``, so the optimizer has the
+    saved groups, in the saved order, when the state loads. It also lets the
+    callbacks reach the DDP wrapper (``model_wrapped``), which they rebuild in
+    place after a schedule changed what trains. It changes nothing else; use
+    it in place of ``Trainer``, or put it first in the bases of your own
+    subclass (``class MyTrainer(GradgateTrainer, SFTTrainer)``).
 
     Example:
         >>> from gradgate.integrations.transformers import GradgateTrainer
@@ -238,18 +317,21 @@ class GradgateTrainer(Trainer):
             # None: the Trainer raises its own "no valid checkpoint" error below.
             folder = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
         for callback in self._gradgate_callbacks():
+            callback._trainer = weakref.ref(self)
             # A callback added with add_callback freezes here, before the optimizer exists.
             callback._prepare_once(self._module())
             if isinstance(folder, str):
                 callback.restore(folder)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def create_optimizer(self, model: nn.Module | None = None) -> Any:
-        """``Trainer.create_optimizer``; then each callback aligns it, replaying its unfreezes."""
-        optimizer = super().create_optimizer(model)
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """``Trainer.create_scheduler``; then each callback aligns the optimizer and builds
+        (or re-applies) its schedule."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        opt = optimizer if optimizer is not None else self.optimizer
         for callback in self._gradgate_callbacks():
-            callback.core.align(self._module(), optimizer, None)
-        return optimizer
+            callback.align(self.args, self._module(), opt, scheduler)
+        return scheduler
 
     def _module(self) -> nn.Module:
         assert isinstance(self.model, nn.Module)  # Trainer.__init__ refuses a missing model

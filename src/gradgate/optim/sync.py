@@ -26,7 +26,7 @@ from ..selection import Selector, resolve
 from .groups import Rules, build_groups
 from .schedulers import extend_scheduler, peak_lr
 
-__all__ = ["Ledger", "held_elsewhere", "sync"]
+__all__ = ["Ledger", "claim", "held_elsewhere", "sync"]
 
 
 class Ledger:
@@ -102,6 +102,36 @@ def held_elsewhere(optimizer: Any, params: Sequence[torch.Tensor]) -> set[int]:
     opt = unwrap_optimizer(optimizer)
     others = [(led, _ids(o)) for o, led in _others(opt)]
     return {id(p) for p in params if any(led.has(p) or id(p) in ids for led, ids in others)}
+
+
+def claim(optimizer: Any, model: nn.Module) -> list[torch.optim.Optimizer]:
+    """Make ``optimizer`` the only one ``sync`` counts as holding ``model``'s parameters.
+
+    For a trainer callback that owns the fit's optimizer: an optimizer of an
+    earlier fit of the same model (the old Trainer, ``model._trainer``, or
+    one not yet garbage-collected) still holds or held the parameters, and
+    ``sync`` would leave to it what this fit unfreezes. The other optimizers
+    are forgotten by ``sync`` (not changed); syncing one of them again makes
+    it known afresh. Returns the optimizers forgotten.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> old = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> _ = sync(old, net)
+        >>> new = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> claim(new, net) == [old], held_elsewhere(new, [net.weight])
+        (True, set())
+    """
+    opt = unwrap_optimizer(optimizer)
+    mine = {id(p) for p in ModelIndex(model).params.values()}
+    mine.update(id(r) for r in subtensor.trainable_of(model).values())
+    gone: list[torch.optim.Optimizer] = []
+    with _lock:
+        for o, led in list(_ledgers.items()):
+            if o is not opt and (mine & _ids(o) or mine & set(led.held)):
+                del _ledgers[o]
+                gone.append(o)
+    return gone
 
 
 def _drop(optimizer: torch.optim.Optimizer, gone: set[int], names: dict[int, str]) -> None:
