@@ -9,6 +9,7 @@ every optimizer step.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+import gradgate as gg
 
 __all__ = ["DataLoader", "Net", "Run", "fit_hf", "fit_lightning", "hf_model", "image_data"]
 
@@ -35,6 +38,47 @@ class Run:
     lrs: list[list[float]] = field(default_factory=list)
     frozen_training_flags: set[bool] = field(default_factory=set)
     checkpoints: list[Path] = field(default_factory=list)
+    epoch_states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- schedule factories
+# Module-level and partial: a ddp_spawn launch pickles the callback with its factory.
+
+
+def _gradual(model: nn.Module, optimizer: Any, scheduler: Any, stages: Any, at: Any) -> Any:
+    return gg.GradualUnfreeze(model, stages, at=at, optimizer=optimizer, scheduler=scheduler)
+
+
+def _progressive(
+    model: nn.Module, optimizer: Any, scheduler: Any, stages: Any, start: int, end: int
+) -> Any:
+    return gg.ProgressiveFreeze(
+        model, stages, start=start, end=end, optimizer=optimizer, scheduler=scheduler
+    )
+
+
+def _autofreeze(model: nn.Module, optimizer: Any, scheduler: Any, stages: Any, every: int) -> Any:
+    # threshold 10: every window counts as converged, so the first decision with a
+    # previous window (step 2 x every) freezes all but the last stage.
+    return gg.AutoFreeze(
+        model, stages, optimizer=optimizer, scheduler=scheduler, every=every, threshold=10.0
+    )
+
+
+def gradual(stages: Any, at: list[int]) -> Any:
+    return functools.partial(_gradual, stages=stages, at=at)
+
+
+def progressive(stages: Any, start: int, end: int) -> Any:
+    return functools.partial(_progressive, stages=stages, start=start, end=end)
+
+
+def autofreeze(stages: Any, every: int) -> Any:
+    return functools.partial(_autofreeze, stages=stages, every=every)
 
 
 def _record_modes(model: nn.Module, part: str, run: Run) -> None:
@@ -142,6 +186,9 @@ class LrRecorder(pl.Callback):
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         self.run.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
 
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.run.epoch_states.append(_copy_state(pl_module))
+
 
 def fit_lightning(
     tmp: Path,
@@ -235,6 +282,9 @@ def fit_hf(
     class Recorder(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             run.lrs.append([g["lr"] for g in kw["optimizer"].param_groups])
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            run.epoch_states.append(_copy_state(kw["model"]))
 
     args = TrainingArguments(
         output_dir=str(tmp / "hf"),

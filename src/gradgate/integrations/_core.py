@@ -455,7 +455,8 @@ class FinetuneCore:
                 )
             return
         legacy = bool(state.get("legacy"))
-        if not legacy and "groups" not in schedule_state and not schedule_state.get("events"):
+        plan = self.unfreezes and "groups" not in schedule_state
+        if plan and not legacy and not schedule_state.get("events"):
             return  # a plan saved before the schedule was built: nothing to re-apply
         try:
             if legacy:
