@@ -22,6 +22,8 @@ import gradgate as gg
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
 
+import lightning.pytorch as pl
+
 from gradgate.integrations import lightning, transformers
 from integrations import frameworks as fw
 
@@ -65,7 +67,7 @@ def test_lightning_second_fit_of_the_same_model_trains_the_unfrozen_part(tmp_pat
 def test_lightning_resumes_the_same_model_object_from_its_checkpoint(tmp_path: Path) -> None:
     # Lightning's own test_callbacks_restore scenario: fit, then fit(ckpt_path=...) again.
     model = fw.lightning_net()
-    ckpt = fw.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
     callback = lightning.GradgateFinetuning(["backbone", "late"], unfreeze=[(1, "late")])
     trainer = fw.lightning_trainer(
         tmp_path, epochs=2, callbacks=[callback, ckpt], enable_checkpointing=True
@@ -106,6 +108,7 @@ def test_hf_second_train_of_the_same_model_trains_the_unfrozen_part(tmp_path: Pa
         trainer.train()
         trainers.append(trainer)  # alive: its optimizer still holds layer 1
         prints.append(late(model, "bert.encoder.layer.1"))
+        assert trainer.optimizer is not None
         held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
         assert {id(p) for p in model.get_submodule("bert.encoder.layer.1").parameters()} <= held
     assert prints[1] != prints[0]  # the second run trained layer 1 again

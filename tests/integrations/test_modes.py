@@ -13,11 +13,13 @@ import gradgate as gg
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
 
+import lightning.pytorch as pl
+
 from gradgate.integrations import lightning, transformers
 from integrations import frameworks as fw
 
 
-class UnfreezeOnValidation(fw.pl.Callback):
+class UnfreezeOnValidation(pl.Callback):
     """Unfreeze ``late`` at the end of the first validation (a metric-driven unfreeze)."""
 
     def __init__(self) -> None:
@@ -50,13 +52,14 @@ def test_a_part_unfrozen_in_a_lightning_validation_hook_trains_in_training_mode(
         check_val_every_n_epoch=1,
     )
     data = fw.DataLoader(fw.image_data(), batch_size=8)
-    stats = model.late[1].running_mean.clone()
+    bn = model.get_submodule("late.1")
+    stats = bn.get_buffer("running_mean").clone()
     trainer.fit(model, data, data)
     # Epoch 1's training forwards (4) ran the unfrozen BatchNorm in training mode; the
     # validation forwards after it (2) in eval.
     assert spy.train_modes[:4] == [True] * 4
-    assert not torch.equal(model.late[1].running_mean, stats)  # its statistics moved
-    assert not gg.is_sticky(model.late[1])
+    assert not torch.equal(bn.get_buffer("running_mean"), stats)  # its statistics moved
+    assert not gg.is_sticky(bn)
 
 
 def test_hf_groups_the_callback_adds_get_the_trainers_weight_decay(tmp_path: Path) -> None:
@@ -80,6 +83,7 @@ def test_hf_groups_the_callback_adds_get_the_trainers_weight_decay(tmp_path: Pat
         model=model, args=args, train_dataset=fw.TokenData(), callbacks=[callback]
     )
     trainer.train()
+    assert trainer.optimizer is not None
     names = {id(p): n for n, p in model.named_parameters()}
     layer1 = {
         names[id(p)]: g["weight_decay"]
