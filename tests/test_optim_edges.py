@@ -96,7 +96,8 @@ def test_a_frozen_batchnorm_eps_change_is_a_different_base(tmp_path: Path) -> No
     assert isinstance(bn, nn.BatchNorm1d)
     bn.eps = 1e-3  # no tensor changed, the computation did
     before = [t.detach().clone() for t in net.state_dict().values()]
-    with pytest.raises(gg.FingerprintMismatchError, match=r"settings differ: 1\.eps 1e-05 -> 0\.001"):
+    message = r"settings differ: 1\.eps 1e-05 -> 0\.001"
+    with pytest.raises(gg.FingerprintMismatchError, match=message):
         gg.load_trainable(net, path)
     assert all(torch.equal(a, b) for a, b in zip(before, net.state_dict().values(), strict=True))
     bn.eps = 1e-5
