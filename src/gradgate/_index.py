@@ -84,18 +84,21 @@ class ModelIndex:
         # recording each module's parent and each parameter's owner by index.
         stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
         pop, push = stack.pop, stack.extend
+        add_name, add_mod, add_parent = names.append, mods.append, parent.append
+        add_alias, add_owner = aliases.append, alias_owner.append
+        i = -1
         while stack:
             name, mod, up = pop()
-            i = len(names)
-            names.append(name)
-            mods.append(mod)
-            parent.append(up)
+            i += 1
+            add_name(name)
+            add_mod(mod)
+            add_parent(up)
             d = mod.__dict__
             dot = name + "." if name else ""
             for pname, p in d["_parameters"].items():
                 if p is not None:
-                    aliases.append((dot + pname, p))
-                    alias_owner.append(i)
+                    add_alias((dot + pname, p))
+                    add_owner(i)
             kids = d["_modules"]
             if kids:
                 push([(dot + c, m, i) for c, m in reversed(kids.items()) if m is not None])
@@ -105,12 +108,19 @@ class ModelIndex:
         self.aliases = aliases
         self.alias_owner = alias_owner
         self._modules: dict[str, nn.Module] | None = None
-        self.canonical: dict[int, str] = {}
-        self.params: dict[str, nn.Parameter] = {}
-        self.shared: set[int] = set()
         self._module_text: str | None = None
         self._alias_text: str | None = None
-        canonical, params, shared = self.canonical, self.params, self.shared
+        self._newlines: bool | None = None
+        ids = [id(p) for _, p in aliases]
+        canonical = dict(zip(ids, [n for n, _ in aliases]))
+        if len(canonical) == len(ids):  # nothing tied: every alias is canonical (C-level dicts)
+            self.canonical = canonical
+            self.params: dict[str, nn.Parameter] = dict(aliases)
+            self.shared: set[int] = set()
+            return
+        self.canonical = canonical = {}
+        self.params = params = {}
+        self.shared = shared = set()
         for name, p in aliases:
             key = id(p)
             if key in canonical:
@@ -148,10 +158,14 @@ class ModelIndex:
 
     def names_have_newlines(self) -> bool:
         """Whether a module or parameter name holds a newline (joined scans would be wrong)."""
-        mods, aliases = self.module_text(), self.alias_text()
-        # The joined texts hold exactly one more newline than names unless a
-        # name brings its own: a C-level count instead of a Python loop.
-        return mods.count("\n") != len(self.names) or aliases.count("\n") != len(self.aliases) + 1
+        if self._newlines is None:
+            mods, aliases = self.module_text(), self.alias_text()
+            # The joined texts hold exactly one more newline than names unless a
+            # name brings its own: a C-level count instead of a Python loop.
+            self._newlines = (
+                mods.count("\n") != len(self.names) or aliases.count("\n") != len(self.aliases) + 1
+            )
+        return self._newlines
 
     def all_names(self) -> list[str]:
         """Every module path (root excluded) and parameter alias."""

@@ -266,7 +266,14 @@ def _plan_flags(
     """The ``(name, parameter, new requires_grad)`` changes a call makes."""
     selected_ids = {id(p) for _, p in sel.named_parameters()}
     changes = []
-    for name, p in index.params.items():
+    # Only the selection can change unless train_only, a tied-weight choice or
+    # a partial tensor reaches further: then every parameter is looked at.
+    scope = (
+        index.params
+        if forced or rows_want or action == "train_only"
+        else dict(sel.named_parameters())
+    )
+    for name, p in scope.items():
         key = id(p)
         if key in forced:
             want = forced[key]

@@ -29,7 +29,7 @@ from typing import Union
 
 from torch import nn
 
-from ._index import ModelIndex, numel
+from ._index import ModelIndex, sizes
 from .errors import InvalidArgumentError, NoMatchError
 
 __all__ = ["Selection", "Selector", "norms", "select"]
@@ -239,7 +239,10 @@ def glob_to_regex(pattern: str, *, scan: bool = True) -> str:
                 else:
                     if need_dot:
                         rx += r"\."
-                    rx += rf"(?:[^{other}]+\.)*"
+                    # Zero or more whole segments. Scanning joined names (no name holds a
+                    # newline or an empty segment), "anything up to a dot" says the same
+                    # and backtracks once per line instead of once per segment.
+                    rx += r"(?:[^\n]*\.)?" if scan else rf"(?:[^{other}]+\.)*"
                 need_dot = False
             else:
                 if need_dot:
@@ -538,7 +541,7 @@ def resolve(
         roots=sorted(r for r in match.roots if r in module_set or r == ""),
         modules=modules,
         parameters=list(params),
-        numel=sum(numel(p) for p in params.values()),
+        numel=sum(sizes(params.values())),
         aliases=frozenset(aliases),
         _params=params,
         _module_set=module_set,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -196,39 +198,146 @@ def build_scale_model(tensors: int, experts: int = 4, width: int = 64) -> nn.Mod
     """
     per_block = 12 + 4 * experts
     blocks = max(1, round(tensors / per_block))
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         layers = nn.ModuleList(_Block(width, experts) for _ in range(blocks))
         return nn.ModuleDict({"embed": nn.Embedding(100, width), "layers": layers})
 
 
-def _scale(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip the weight initialisation of the classes ``_Block`` uses while building on meta.
+
+    A meta tensor holds no values, so initialising it computes nothing, yet
+    dispatching the init ops cost 2/3 of building a million-tensor model.
+    """
+    classes: list[type[nn.Module]] = [nn.Linear, nn.LayerNorm, nn.Embedding]
+    saved = [cls.__dict__["reset_parameters"] for cls in classes]
+    try:
+        for cls in classes:
+            setattr(cls, "reset_parameters", _skip)  # noqa: B010 (a method on a torch class)
+        yield
+    finally:
+        for owner, method in zip(classes, saved, strict=True):
+            setattr(owner, "reset_parameters", method)  # noqa: B010
+
+
+def _skip(self: nn.Module) -> None:
+    return None
+
+
+# The selection every scale strategy makes: two globs and an exclude.
+SCALE_SELECTORS = ("layers.*.attn", "**.experts.[0-1]")
+SCALE_EXCLUDE = "**.o"
+# The same selection written by hand, as a user would: a regex over parameter
+# names (flip the flags) and one over module names (eval the frozen modules).
+_HAND_PARAMS = re.compile(r"layers\.[^.]+\.(?:attn\.(?!o\.)|experts\.[01]\.)")
+_HAND_MODULES = re.compile(r"layers\.[^.]+\.(?:attn\.(?!o$)[^.]+|experts\.[01])")
+
+
+def hand_loop(model: nn.Module) -> None:
+    """The bare hand-written freeze ``gg.freeze`` is measured against (no plan, no undo).
+
+    Example:
+        >>> m = build_scale_model(200)
+        >>> hand_loop(m)
+        >>> sorted({n.split(".", 2)[2].split(".")[0] for n, p in m.named_parameters()
+        ...         if n.startswith("layers.") and not p.requires_grad})
+        ['attn', 'experts']
+    """
+    for name, p in model.named_parameters():
+        if _HAND_PARAMS.match(name):
+            p.requires_grad_(False)
+    for name, m in model.named_modules():
+        if _HAND_MODULES.fullmatch(name):
+            m.eval()
+
+
+def _scale_round(model: nn.Module) -> dict[str, float]:
+    """One interleaved round: every strategy once on ``model``, each left as it found it."""
     import gradgate as gg
 
+    out: dict[str, float] = {}
+    clock = time.perf_counter
+
+    def freeze() -> Any:
+        return gg.freeze(model, *SCALE_SELECTORS, exclude=SCALE_EXCLUDE)
+
+    start = clock()
+    hand_loop(model)
+    out["hand_loop"] = clock() - start
+    model.requires_grad_(True).train()
+    start = clock()
+    handle = freeze()
+    out["freeze"] = clock() - start
+    start = clock()
+    gg.summary(model, depth=2)
+    out["summary"] = clock() - start
+    out["freeze+summary"] = out["freeze"] + out["summary"]
+    start = clock()
+    later = gg.unfreeze(model, "layers.*.attn")
+    out["unfreeze"] = clock() - start
+    later.undo()
+    start = clock()
+    groups = gg.param_groups(model, lr=1e-3, weight_decay=0.01)
+    out["param_groups"] = clock() - start
+    start = clock()
+    handle.undo()
+    out["undo"] = clock() - start
+    opt = torch.optim.SGD(groups[:1], lr=1e-3)  # holds only part: sync adds the rest
+    start = clock()
+    gg.sync(opt, model)
+    out["sync"] = clock() - start
+    handle = freeze()
+    start = clock()
+    # save_trainable's inventory: what is stored and what is fingerprinted (meta has no bytes).
+    gg.checkpoint.trainable_state(model)
+    gg.integrity.frozen_tensors(model)
+    out["inventory"] = clock() - start
+    handle.undo()
+    return out
+
+
+def _scale(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for size in args.sizes:
         model = build_scale_model(size)
         n = len(list(model.parameters()))
-        times: list[float] = []
+        for _ in range(getattr(args, "warmup", 1)):
+            _scale_round(model)
+        rounds: list[dict[str, float]] = []
         reps = progress(
             range(args.repeats), enabled=not args.no_progress, desc=f"scale {n:,} tensors"
         )
         for _ in reps:
-            start = time.perf_counter()
-            handle = gg.freeze(model, "layers.*.attn", "**.experts.[0-1]", exclude="**.o")
-            gg.summary(model, depth=2)
-            times.append(time.perf_counter() - start)
-            handle.undo()
-        times.sort()
-        med = times[len(times) // 2]
+            rounds.append(_scale_round(model))
+        strategies = {k: {"seconds": _stats([r[k] for r in rounds])} for k in rounds[0]}
+        ratios = {
+            "freeze / hand_loop": _stats([r["freeze"] / r["hand_loop"] for r in rounds]),
+            "freeze+summary / hand_loop": _stats(
+                [r["freeze+summary"] / r["hand_loop"] for r in rounds]
+            ),
+        }
+        both = strategies["freeze+summary"]["seconds"]
         results[str(n)] = {
             "tensors": n,
-            "seconds": {"median": med, "min": times[0], "max": times[-1]},
-            "us_per_tensor": 1e6 * med / n,
+            "seconds": both,
+            "us_per_tensor": 1e6 * both["median"] / n,
+            "strategies": strategies,
+            "ratios": ratios,
         }
+        ratio = ratios["freeze / hand_loop"]
         print(
-            f"{n:>9,} tensors: select+freeze+summary median {med:.3f} s "
-            f"({1e6 * med / n:.2f} us/tensor)"
+            f"{n:>9,} tensors: select+freeze+summary median {both['median']:.3f} s "
+            f"({1e6 * both['median'] / n:.2f} us/tensor); freeze / hand loop "
+            f"{ratio['median']:.2f}x (min {ratio['min']:.2f}, max {ratio['max']:.2f})"
         )
+        for name, data in strategies.items():
+            sec = data["seconds"]
+            print(
+                f"{'':>11}{name:<16} median {sec['median']:.4f} s "
+                f"(min {sec['min']:.4f}, max {sec['max']:.4f}; "
+                f"{1e6 * sec['median'] / n:.2f} us/tensor)"
+            )
     return {"workload": "scale", "sizes": results}
 
 
@@ -746,10 +855,45 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
                 f"| {data['tensors']:,} | {sec['median']:.3f} | {sec['min']:.3f} | "
                 f"{sec['max']:.3f} | {data['us_per_tensor']:.2f} |"
             )
+        lines += _scale_markdown(result["sizes"])
     for k in ("fingerprint_gb_per_s", "exact_ms_per_step"):
         if k in result:
             lines.append(f"\n{k}: {result[k]:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def _scale_markdown(sizes: dict[str, Any]) -> list[str]:
+    """Per strategy and size: median seconds (min-max) and us per tensor; then the ratios."""
+    measured = [d for d in sizes.values() if "strategies" in d]
+    if not measured:
+        return []
+    names = list(measured[0]["strategies"])
+    head = " | ".join(f"{d['tensors']:,} tensors: median s (min-max), us/tensor" for d in measured)
+    lines = ["", f"| strategy | {head} |", "|---|" + "---|" * len(measured)]
+    for name in names:
+        cells = []
+        for d in measured:
+            sec = d["strategies"][name]["seconds"]
+            cells.append(
+                f"{sec['median']:.4f} ({sec['min']:.4f}-{sec['max']:.4f}), "
+                f"{1e6 * sec['median'] / d['tensors']:.2f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| ratio (median of per-repetition ratios, min-max) | "
+        + " | ".join(f"{d['tensors']:,}" for d in measured)
+        + " |",
+        "|---|" + "---|" * len(measured),
+    ]
+    for key in measured[0]["ratios"]:
+        cells = [
+            f"{d['ratios'][key]['median']:.2f}x ({d['ratios'][key]['min']:.2f}-"
+            f"{d['ratios'][key]['max']:.2f})"
+            for d in measured
+        ]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot(result: dict[str, Any], path: str) -> None:
