@@ -592,7 +592,9 @@ def guard(
         buffers: also watch buffers of frozen modules.
 
     Returns:
-        A ``Guard``, to be used as a context manager.
+        A ``Guard``, to be used as a context manager. One never entered
+        watches nothing: it warns (``RuntimeWarning``) at the first step of
+        its optimizer, or when it is dropped.
 
     Raises:
         InvalidArgumentError: a bad option, something that is not an

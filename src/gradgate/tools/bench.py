@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import re
 import statistics
@@ -294,6 +295,10 @@ def _scale_round(model: nn.Module) -> dict[str, float]:
     gg.integrity.frozen_tensors(model)
     out["inventory"] = clock() - start
     handle.undo()
+    # sync keeps a registry of live optimizers (a parameter held by two is refused):
+    # drop this round's before the next, or each round would check all earlier ones.
+    del opt, groups
+    gc.collect()
     return out
 
 
