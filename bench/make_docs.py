@@ -32,7 +32,8 @@ COMMANDS = {
     "--json OUT/progressive.json --plot OUT/progressive.png",
     "checkpoint": "python bench/checkpoint_size.py OUT/checkpoint.json",
     "half_storage": "python bench/half_storage.py OUT/half_storage.json",
-    "scale": "gradgate bench scale --repeats 3 --json OUT/scale.json --plot OUT/scale.png",
+    "scale": "gradgate bench scale --sizes 10000 100000 --repeats 5 --json OUT/scale.json "
+    "--plot OUT/scale.png",
     "autofreeze": "gradgate bench autofreeze --threads 1 --json OUT/autofreeze.json "
     "--plot OUT/autofreeze.png",
     "integrations": "gradgate bench integrations --repeats 3 --json OUT/integrations.json",
