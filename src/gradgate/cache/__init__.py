@@ -1,10 +1,10 @@
-"""FeatureCache: a thin front (``front``) over memory and disk stores (``stores``).
+"""FeatureCache (``feature_cache``): a Dataset over memory and disk stores (``stores``).
 
 ``key`` hashes what determines the features; ``stores`` keeps them.
 """
 
 from __future__ import annotations
 
-from .front import FeatureCache
+from .feature_cache import FeatureCache
 
 __all__ = ["FeatureCache"]
