@@ -115,7 +115,7 @@ def test_disk_cache_reused_then_rebuilt_on_any_change(tmp_path: Path) -> None:
 def test_damaged_disk_cache_is_rebuilt(tmp_path: Path, damage: str) -> None:
     agent, data = _frozen_agent(), _data(20)
     gg.FeatureCache(agent.front_end, data, store="disk", path=tmp_path, progress=False)
-    feat = tmp_path / "features.npy"
+    feat = tmp_path / "gradgate-feature-cache" / "features.npy"
     raw = bytearray(feat.read_bytes())
     if damage == "truncate":
         feat.write_bytes(bytes(raw[: len(raw) // 2]))
@@ -123,7 +123,7 @@ def test_damaged_disk_cache_is_rebuilt(tmp_path: Path, damage: str) -> None:
         raw[-5] ^= 0xFF
         feat.write_bytes(bytes(raw))
     else:
-        (tmp_path / "meta.json").unlink()
+        (tmp_path / "gradgate-feature-cache" / "meta.json").unlink()
     cache = gg.FeatureCache(agent.front_end, data, store="disk", path=tmp_path, progress=False)
     assert cache.rebuilt
     with torch.no_grad():

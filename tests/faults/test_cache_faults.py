@@ -30,6 +30,7 @@ import gradgate as gg
 from gradgate.errors import NondeterministicDatasetError, StaleCacheError
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
+OWN = "gradgate-feature-cache"  # the disk store's own folder inside path=
 N = 24
 
 
@@ -85,8 +86,13 @@ def _open(front: nn.Module, data: Any, path: Path, **kw: Any) -> gg.FeatureCache
     return gg.FeatureCache(front, data, store="disk", path=path, progress=False, **kw)
 
 
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` by relative name, with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
 def _no_temp(path: Path) -> bool:
-    return not [p for p in path.iterdir() if p.name.endswith(".tmp")]
+    return not [p for p in path.rglob("*") if p.name.endswith(".tmp")]
 
 
 # -- every key component, changed one at a time ----------------------------
@@ -241,7 +247,7 @@ def test_damaged_disk_cache_is_rebuilt_never_read(tmp_path: Path, damage: str) -
     front, x = _front(), _x()
     _open(front, Items(x), tmp_path)
     name = {"features": "features.npy", "rest": "rest.pt", "meta": "meta.json"}[damage.split()[0]]
-    target = tmp_path / name
+    target = tmp_path / OWN / name
     raw = bytearray(target.read_bytes())
     if damage.endswith("byte"):
         raw[len(raw) - 7] ^= 0x01
@@ -333,11 +339,11 @@ def test_killed_mid_write_leaves_temp_that_next_open_removes(tmp_path: Path) -> 
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"
     for _ in range(1200):
-        if list(tmp_path.glob("features.*.tmp")) or child.poll() is not None:
+        if list((tmp_path / OWN).glob("features.*.tmp")) or child.poll() is not None:
             break
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=0.05)
-    assert list(tmp_path.glob("features.*.tmp")), "the child never started writing"
+    assert list((tmp_path / OWN).glob("features.*.tmp")), "the child never started writing"
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)
     child.stdout.close()
@@ -359,6 +365,111 @@ def test_two_concurrent_builders_each_read_correct_features(tmp_path: Path) -> N
     cache = _open(lin, items, tmp_path, batch_size=4)
     assert not cache.rebuilt
     assert torch.equal(cache.features(), _live(lin, x))
+
+
+# -- the user's own files in path= ------------------------------------------
+
+# Names a disk store uses or used, and temporary names like its own.
+_USER_FILES = {
+    "notes.tmp": b"my notes",
+    "meta.json": b'{"mine": true}',
+    "features.npy": b"not numpy",
+    "rest.pt": b"mine too",
+    ".lock": b"my lock",
+    "features.123.npy.tmp": b"my temp",
+    "sub/deep.tmp": b"nested",
+    f".{OWN}.abc.tmp": b"a file, not a folder",
+}
+
+
+def _user_files(path: Path) -> dict[str, bytes]:
+    for name, raw in _USER_FILES.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(raw)
+    return {k: v for k, v in _tree(path).items() if not k.startswith(OWN + os.sep)}
+
+
+def _users(path: Path) -> dict[str, bytes]:
+    return {k: v for k, v in _tree(path).items() if not k.startswith(OWN + os.sep)}
+
+
+def test_users_files_survive_build_rebuild_and_recovery(tmp_path: Path) -> None:
+    mine = _user_files(tmp_path)
+    front, x = _front(), _x()
+    assert _open(front, Items(x), tmp_path).rebuilt
+    assert _users(tmp_path) == mine
+    assert not _open(front, Items(x), tmp_path).rebuilt
+    other = _front()
+    weight = other[0].weight
+    assert isinstance(weight, torch.Tensor)
+    with torch.no_grad():
+        weight.add_(1)
+    rebuilt = _open(other, Items(x), tmp_path)  # a different key: rebuilt in place
+    assert rebuilt.rebuilt and torch.equal(rebuilt.features(), _live(other, x))
+    assert _users(tmp_path) == mine
+    with pytest.warns(RuntimeWarning, match="rebuilding"):
+        with torch.no_grad():
+            weight.add_(1)
+        assert torch.equal(rebuilt.features(), _live(other, x))  # rebuilt on the fly
+    assert _users(tmp_path) == mine
+    target = tmp_path / OWN / "features.npy"
+    raw = bytearray(target.read_bytes())
+    raw[-3] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    recovered = _open(other, Items(x), tmp_path)
+    assert recovered.rebuilt and torch.equal(recovered.features(), _live(other, x))
+    assert _users(tmp_path) == mine
+    assert sorted(p.name for p in (tmp_path / OWN).iterdir()) == [
+        f".{OWN}",
+        ".lock",
+        "features.npy",
+        "meta.json",
+        "rest.pt",
+    ]
+
+
+def test_users_files_survive_a_killed_build(tmp_path: Path) -> None:
+    mine = _user_files(tmp_path)
+    child = _spawn_child(tmp_path, 400)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    for _ in range(1200):
+        if list((tmp_path / OWN).glob("features.*.tmp")) or child.poll() is not None:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    child.stdout.close()
+    lin, x, items = _child_twin(400)
+    cache = _open(lin, items, tmp_path, batch_size=4)
+    assert torch.equal(cache.features(), _live(lin, x))
+    assert not list((tmp_path / OWN).glob("*.tmp"))
+    assert _users(tmp_path) == mine
+
+
+def test_users_files_survive_two_concurrent_builders(tmp_path: Path) -> None:
+    mine = _user_files(tmp_path)
+    children = [_spawn_child(tmp_path, 120) for _ in range(2)]
+    for child in children:
+        out, _ = child.communicate(timeout=300)
+        assert child.returncode == 0
+        assert out.split() == ["ready", "built"]
+    assert _users(tmp_path) == mine
+    lin, _, items = _child_twin(120)
+    assert not _open(lin, items, tmp_path, batch_size=4).rebuilt
+
+
+def test_a_folder_of_the_stores_name_that_gradgate_did_not_make_is_refused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / OWN).mkdir()
+    (tmp_path / OWN / "meta.json").write_text("theirs")
+    (tmp_path / OWN / "x.tmp").write_text("theirs")
+    before = _tree(tmp_path)
+    with pytest.raises(gg.CacheError, match=rf"holds {OWN}/, which gradgate did not create"):
+        _open(_front(), Items(_x()), tmp_path)
+    assert _tree(tmp_path) == before
 
 
 # -- read-only folder ------------------------------------------------------
@@ -398,8 +509,9 @@ def test_read_only_folder_reads_a_valid_cache_and_refuses_to_build(tmp_path: Pat
     run = [sys.executable, "-c", _READ_ONLY, str(folder)]
     built = subprocess.run([*run, "1"], capture_output=True, text=True, env=env, check=True)
     assert built.stdout.split() == ["served", "True"]
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    before = {p.name: p.read_bytes() for p in (folder / OWN).iterdir()}
     folder.chmod(0o555)
+    (folder / OWN).chmod(0o555)
     try:
         same = subprocess.run(
             _as_unprivileged([*run, "1"]), capture_output=True, text=True, env=env
@@ -408,13 +520,15 @@ def test_read_only_folder_reads_a_valid_cache_and_refuses_to_build(tmp_path: Pat
             _as_unprivileged([*run, "2"]), capture_output=True, text=True, env=env
         )
     finally:
+        (folder / OWN).chmod(0o755)
         folder.chmod(0o755)
     assert same.stdout.split() == ["served", "False"], same.stderr
     assert other.stdout.startswith("CacheError True cannot build a disk FeatureCache in"), (
         other.stderr
     )
     assert "not writable" in other.stdout
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in (folder / OWN).iterdir()} == before
+    assert [p.name for p in folder.iterdir()] == [OWN]
 
 
 # -- stale copies in DataLoader workers -------------------------------------
@@ -474,7 +588,7 @@ def test_random_augmentation_is_reported(
             _front(), Augmented(_x(), where), store=store, path=tmp_path, progress=False
         )
     assert _no_temp(tmp_path)
-    assert not (tmp_path / "meta.json").exists()
+    assert not (tmp_path / OWN / "meta.json").exists()
 
 
 class Rows(nn.Module):
@@ -491,11 +605,11 @@ class Rows(nn.Module):
 def test_wrong_row_count_is_refused_and_old_cache_kept(tmp_path: Path, delta: int) -> None:
     front, x = _front(), _x()
     _open(front, Items(x), tmp_path)
-    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    files = _tree(tmp_path)
     got = "7" if delta < 0 else "9"
     with pytest.raises(gg.InvalidArgumentError, match=rf"returned {got} rows for the 8 inputs"):
         _open(Rows(delta), Items(x), tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    assert _tree(tmp_path) == files
     assert not _open(front, Items(x), tmp_path).rebuilt
 
 

@@ -49,7 +49,7 @@ class _Verify(enum.Enum):
 
 def _first(item: Any) -> Any:
     """The default input function: the first element of a tuple, else the item itself."""
-    if isinstance(item, (tuple, list)):
+    if isinstance(item, (tuple, list, _Row)):
         return item[0]
     if isinstance(item, (Mapping, torch.Tensor, np.ndarray, numbers.Number)):
         return item
@@ -62,7 +62,7 @@ def _first(item: Any) -> Any:
 
 def _rest(item: Any) -> tuple[Any, ...]:
     """What is passed through: a tuple's tail, a mapping whole (whatever input_fn read)."""
-    if isinstance(item, (tuple, list)):
+    if isinstance(item, (tuple, list, _Row)):
         return tuple(item[1:])
     return (item,) if isinstance(item, Mapping) else ()
 
@@ -207,9 +207,12 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     read twice); a change to any other item is then not seen. A plain
     ``TensorDataset`` is keyed by its tensors and sliced, never read twice.
 
-    A disk store (``numpy.memmap``) holds more than memory. It is written to
-    temporary files, checksummed and renamed into place under a lock, so two
-    processes building one cache end with one valid cache; a torn or
+    A disk store (``numpy.memmap``) holds more than memory. It lives in its
+    own folder ``gradgate-feature-cache`` inside ``path`` (created with a
+    marker file; a folder of that name without the marker is refused) and
+    never writes, renames or deletes anything else in ``path``. It is written
+    to temporary files, checksummed and renamed into place under a lock, so
+    two processes building one cache end with one valid cache; a torn or
     corrupted one is rebuilt, never read; temporary files left by a killed
     build are removed by the next open in that folder.
 
@@ -227,7 +230,8 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             reads ``(features, item)`` and keeps its label. A tensor, array
             or number item is the input itself, with nothing passed through.
         store: ``"memory"`` or ``"disk"``.
-        path: the folder of a disk store (one cache per folder).
+        path: the folder of a disk store (one cache per folder); the cache
+            keeps its files in its own subfolder ``gradgate-feature-cache``.
         batch_size: batch size of the building pass.
         dtype: storage dtype, a floating one (``torch.bfloat16``/``float16``
             halve memory); features are read back in the front-end's own dtype.
@@ -251,7 +255,8 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         InvalidArgumentError: a bad option, a front-end that still trains or
             returns a wrong number of rows, an input function that cannot be keyed.
         NondeterministicDatasetError: two reads of one item differ.
-        CacheError: the disk folder cannot be written (and holds no valid cache).
+        CacheError: the disk folder cannot be written (and holds no valid cache),
+            or its ``gradgate-feature-cache`` subfolder was not made by gradgate.
 
     Example:
         >>> import torch, gradgate as gg
@@ -309,7 +314,16 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self.dataset_key = dataset_key
         self.device = torch.device(device) if device is not None else None
         self.rebuilt = False
-        self._n = len(dataset)
+        # A FeatureCache read as a dataset (``extend``): its stored features are
+        # the input, its other columns pass through as stored, its key is chained.
+        self._parent = (
+            dataset
+            if isinstance(dataset, FeatureCache) and input_fn is None and dataset_key is None
+            else None
+        )
+        self._parent_key = ""
+        self._key = ""
+        self._n = dataset._n if self._parent is not None else len(dataset)
         self._check_front_end()
         self._open()
 
@@ -338,7 +352,9 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         """Per-module digests of the front-end, and one digest of them with the input function."""
         modules = module_digests(self.front_end)
         reads = (
-            f"dataset_key:{self.dataset_key}"
+            "extends a FeatureCache"
+            if self._parent is not None
+            else f"dataset_key:{self.dataset_key}"
             if self.dataset_key is not None
             else input_fn_digest(self.input_fn)
         )
@@ -363,6 +379,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             total=math.ceil(self._n / self.batch_size),
             desc=desc,
         )
+
+    def _parent_batches(self) -> Iterator[_Batch]:
+        """The parent cache's stored features in order, read back as its front-end returned."""
+        parent = self._parent
+        assert parent is not None
+        for i in range(0, self._n, self.batch_size):
+            rows = parent._rows(slice(i, i + self.batch_size))
+            yield _Batch(rows, [()] * len(rows), None)
 
     def _tensor_batches(self) -> Iterator[_Batch]:
         """A plain TensorDataset: whole batches sliced from its tensors, no DataLoader."""
@@ -421,8 +445,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
 
     def _open(self) -> None:
         modules, front = self._front_key()
-        loader = self._loader()
-        data, expected = self._dataset_digest(loader)
+        loader: DataLoader[Any] | None = None
+        if self._parent is not None:
+            # The parent's key covers its front-end and every sample: chain it.
+            self._parent_key = self._parent._key
+            data, expected = f"parent:{self._parent_key}", dict[int, bytes]()
+        else:
+            loader = self._loader()
+            data, expected = self._dataset_digest(loader)
         key = hashlib.sha256(f"{front}|{data}".encode()).hexdigest()
         store = self._store()
         with store.lock() as writable:
@@ -434,7 +464,13 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                         "writable and holds no valid cache for this front-end and dataset; "
                         "pass a writable path="
                     )
-                stored = self._build(store, key, loader, expected)
+                writers: list[Writer] = []
+                try:
+                    stored = self._build(store, key, loader, expected, writers)
+                except BaseException:
+                    for w in writers:
+                        w.abort()
+                    raise
                 self.rebuilt = True
         after, _ = self._front_key()
         if after != modules:
@@ -452,7 +488,12 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self._watch()
 
     def _build(
-        self, store: Store, key: str, loader: DataLoader[Any] | None, expected: dict[int, bytes]
+        self,
+        store: Store,
+        key: str,
+        loader: DataLoader[Any] | None,
+        expected: dict[int, bytes],
+        writers: list[Writer],
     ) -> Stored:
         """The one build loop: run the front-end over every batch, write its rows in order."""
         device = self.device
@@ -464,7 +505,17 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         shape = Shape(0, (), torch.float32, torch.float32)
         rest: list[list[Any]] = []
         pos = 0
-        for batch in self._batches(loader, f"caching {name} features"):
+        batches = (
+            self._batches(loader, f"caching {name} features")
+            if self._parent is None
+            else progress(
+                self._parent_batches(),
+                enabled=self.progress,
+                total=math.ceil(self._n / self.batch_size),
+                desc=f"extending the cache with {name}",
+            )
+        )
+        for batch in batches:
             count = len(batch.rest)
             if batch.digests is not None:
                 self._compare(pos, batch.digests, expected)
@@ -487,6 +538,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                     self._n, tuple(out.shape[1:]), out.dtype, self.storage_dtype or out.dtype
                 )
                 writer = store.writer(key, shape)
+                writers.append(writer)
             elif tuple(out.shape[1:]) != shape.row or out.dtype != shape.dtype:
                 raise InvalidArgumentError(
                     f"FeatureCache needs rows of one shape and dtype: {name} returned "
@@ -510,7 +562,8 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             raise InvalidArgumentError(
                 f"the dataset yielded {pos} items but len(dataset) is {self._n}"
             )
-        return writer.commit(columns(rest))
+        # An extended cache keeps the parent's columns as they are stored.
+        return writer.commit(columns(rest) if self._parent is None else self._parent._stored.rest)
 
     def _compare(
         self, start: int, digests: list[tuple[bytes, ...]], expected: dict[int, bytes]
@@ -549,14 +602,23 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         elif full or self._pending or any(t._version != v for t, v in self._versions):
             self._pending = False
             if self._front_key()[1] != self._front:
-                warnings.warn(
-                    "the front-end changed since its features were cached; rebuilding the cache",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self._open()
+                what = "the front-end changed since its features were cached"
+            elif full and (what := self._source_changed()):
+                pass
             else:
                 self._watch()
+                return
+            warnings.warn(f"{what}; rebuilding the cache", RuntimeWarning, stacklevel=4)
+            self._open()
+
+    def _source_changed(self) -> str:
+        """What changed in what the features were computed from ("" if nothing)."""
+        parent = self._parent
+        if parent is not None:
+            parent._check(full=True)  # rebuilds the parent first if it went stale
+            if parent._key != self._parent_key:
+                return "the cache this one extends was rebuilt"
+        return ""
 
     def _check_new_process(self) -> None:
         if self._front_key()[1] == self._front and self._stored.readable(self._key):
@@ -626,6 +688,70 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             [tensor([[1., 1.]]), tensor([1])]
         """
         return DataLoader(self, collate_fn=collate_rows, **kwargs)
+
+    def extend(
+        self,
+        module: nn.Module,
+        *,
+        store: Literal["memory", "disk"] | None = None,
+        path: str | os.PathLike[str] | None = None,
+        batch_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool | None = None,
+        device: torch.device | str | None = None,
+    ) -> FeatureCache:
+        """Move the cache boundary past ``module``: a cache of ``(module(features), *rest)``.
+
+        When more of the network is frozen, the new boundary's features are
+        computed from this cache's features (one pass of ``module`` over them,
+        not a new pass over the raw dataset); every other item field (labels,
+        mappings, strings) is kept exactly as stored here. The result is a
+        ``FeatureCache`` like any other, with the same staleness guarantees: its
+        key chains this cache's key (front-end and samples) with ``module``'s
+        own key, and every pass re-checks this cache first (which re-checks the
+        dataset and rebuilds if needed), then ``module``; either change rebuilds
+        the extended cache. ``FeatureCache(module, cache)`` is the same call.
+
+        Args:
+            module: the newly frozen stage(s); same rules as a front-end (no
+                trainable parameter, BatchNorm/Dropout in eval).
+            store: ``"memory"`` or ``"disk"``; default: this cache's store.
+            path: a disk store's folder; default for a disk parent: the folder
+                ``extended`` inside this cache's own folder.
+            batch_size, dtype, progress, device: as for ``FeatureCache``;
+                defaults: this cache's batch size and progress setting,
+                ``module``'s own output dtype and device.
+
+        Raises:
+            InvalidArgumentError: as for ``FeatureCache``.
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> from torch.utils.data import TensorDataset
+            >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2); _ = gg.freeze(a), gg.freeze(b)
+            >>> data = TensorDataset(torch.randn(10, 4), torch.arange(10.0, dtype=torch.float64))
+            >>> cache = gg.FeatureCache(a, data, progress=False)
+            >>> moved = cache.extend(b)
+            >>> feats, label = moved[3]
+            >>> torch.equal(feats, b(a(data[3][0]))), label.dtype
+            (True, torch.float64)
+        """
+        kind: Literal["memory", "disk"] = (
+            store if store is not None else "disk" if self.store == "disk" else "memory"
+        )
+        if path is None and kind == "disk" and self.store == kind:
+            assert self.path is not None
+            path = DiskStore(self.path).own / "extended"
+        return FeatureCache(
+            module,
+            self,
+            store=kind,
+            path=path,
+            batch_size=batch_size if batch_size is not None else self.batch_size,
+            dtype=dtype,
+            progress=progress if progress is not None else self.progress,
+            device=device,
+        )
 
     def features(self) -> torch.Tensor:
         """All cached features as one tensor (a copy for the disk store).

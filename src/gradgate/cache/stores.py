@@ -25,7 +25,12 @@ from ..errors import CacheError, InvalidArgumentError
 __all__ = ["Column", "DiskStore", "MemoryStore", "Shape", "Store", "Stored", "Writer"]
 
 FORMAT = "gradgate-feature-cache/2"
-_TMP = ".tmp"  # every temporary file of a disk store ends with this
+FOLDER = "gradgate-feature-cache"  # the disk store's own folder inside the user's path=
+MARKER = ".gradgate-feature-cache"  # in FOLDER: written by whoever created it
+_MARK = "gradgate FeatureCache folder: created and owned by gradgate; safe to delete whole\n"
+_TMP = ".tmp"
+# The only temporary files a disk store ever removes: its own, in its own folder.
+_TEMPORARIES = ("features.*.npy.tmp", "rest.*.pt.tmp", "meta.*.json.tmp")
 
 Column = torch.Tensor | list[Any]
 
@@ -60,6 +65,9 @@ class Writer(Protocol):
 
     def commit(self, rest: list[Column]) -> Stored: ...
 
+    def abort(self) -> None:
+        """Drop what was written (a failed build)."""
+
 
 class Store(Protocol):
     """A place for features: ``open`` what is there for a key, or write anew."""
@@ -72,23 +80,37 @@ class Store(Protocol):
     def writer(self, key: str, shape: Shape) -> Writer: ...
 
 
+# Python numbers stored as torch.utils.data.default_collate batches them:
+# a float is a double, an int an int64.
+_NUMBERS = {bool: torch.bool, int: torch.int64, float: torch.float64}
+
+
 def columns(values: list[list[Any]]) -> list[Column]:
-    """Each pass-through column as one tensor where its values stack, else a list.
+    """Each pass-through column as one tensor where its values stack exactly, else a list.
+
+    Every value keeps its own dtype: tensors of one dtype and shape stack,
+    Python floats become float64 (ints int64, bools bool), numpy scalars of
+    one dtype keep it; a column of mixed types stays a list of the values.
 
     Example:
-        >>> columns([[torch.tensor(1), torch.tensor(2)], ["a", "b"]])
-        [tensor([1, 2]), ['a', 'b']]
+        >>> columns([[torch.tensor(1), torch.tensor(2)], ["a", "b"], [0.1, 0.2]])
+        [tensor([1, 2]), ['a', 'b'], tensor([0.1000, 0.2000], dtype=torch.float64)]
     """
     out: list[Column] = []
     for col in values:
+        first = type(col[0])
+        one_type = all(type(v) is first for v in col)
         try:
-            if isinstance(col[0], torch.Tensor):
-                out.append(torch.stack(col))
-            elif isinstance(col[0], (bool, int, float)):
-                out.append(torch.as_tensor(col))
+            if one_type and issubclass(first, torch.Tensor):
+                dtypes = {v.dtype for v in col}
+                out.append(torch.stack(col) if len(dtypes) == 1 else col)
+            elif one_type and first in _NUMBERS:
+                out.append(torch.tensor(col, dtype=_NUMBERS[first]))
+            elif one_type and issubclass(first, np.generic) and len({v.dtype for v in col}) == 1:
+                out.append(torch.from_numpy(np.array(col)))
             else:
                 out.append(col)
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError, OverflowError):
             out.append(col)
     return out
 
@@ -119,6 +141,9 @@ class _MemoryWriter:
 
     def commit(self, rest: list[Column]) -> Stored:
         return _MemoryStored(self.shape, rest, self.features)
+
+    def abort(self) -> None:
+        del self.features
 
 
 class MemoryStore:
@@ -174,6 +199,7 @@ def _identity(path: Path) -> tuple[int, int, int]:
 class _DiskStored:
     shape: Shape
     rest: list[Column]
+    folder: Path  # the user's path=, as DiskStore was given it
     path: Path
     identity: tuple[int, int, int]
     mm: np.ndarray[Any, Any] | None = None
@@ -192,7 +218,7 @@ class _DiskStored:
     def readable(self, key: str) -> bool:
         # A mapping inherited by fork still shows the verified file; a process
         # that maps it anew must find the very file that was verified.
-        return self.mm is not None or DiskStore(self.path.parent).holds(key, self.identity)
+        return self.mm is not None or DiskStore(self.folder).holds(key, self.identity)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "mm": None}  # each process maps the file itself
@@ -204,6 +230,8 @@ class _DiskWriter:
 
         self.store, self.key, self.shape = store, key, shape
         self.tmp = store.features.with_name(f"features.{os.getpid()}.npy{_TMP}")
+        self.rest_tmp = store.rest.with_name(f"rest.{os.getpid()}.pt{_TMP}")
+        self.meta_tmp = store.meta.with_name(f"meta.{os.getpid()}.json{_TMP}")
         with store.failing("write the features of"):
             self.mm: Any = open_memmap(
                 self.tmp, mode="w+", dtype=_np_dtype(shape.storage), shape=(shape.n, *shape.row)
@@ -215,9 +243,7 @@ class _DiskWriter:
         self.mm[start : start + len(rows)] = rows.numpy()
 
     def commit(self, rest: list[Column]) -> Stored:
-        store = self.store
-        rest_tmp = store.rest.with_name(f"rest.{os.getpid()}.pt{_TMP}")
-        meta_tmp = store.meta.with_name(f"meta.{os.getpid()}.json{_TMP}")
+        store, rest_tmp, meta_tmp = self.store, self.rest_tmp, self.meta_tmp
         with store.failing("write the features of"):
             self.mm.flush()
             del self.mm
@@ -227,6 +253,7 @@ class _DiskWriter:
             # loaded again without unpickling code.
             rest = torch.load(rest_tmp, weights_only=True)
         except pickle.UnpicklingError as e:
+            self.abort()
             raise InvalidArgumentError(
                 "a disk FeatureCache keeps the rest of each item (everything after the "
                 f"front-end input) in a file loaded without pickled code, and it cannot: {e}. "
@@ -252,18 +279,34 @@ class _DiskWriter:
             os.replace(self.tmp, store.features)
             os.replace(rest_tmp, store.rest)
             os.replace(meta_tmp, store.meta)
-        stored = _DiskStored(self.shape, rest, store.features, _identity(store.features))
+        stored = _DiskStored(
+            self.shape, rest, store.path, store.features, _identity(store.features)
+        )
         stored.rows(slice(0, 0))  # map it now, before another build can replace the file
         return stored
 
+    def abort(self) -> None:
+        self.__dict__.pop("mm", None)
+        for tmp in (self.tmp, self.rest_tmp, self.meta_tmp):
+            tmp.unlink(missing_ok=True)
+
 
 class DiskStore:
-    """Features in a folder: ``features.npy`` (a ``numpy.memmap``), ``rest.pt``, ``meta.json``.
+    """Features in its own folder ``gradgate-feature-cache`` inside ``path``.
 
-    Builds write temporary files (``*.tmp``) and rename them into place under
-    an exclusive lock; ``meta.json`` holds the key and the checksums and is
-    written last. Whoever holds the lock removes temporary files left by a
-    killed build, since no other build can be running.
+    The store never writes, renames or deletes anything in ``path`` itself:
+    everything lives in that subfolder, ``features.npy`` (a ``numpy.memmap``),
+    ``rest.pt``, ``meta.json``, a ``.lock`` and the marker
+    ``.gradgate-feature-cache``. The subfolder is created whole (marker
+    inside) under a unique temporary name and renamed into place, so it exists
+    only with its marker; a folder of that name without the marker is not
+    gradgate's and is refused (``CacheError``), never written to.
+
+    Builds write temporary files (``features.<pid>.npy.tmp`` and the like) and
+    rename them into place under an exclusive lock; ``meta.json`` holds the
+    key and the checksums and is written last. Whoever holds the lock removes
+    those temporary files left by a killed build, since no other build can be
+    running; no other file is ever removed.
 
     Example:
         >>> import tempfile
@@ -271,13 +314,16 @@ class DiskStore:
         >>> with store.lock():
         ...     store.open("some key") is None
         True
+        >>> sorted(p.name for p in store.path.iterdir())
+        ['gradgate-feature-cache']
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.features = self.path / "features.npy"
-        self.rest = self.path / "rest.pt"
-        self.meta = self.path / "meta.json"
+        self.own = self.path / FOLDER
+        self.features = self.own / "features.npy"
+        self.rest = self.own / "rest.pt"
+        self.meta = self.own / "meta.json"
 
     @contextlib.contextmanager
     def failing(self, doing: str) -> Iterator[None]:
@@ -303,10 +349,16 @@ class DiskStore:
 
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            f = open(self.path / ".lock", "a")  # noqa: SIM115 - held across the yield
+            self._create_own()
+            self._check_own()
+            f = open(self.own / ".lock", "a")  # noqa: SIM115 - held across the yield
         except PermissionError:
+            if self.own.is_dir():
+                self._check_own()
             yield False
             return
+        except CacheError:
+            raise
         except OSError as e:
             raise CacheError(
                 f"cannot use {self.path} for a disk FeatureCache: {e}; pass path= naming a folder"
@@ -314,13 +366,45 @@ class DiskStore:
         with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                writable = os.access(self.path, os.W_OK)
+                writable = os.access(self.own, os.W_OK)
                 if writable:
-                    for stale in self.path.glob(f"*{_TMP}"):
-                        stale.unlink(missing_ok=True)
+                    for pattern in _TEMPORARIES:
+                        for stale in self.own.glob(pattern):
+                            stale.unlink(missing_ok=True)
                 yield writable
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _create_own(self) -> None:
+        """Create the store's folder with its marker in one rename, unless it exists."""
+        if self.own.exists() or self.own.is_symlink():
+            return
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", suffix=_TMP, dir=self.path))
+        try:
+            (tmp / MARKER).write_text(_MARK)
+            os.rename(tmp, self.own)  # fails if another process created it meanwhile
+        except OSError:
+            if not self.own.is_dir():
+                raise
+        finally:
+            (tmp / MARKER).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.rmdir()
+
+    def _check_own(self) -> None:
+        """Refuse a folder of the store's name that gradgate did not create."""
+        try:
+            mark = (self.own / MARKER).read_text()
+        except OSError:
+            mark = None
+        if mark != _MARK or self.own.is_symlink():
+            raise CacheError(
+                f"cannot use {self.path} for a disk FeatureCache: it holds {FOLDER}/, which "
+                f"gradgate did not create (no {MARKER} marker in it), and gradgate never "
+                "writes into a folder it does not own; move that folder away or pass another path="
+            )
 
     def _meta(self) -> dict[str, Any] | None:
         try:
@@ -346,7 +430,7 @@ class DiskStore:
             shape = Shape(
                 int(meta["n"]), tuple(meta["row"]), _dtype(meta["dtype"]), _dtype(meta["storage"])
             )
-            stored = _DiskStored(shape, rest, self.features, _identity(self.features))
+            stored = _DiskStored(shape, rest, self.path, self.features, _identity(self.features))
             stored.rows(slice(0, 0))  # the header parses: numpy agrees with the checksum
         except (OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
             return None

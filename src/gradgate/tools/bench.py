@@ -738,7 +738,7 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
     mem = gg.FeatureCache(agent.front_end, data, progress=False)
     disk = gg.FeatureCache(agent.front_end, data, store="disk", path=tmp, progress=False)
     feats, labels = mem.features(), data.tensors[1]
-    mm = np.load(f"{tmp}/features.npy", mmap_mode="r")
+    mm = np.load(f"{tmp}/gradgate-feature-cache/features.npy", mmap_mode="r")
     n = len(labels)
 
     def loader(cache: Any) -> None:
