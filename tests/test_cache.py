@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,3 +323,79 @@ def test_pickled_cache_reads_the_same(tmp_path: Path, store: Literal["memory", "
     copy = pickle.loads(pickle.dumps(cache))
     assert torch.equal(copy[4][0], cache[4][0])
     assert copy.nbytes == cache.nbytes == 20 * 1568 * 4
+
+
+class _Fields(torch.utils.data.Dataset[tuple[Any, ...]]):
+    """Items whose non-feature fields have every dtype a label may have."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randn(12, dtype=torch.float64, generator=g) * 1e3 + 1 / 3
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        y = self.y[i]
+        return (
+            torch.full((2,), float(i)),
+            float(y),  # a Python float: a double
+            y,  # a float64 tensor
+            np.float64(y),
+            np.float32(y),
+            torch.tensor(i, dtype=torch.int16),
+            i * 10**12,
+            bool(i % 2),
+        )
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_every_item_field_comes_back_at_its_own_dtype(
+    tmp_path: Path, store: Literal["memory", "disk"]
+) -> None:
+    data = _Fields()
+    cache = gg.FeatureCache(nn.Identity(), data, store=store, path=tmp_path, progress=False)
+    for i in range(len(data)):
+        _, py, t64, np64, np32, i16, big, flag = cache[i]
+        want = data[i]
+        assert float(py) == want[1] and py.dtype == torch.float64
+        assert t64.dtype == torch.float64 and torch.equal(t64, want[2])
+        assert float(np64) == float(want[3]) and np64.dtype == torch.float64
+        assert float(np32) == float(want[4]) and np32.dtype == torch.float32
+        assert i16.dtype == torch.int16 and int(i16) == i
+        assert int(big) == want[6] and bool(flag) == want[7]
+    # Batches agree with torch's own collation of the raw items, dtypes included.
+    for got, want in zip(
+        cache.loader(batch_size=5), DataLoader(data, batch_size=5), strict=True
+    ):
+        for g, w in zip(got[1:], want[1:], strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_float64_regression_targets_train_the_same_from_the_cache() -> None:
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    y = [float(v) + 1e-9 for v in torch.randn(16, dtype=torch.float64).tolist()]
+    cache = gg.FeatureCache(nn.Identity(), list(zip(x, y, strict=True)), progress=False)
+    assert [float(cache[i][1]) for i in range(16)] == y
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_float16_storage_that_would_overflow_is_refused_with_the_count(
+    tmp_path: Path, store: Literal["memory", "disk"]
+) -> None:
+    x = torch.ones(10, 4)
+    x[3, 1] = 7e4  # above float16's 65504
+    x[8, :2] = -1e5
+    x[9, 0] = float("inf")  # inf already: not an overflow of the storage
+    data = TensorDataset(x, torch.arange(10))
+    with pytest.raises(
+        gg.InvalidArgumentError,
+        match=r"as torch.float16: 3 of the 40 values of items 0..9 overflow it to inf "
+        r"\(largest magnitude 1e\+05, torch.float16 holds at most 6.55e\+04\)",
+    ):
+        gg.FeatureCache(nn.Identity(), data, store=store, path=tmp_path, dtype=torch.float16)
+    assert not list(tmp_path.rglob("*.npy*"))
+    fits = gg.FeatureCache(
+        nn.Identity(), data, store=store, path=tmp_path, dtype=torch.bfloat16, progress=False
+    )
+    assert torch.isfinite(fits.features()[:9]).all()

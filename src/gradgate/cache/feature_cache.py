@@ -235,6 +235,10 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         batch_size: batch size of the building pass.
         dtype: storage dtype, a floating one (``torch.bfloat16``/``float16``
             halve memory); features are read back in the front-end's own dtype.
+            A dtype that would turn finite features into ``inf`` (float16
+            holds at most 65504) is refused with the count of such values.
+            Every other item field is kept at its own dtype (a Python float
+            as float64, as ``default_collate`` batches it).
         num_workers: DataLoader workers for the reading passes (started once).
         progress: show a progress bar while building.
         input_fn: how to get the front-end input from an item; it must be
@@ -549,7 +553,10 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                 raise InvalidArgumentError(
                     f"the dataset yielded more than len(dataset) = {self._n} items"
                 )
-            writer.write(pos, out.to("cpu", shape.storage).contiguous())
+            stored = out.to("cpu", shape.storage).contiguous()
+            if shape.storage != out.dtype:
+                self._check_range(out, stored, pos)
+            writer.write(pos, stored)
             for row in batch.rest:
                 if not rest:
                     rest.extend([] for _ in row)
@@ -564,6 +571,20 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             )
         # An extended cache keeps the parent's columns as they are stored.
         return writer.commit(columns(rest) if self._parent is None else self._parent._stored.rest)
+
+    def _check_range(self, out: torch.Tensor, stored: torch.Tensor, pos: int) -> None:
+        """Refuse storage that turns finite features into inf (float16 above 65504)."""
+        lost = torch.isfinite(out).cpu() & ~torch.isfinite(stored)
+        count = int(lost.sum())
+        if count:
+            largest = float(out.detach().abs().masked_fill(~lost.to(out.device), 0).max())
+            raise InvalidArgumentError(
+                f"FeatureCache cannot store these features as {stored.dtype}: {count} of the "
+                f"{out.numel()} values of items {pos}..{pos + len(out) - 1} overflow it to inf "
+                f"(largest magnitude {largest:.4g}, {stored.dtype} holds at most "
+                f"{torch.finfo(stored.dtype).max:.4g}); store them as torch.bfloat16 (float32's "
+                "range at half the memory) or torch.float32, or scale the front-end's output"
+            )
 
     def _compare(
         self, start: int, digests: list[tuple[bytes, ...]], expected: dict[int, bytes]
