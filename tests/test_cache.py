@@ -365,9 +365,7 @@ def test_every_item_field_comes_back_at_its_own_dtype(
         assert i16.dtype == torch.int16 and int(i16) == i
         assert int(big) == want[6] and bool(flag) == want[7]
     # Batches agree with torch's own collation of the raw items, dtypes included.
-    for got, want in zip(
-        cache.loader(batch_size=5), DataLoader(data, batch_size=5), strict=True
-    ):
+    for got, want in zip(cache.loader(batch_size=5), DataLoader(data, batch_size=5), strict=True):
         for g, w in zip(got[1:], want[1:], strict=True):
             assert g.dtype == w.dtype and torch.equal(g, w)
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -210,6 +211,130 @@ def test_class_code_and_attributes_reached_through_self_are_keyed(
         with pytest.warns(RuntimeWarning, match="rebuilding"):
             len(again)
     assert torch.equal(again.features(), live)
+
+
+_HELPER = """
+def scale(t):
+    return t * {factor}
+"""
+
+_USER_FRONT = """
+import torch
+import helpers_{tag}
+from helpers_{tag} import scale
+
+
+class Front(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return {call}(self.lin(x))
+"""
+
+
+@pytest.mark.parametrize("call", ["scale", "helpers.scale"])
+def test_a_helper_in_the_users_sibling_module_is_keyed_by_its_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    tag = "plain" if call == "scale" else "dotted"
+    code = tmp_path / "code"
+    code.mkdir()
+    monkeypatch.syspath_prepend(str(code))
+    front_src = _USER_FRONT.format(tag=tag, call=call.replace("helpers", f"helpers_{tag}"))
+    (code / f"front_{tag}.py").write_text(front_src)
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(0))
+
+    def opened(factor: int) -> tuple[gg.FeatureCache, nn.Module]:
+        # A new run of the user's script: their modules imported afresh.
+        (code / f"helpers_{tag}.py").write_text(_HELPER.format(factor=factor))
+        for name in (f"helpers_{tag}", f"front_{tag}"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        import importlib
+
+        importlib.invalidate_caches()
+        torch.manual_seed(0)
+        front = importlib.import_module(f"front_{tag}").Front()
+        gg.freeze(front)
+        return _open(front, Items(x), tmp_path / "cache", batch_size=N), front
+
+    first, front = opened(2)
+    assert first.rebuilt and torch.equal(first.features(), _live(front, x))
+    same, _ = opened(2)
+    assert not same.rebuilt
+    edited, front = opened(3)  # the helper's body changed, nothing else
+    assert edited.rebuilt
+    assert torch.equal(edited.features(), _live(front, x))
+
+
+def test_a_global_forward_hook_is_keyed() -> None:
+    front, x = _front(), _x()
+    cache = gg.FeatureCache(front, Items(x), progress=False)
+
+    def doubles(module: nn.Module, args: Any, out: Any) -> Any:
+        return out * 2 if module is front else None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(doubles)
+    try:
+        live = _live(front, x)
+        with pytest.warns(RuntimeWarning, match="front-end changed"):
+            len(cache)
+        assert torch.equal(cache.features(), live)
+    finally:
+        handle.remove()
+    with pytest.warns(RuntimeWarning, match="front-end changed"):
+        assert torch.equal(cache.features(), _live(front, x))
+
+
+class BoundToItself(nn.Module):
+    """A front-end whose setting is a bound method of itself (a chosen activation)."""
+
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.slope = slope
+        self.act = self.leaky
+
+    def leaky(self, t: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(t, self.slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.act(self.lin(x))
+        return out
+
+
+def test_a_bound_method_of_itself_is_keyed_without_recursion() -> None:
+    torch.manual_seed(0)
+    front, x = BoundToItself(0.1), torch.randn(N, 3)
+    gg.freeze(front)
+    cache = gg.FeatureCache(front, Items(x), progress=False)
+    assert torch.equal(cache.features(), _live(front, x))
+    front.slope = 0.3  # read through the bound method's self
+    with pytest.warns(RuntimeWarning, match="front-end changed"):
+        assert torch.equal(cache.features(), _live(front, x))
+
+
+def test_an_accelerate_hook_is_keyed_without_recursion() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import hooks  # type: ignore[import-untyped]
+
+    class Shift(hooks.ModelHook):  # type: ignore[misc]
+        def __init__(self, by: float) -> None:
+            super().__init__()
+            self.by = by
+
+        def post_forward(self, module: nn.Module, output: Any) -> Any:
+            return output + self.by
+
+    front, x = _front(), _x()
+    hooks.add_hook_to_module(front, Shift(1.0))
+    cache = gg.FeatureCache(front, Items(x), progress=False)
+    assert torch.equal(cache.features(), _live(front, x))
+    hooks.remove_hook_from_module(front)
+    hooks.add_hook_to_module(front, Shift(2.0))
+    with pytest.warns(RuntimeWarning, match="front-end changed"):
+        assert torch.equal(cache.features(), _live(front, x))
 
 
 @pytest.mark.parametrize("kind", ["items", "tensor_dataset"])

@@ -26,7 +26,7 @@ from ..errors import (
     StaleCacheError,
 )
 from ..hashing import tensor_digest
-from .key import input_fn_digest, module_digests, value_digests
+from .key import global_hooks_digest, input_fn_digest, module_digests, value_digests
 from .stores import Column, DiskStore, MemoryStore, Shape, Store, Stored, Writer, columns
 
 __all__ = ["FeatureCache", "collate_rows"]
@@ -183,9 +183,12 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     lookup. The cache key covers everything that determines the features:
     the front-end's weights, buffers, structure and parameter-free settings
     (module types, the code of every method and the plain class attributes
-    that forward reaches through ``self``, attributes such as a LeakyReLU
-    slope or a conv stride, forward hooks), the input function (code and every value it
-    reads), the storage dtype, the torch version, and every sample.
+    that forward reaches through ``self``, the body of every function and
+    class it reaches in the user's own files (sibling modules included;
+    installed packages are keyed by name, torch by version), attributes such
+    as a LeakyReLU slope or a conv stride, forward hooks, torch's global
+    forward hooks), the input function (code and every value it reads), the
+    storage dtype, the torch version, and every sample.
 
     The key is checked when the cache is opened, once in every process that
     reads it (DataLoader workers, fork or spawn), at the start of every pass
@@ -362,7 +365,10 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             if self.dataset_key is not None
             else input_fn_digest(self.input_fn)
         )
-        h = hashlib.sha256(f"{torch.__version__}|{self.storage_dtype}|{reads}".encode())
+        hooks = global_hooks_digest()
+        h = hashlib.sha256(
+            f"{torch.__version__}|{self.storage_dtype}|{reads}|hooks:{hooks}".encode()
+        )
         for name, digest in modules:
             h.update(f"|{name}:{digest}".encode())
         return modules, h.hexdigest()

@@ -13,7 +13,10 @@ import copyreg
 import enum
 import functools
 import hashlib
+import os
 import re
+import sys
+import sysconfig
 import threading
 import types
 import weakref
@@ -29,7 +32,13 @@ from ..errors import InvalidArgumentError
 from ..freezing import is_sticky
 from ..hashing import tensor_digest
 
-__all__ = ["ValueHasher", "input_fn_digest", "module_digests", "value_digests"]
+__all__ = [
+    "ValueHasher",
+    "global_hooks_digest",
+    "input_fn_digest",
+    "module_digests",
+    "value_digests",
+]
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _NAMED = (types.ModuleType, type, torch.dtype, torch.device)
@@ -65,7 +74,43 @@ _CODE_DIGESTS: weakref.WeakKeyDictionary[types.CodeType, tuple[str, frozenset[st
 
 # Classes whose digest is being computed, per thread: a method that reaches an
 # instance of its own class is keyed by the class name there, not followed.
+# Likewise the modules of the trees being keyed (id -> name): a setting that
+# reaches one of them (a bound method of itself, an accelerate hook's
+# ``partial(new_forward, module)``) is keyed by its name, not followed again.
 _DIGESTING = threading.local()
+# torch's process-wide forward hooks (``register_module_forward_hook`` and the
+# pre-hook twin): they run in every module's forward, so they key every cache.
+_GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_hooks_with_kwargs",
+)
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots)
+
+
+def _is_library(obj: Any) -> bool:
+    """Whether ``obj`` (a module, function or class) comes from an installed package.
+
+    Installed code (the standard library, site-packages) changes only with its
+    version and is named; the user's own code (their script and its sibling
+    modules) is followed, so editing a helper's body changes the key.
+
+    Example:
+        >>> _is_library(os.path.join), _is_library(torch.relu)
+        (True, True)
+    """
+    module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(obj.__module__ or "")
+    file = getattr(module, "__file__", None)
+    if not file:
+        return True  # builtin, frozen or made up at run time: nothing to read
+    return bool(os.path.realpath(file).startswith(_library_roots()))
 
 
 class Unkeyable(Exception):
@@ -135,6 +180,10 @@ class ValueHasher:
         elif isinstance(obj, np.generic):
             self._tag(f"np:{obj.dtype}:{obj.item()!r}")
         elif isinstance(obj, nn.Module):
+            keyed = getattr(_DIGESTING, "modules", {})
+            if id(obj) in keyed:
+                self._tag(f"module-ref:{keyed[id(obj)]}")
+                return
             for name, digest in module_digests(obj):
                 self._tag(f"module:{name}:{digest}")
         elif isinstance(obj, types.FunctionType):
@@ -175,18 +224,43 @@ class ValueHasher:
             except ValueError:  # an empty cell (a name not yet bound)
                 self._tag("empty-cell")
         self._add_code(fn.__code__)
-        for name in sorted(_CODE_DIGESTS[fn.__code__][1]):
+        names = _CODE_DIGESTS[fn.__code__][1]
+        for name in sorted(names):
             if name not in fn.__globals__:
                 continue
             value = fn.__globals__[name]
             self._tag(f"global:{name}")
-            # A library function is named; a helper from the same file is
-            # followed, so editing it changes the key.
-            library = isinstance(value, types.FunctionType) and value.__module__ != fn.__module__
-            if library or isinstance(value, type):
+            # Installed code is named; the user's own code (this file or a
+            # sibling module) is followed, so editing a helper changes the key.
+            if isinstance(value, types.ModuleType):
+                self._add_global_module(value, names)
+            elif isinstance(value, (types.FunctionType, type)) and _is_library(value):
                 self._tag(f"named:{_qualified(value)}")
+            elif isinstance(value, type):
+                self._tag(f"class:{_class_digest(value)}")
             else:
                 self.add(value)
+
+    def _add_global_module(self, module: types.ModuleType, names: frozenset[str]) -> None:
+        """A module a function reads: named, and the user's own one followed by attribute."""
+        self._tag(f"named:{module.__name__}")
+        if _is_library(module) or module.__name__ in getattr(_DIGESTING, "user_modules", ()):
+            return
+        reading = _DIGESTING.__dict__.setdefault("user_modules", set())
+        reading.add(module.__name__)
+        try:
+            for attr in sorted(names):  # co_names: the attributes the code reads
+                member = vars(module).get(attr)
+                if isinstance(member, type):
+                    self._tag(f"attr:{attr}:class:{_class_digest(member)}")
+                elif isinstance(member, (types.FunctionType, types.ModuleType)) or _plain(member):
+                    self._tag(f"attr:{attr}")
+                    if isinstance(member, types.ModuleType):
+                        self._add_global_module(member, names)
+                    else:
+                        self.add(member)
+        finally:
+            reading.discard(module.__name__)
 
     def _add_code(self, code: types.CodeType) -> None:
         digest = _CODE_DIGESTS.get(code)
@@ -325,6 +399,18 @@ def module_digests(module: nn.Module) -> list[tuple[str, str]]:
         >>> a == b, a == c
         (False, True)
     """
+    outer = getattr(_DIGESTING, "modules", {})
+    _DIGESTING.modules = {
+        **outer,
+        **{id(m): n or "<root>" for n, m in module.named_modules(remove_duplicate=False)},
+    }
+    try:
+        return _module_digests(module)
+    finally:
+        _DIGESTING.modules = outer
+
+
+def _module_digests(module: nn.Module) -> list[tuple[str, str]]:
     out = []
     classes: dict[type, str] = {}
     for name, m in module.named_modules(remove_duplicate=False):
@@ -369,6 +455,27 @@ def module_digests(module: nn.Module) -> list[tuple[str, str]]:
         h._tag(f"plain:{plain!r}")
         out.append((name, h.hexdigest()))
     return out
+
+
+def global_hooks_digest() -> str:
+    """Digest of torch's process-wide forward hooks (they change every module's output).
+
+    Example:
+        >>> before = global_hooks_digest()
+        >>> handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+        >>> before == global_hooks_digest()
+        False
+        >>> handle.remove(); before == global_hooks_digest()
+        True
+    """
+    from torch.nn.modules import module as torch_module
+
+    h = ValueHasher(strict=False)
+    for table in _GLOBAL_HOOKS:
+        hooks = getattr(torch_module, table, None)
+        h._tag(f"hooks:{table}")
+        h.add(list(hooks.values()) if isinstance(hooks, dict) else hooks)
+    return h.hexdigest()
 
 
 def input_fn_digest(fn: Callable[[Any], Any]) -> str:
