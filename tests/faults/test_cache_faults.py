@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -799,3 +800,117 @@ def test_workers_under_spawn_and_forkserver_build_once_each(tmp_path: Path) -> N
         # one keying read and one building read per item, by two workers started once
         # (with the default progress bar, which once started them twice)
         assert result[method] == {"reads": 2 * 64, "pids": 2, "ok": True}, (method, result)
+
+
+# -- the dataset changed after the build: re-checked at every pass -------------
+
+
+class Transformed(Dataset[tuple[torch.Tensor, int]]):
+    """A dataset with a transform the user may swap, and items they may replace."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = list(x)
+        self.transform: Callable[[torch.Tensor], torch.Tensor] = torch.clone
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.x[i]), i % 3
+
+
+def _pass(cache: gg.FeatureCache, how: str) -> torch.Tensor:
+    """One pass through a door users open; the features of items 0..n-1 in order."""
+    if how == "features":
+        return cache.features()
+    loader = (
+        cache.loader(batch_size=5)
+        if how == "loader"
+        else DataLoader(cache, batch_size=5, shuffle=False)
+    )
+    return torch.cat([x for x, _ in loader])
+
+
+_DATA_CHANGES: dict[str, Callable[[Transformed], object]] = {
+    "item replaced": lambda d: d.x.__setitem__(N - 3, d.x[N - 3] + 1),
+    "item appended": lambda d: d.x.append(d.x[0] * 2),
+    "transform changed": lambda d: setattr(d, "transform", torch.neg),
+}
+
+
+@pytest.mark.parametrize("how", ["features", "loader", "plain_dataloader"])
+@pytest.mark.parametrize("change", list(_DATA_CHANGES))
+def test_a_dataset_changed_after_the_build_is_never_served_old_features(
+    change: str, how: str
+) -> None:
+    front, x = _front(), _x()
+    data = Transformed(x)
+    cache = gg.FeatureCache(front, data, progress=False, batch_size=8)
+    first = _live(front, torch.stack([data[i][0] for i in range(N)]))
+    assert torch.equal(_pass(cache, how), first)
+    _DATA_CHANGES[change](data)
+    inputs = torch.stack([data[i][0] for i in range(len(data))])
+    want = torch.cat([_live(front, part) for part in inputs.split(8)])  # as built: by 8
+    with pytest.warns(RuntimeWarning, match="rebuilding"):
+        got = _pass(cache, how)
+    assert torch.equal(got, want)
+    assert len(cache) == len(data)
+
+
+@pytest.mark.parametrize("change", ["transform changed", "item appended"])
+def test_verify_sample_sees_length_and_sampled_items_each_pass(change: str) -> None:
+    front, x = _front(), _x()
+    data = Transformed(x)
+    cache = gg.FeatureCache(front, data, progress=False, verify="sample")
+    _DATA_CHANGES[change](data)
+    with pytest.warns(RuntimeWarning, match="rebuilding"):
+        len(cache)
+    assert torch.equal(
+        cache.features(), _live(front, torch.stack([data[i][0] for i in range(len(data))]))
+    )
+
+
+def test_verify_sample_does_not_see_an_unsampled_item_as_documented() -> None:
+    front, x = _front(), _x(1)
+    data = Transformed(torch.cat([x, x, x]))  # 72 items: item 1 is not among the 16 sampled
+    cache = gg.FeatureCache(front, data, progress=False, verify="sample")
+    data.x[1] = data.x[1] + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        len(cache)
+
+
+_TENSOR_CHANGES: dict[str, Callable[[TensorDataset], object]] = {
+    "written in place": lambda d: d.tensors[0][N - 1].add_(1),
+    "replaced": lambda d: setattr(d, "tensors", (d.tensors[0] + 1, d.tensors[1])),
+    "label written": lambda d: d.tensors[1].__setitem__(N - 1, 7),
+    "written through .data on a sampled row": lambda d: d.tensors[0].data[0].add_(1),
+}
+
+
+@pytest.mark.parametrize("change", list(_TENSOR_CHANGES))
+def test_a_changed_tensor_dataset_is_seen_at_the_next_pass(change: str) -> None:
+    front, x = _front(), _x()
+    data = TensorDataset(x.clone(), torch.arange(N))
+    cache = gg.FeatureCache(front, data, progress=False)
+    _TENSOR_CHANGES[change](data)
+    with pytest.warns(RuntimeWarning, match="rebuilding"):
+        batches = list(DataLoader(cache, batch_size=6))
+    assert torch.equal(torch.cat([f for f, _ in batches]), _live(front, data.tensors[0]))
+    assert torch.equal(torch.cat([y for _, y in batches]), data.tensors[1])
+
+
+def test_a_changed_dataset_rebuilds_an_extended_cache_too() -> None:
+    front, x = _front(), _x()
+    data = Transformed(x)
+    head = nn.Linear(4 * 36, 2)
+    gg.freeze(head)
+    moved = gg.FeatureCache(front, data, progress=False, batch_size=N).extend(head)
+    _DATA_CHANGES["transform changed"](data)
+    with pytest.warns(RuntimeWarning) as caught:
+        got = moved.features()
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        "dataset item 0 changed since it was cached",
+        "the cache this one extends was rebuilt",
+    ]
+    assert torch.equal(got, _live(head, _live(front, torch.stack([-t for t in x]))))

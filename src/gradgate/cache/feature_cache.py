@@ -94,6 +94,18 @@ class _Collate:
         return _Batch(default_collate(inputs), rest, digests)
 
 
+def _evenly(n: int) -> list[int]:
+    """The 16 evenly spaced items keyed under ``verify="sample"`` (all of a small dataset).
+
+    Example:
+        >>> _evenly(5), _evenly(100)[:4]
+        ([0, 1, 2, 3, 4], [0, 7, 13, 20])
+    """
+    if n <= _SAMPLED:
+        return list(range(n))
+    return sorted({round(k * (n - 1) / (_SAMPLED - 1)) for k in range(_SAMPLED)})
+
+
 def _item_digest(values: tuple[bytes, ...]) -> bytes:
     return hashlib.blake2b(b"".join(values), digest_size=16).digest()
 
@@ -200,6 +212,16 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     pass). A write that bypasses version counters (``p.data[...] = ...``, a
     changed attribute) is seen at the next of these checks, not in the middle
     of a pass; persistent workers keep the snapshot they started with.
+
+    The dataset is re-checked at the start of every pass and by
+    ``features()`` (not in workers, not mid-pass): its length, then its
+    items, so a replaced or appended item or a changed transform rebuilds
+    the cache with a ``RuntimeWarning``. What is read per pass:
+    ``verify="all"`` reads and hashes every item again (one pass over the
+    raw dataset, without the front-end); ``verify="sample"`` the 16 sampled
+    items; a plain ``TensorDataset`` is never re-read: the identity and
+    version counters of its tensors (any in-place write or replacement) and
+    16 evenly spaced rows; with ``dataset_key=`` only the length.
 
     Building reads every item twice, once to key the cache and once to run the
     front-end, and compares the two reads: a dataset that returns different
@@ -374,10 +396,9 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         return modules, h.hexdigest()
 
     def _sampled(self) -> list[int]:
-        n = self._n
-        if self._verify is _Verify.ALL or n <= _SAMPLED:
-            return list(range(n))
-        return sorted({round(k * (n - 1) / (_SAMPLED - 1)) for k in range(_SAMPLED)})
+        if self._verify is _Verify.ALL:
+            return list(range(self._n))
+        return _evenly(self._n)
 
     # -- reading the dataset -----------------------------------------------
 
@@ -456,6 +477,8 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     def _open(self) -> None:
         modules, front = self._front_key()
         loader: DataLoader[Any] | None = None
+        if self._parent is None:
+            self._n = len(self.dataset)
         if self._parent is not None:
             # The parent's key covers its front-end and every sample: chain it.
             self._parent_key = self._parent._key
@@ -493,9 +516,24 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self._stored = stored
         self._key = key
         self._front = front
+        self._data = data
+        self._seen = expected
+        self._tensors: tuple[torch.Tensor, ...] | None = None
+        if self._parent is None and loader is None and self.dataset_key is None:
+            # A plain TensorDataset: its tensors' identity and version counters,
+            # and 16 of its rows, are what each pass re-checks.
+            self._tensors = self.dataset.tensors
+            self._tensor_versions = [t._version for t in self.dataset.tensors]
+            self._rows_seen = self._row_digests()
         self._pid: int | None = os.getpid()
         self._pending = False
         self._watch()
+
+    def _row_digests(self) -> dict[int, bytes]:
+        tensors = self.dataset.tensors
+        return {
+            i: _item_digest(value_digests(tuple(t[i] for t in tensors))) for i in _evenly(self._n)
+        }
 
     def _build(
         self,
@@ -639,13 +677,38 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             self._open()
 
     def _source_changed(self) -> str:
-        """What changed in what the features were computed from ("" if nothing)."""
+        """What changed in what the features were computed from ("" if nothing).
+
+        The dataset's length, then its items: every item under
+        ``verify="all"``, the 16 sampled ones under ``"sample"``; a plain
+        TensorDataset by its tensors' identity and version counters plus 16
+        rows; nothing more than the length under ``dataset_key=``.
+        """
         parent = self._parent
         if parent is not None:
             parent._check(full=True)  # rebuilds the parent first if it went stale
             if parent._key != self._parent_key:
                 return "the cache this one extends was rebuilt"
-        return ""
+            return ""
+        n = len(self.dataset)
+        if n != self._n:
+            return f"the dataset's length changed from {self._n} to {n} since it was cached"
+        if self.dataset_key is not None:
+            return ""
+        if self._tensors is not None:
+            tensors = self.dataset.tensors
+            if tensors is not self._tensors or [t._version for t in tensors] != (
+                self._tensor_versions
+            ):
+                return "the dataset's tensors were replaced or written since they were cached"
+            seen, rows = self._rows_seen, self._row_digests()
+        else:
+            data, rows = self._dataset_digest(self._loader())
+            if data == self._data:
+                return ""
+            seen = self._seen
+        changed = next((i for i in sorted(rows) if seen.get(i) != rows[i]), None)
+        return "" if changed is None else f"dataset item {changed} changed since it was cached"
 
     def _check_new_process(self) -> None:
         if self._front_key()[1] == self._front and self._stored.readable(self._key):
