@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import gradgate as gg
 from gradgate.tools.seed import Agent
@@ -397,3 +397,49 @@ def test_float16_storage_that_would_overflow_is_refused_with_the_count(
         nn.Identity(), data, store=store, path=tmp_path, dtype=torch.bfloat16, progress=False
     )
     assert torch.isfinite(fits.features()[:9]).all()
+
+
+class _Mixed(torch.utils.data.Dataset[tuple[Any, ...]]):
+    """Items with a tensor label, a float, a string and a mapping."""
+
+    def __len__(self) -> int:
+        return 50
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        return torch.full((3,), float(i)), i % 7, i / 3, f"s{i}", {"id": i, "w": [i, -i]}
+
+
+def _same_batches(a: list[Any], b: list[Any]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert type(x) is type(y)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        elif isinstance(x, (list, tuple)):
+            _same_batches(list(x), list(y))
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys()
+            _same_batches(list(x.values()), list(y.values()))
+        else:
+            assert x == y
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("data", ["tensor_dataset", "mixed"])
+def test_a_plain_dataloader_returns_exactly_the_batches_of_cache_loader(
+    tmp_path: Path, store: Literal["memory", "disk"], num_workers: int, data: str
+) -> None:
+    source: Any = _data(50) if data == "tensor_dataset" else _Mixed()
+    front: nn.Module = _frozen_agent().front_end if data == "tensor_dataset" else nn.Identity()
+    cache = gg.FeatureCache(front, source, store=store, path=tmp_path, progress=False)
+    kw: dict[str, Any] = {"batch_size": 8, "shuffle": True, "num_workers": num_workers}
+    for drop_last in (False, True):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        plain = list(DataLoader(cache, generator=g1, drop_last=drop_last, **kw))
+        fast = list(cache.loader(generator=g2, drop_last=drop_last, **kw))
+        assert len(plain) == (6 if drop_last else 7)
+        _same_batches(plain, fast)
+    # and both are what torch's own collation of the rows gives
+    rows = [cache[i] for i in range(8)]
+    _same_batches(next(iter(cache.loader(batch_size=8))), default_collate(rows))

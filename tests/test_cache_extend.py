@@ -94,7 +94,7 @@ def test_moved_cache_is_read_like_any_cache_labels_included() -> None:
     fast = list(moved.loader(batch_size=5, shuffle=True, generator=g2))
     assert len(plain) == len(fast) == 8
     for p, f in zip(plain, fast, strict=True):
-        assert torch.equal(p[0], f[0]) and torch.equal(p[1], f[1]) and list(p[2]) == list(f[2])
+        assert torch.equal(p[0], f[0]) and torch.equal(p[1], f[1]) and p[2] == f[2]
         assert p[1].dtype == torch.float64
 
 

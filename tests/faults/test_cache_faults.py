@@ -779,10 +779,13 @@ if __name__ == "__main__":
         cache = gg.FeatureCache(front, Logged(log), store="disk", path=path,
                                 batch_size=16, num_workers=2)
         x = torch.stack([torch.full((3,), float(i)) for i in range(64)])
+        lines = open(log).read().split()
         with torch.no_grad():
             ok = torch.equal(cache.features(), front(x))
-        lines = open(log).read().split()
-        out[method] = {"reads": len(lines) // 2, "pids": len(set(lines[::2])), "ok": ok}
+        checked = len(open(log).read().split()) // 2 - len(lines) // 2
+        out[method] = {
+            "reads": len(lines) // 2, "pids": len(set(lines[::2])), "ok": ok, "checked": checked
+        }
     print(json.dumps(out))
 """
 
@@ -799,7 +802,9 @@ def test_workers_under_spawn_and_forkserver_build_once_each(tmp_path: Path) -> N
     for method in ("spawn", "forkserver"):
         # one keying read and one building read per item, by two workers started once
         # (with the default progress bar, which once started them twice)
-        assert result[method] == {"reads": 2 * 64, "pids": 2, "ok": True}, (method, result)
+        # features() re-checks the dataset: every item read once more (verify="all")
+        want = {"reads": 2 * 64, "pids": 2, "ok": True, "checked": 64}
+        assert result[method] == want, (method, result)
 
 
 # -- the dataset changed after the build: re-checked at every pass -------------

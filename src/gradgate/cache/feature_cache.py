@@ -49,7 +49,7 @@ class _Verify(enum.Enum):
 
 def _first(item: Any) -> Any:
     """The default input function: the first element of a tuple, else the item itself."""
-    if isinstance(item, (tuple, list, _Row)):
+    if isinstance(item, (tuple, list)):
         return item[0]
     if isinstance(item, (Mapping, torch.Tensor, np.ndarray, numbers.Number)):
         return item
@@ -62,7 +62,7 @@ def _first(item: Any) -> Any:
 
 def _rest(item: Any) -> tuple[Any, ...]:
     """What is passed through: a tuple's tail, a mapping whole (whatever input_fn read)."""
-    if isinstance(item, (tuple, list, _Row)):
+    if isinstance(item, (tuple, list)):
         return tuple(item[1:])
     return (item,) if isinstance(item, Mapping) else ()
 
@@ -122,69 +122,66 @@ def _take(col: Column, idx: torch.Tensor, indices: Sequence[int]) -> Column:
     return col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in indices]
 
 
-class _Row(Sequence[Any]):
-    """Sample ``i`` of a batch read by ``FeatureCache.__getitems__``, like ``(features, *rest)``."""
+class _Rows(Sequence[tuple[Any, ...]]):
+    """The samples of one batch read by ``FeatureCache.__getitems__``.
 
-    __slots__ = ("columns", "i")
+    It holds the batch as columns (one indexing operation each). Read as a
+    sequence it is a list of ``(features, *rest)`` tuples, made once on first
+    access with ``unbind`` (views, no copies), so torch's ``default_collate``
+    and any user collate see plain rows; ``collate_rows`` hands the columns
+    back without making rows at all.
+    """
 
-    def __init__(self, columns: list[Column], i: int) -> None:
-        self.columns = columns
-        self.i = i
-
-    def __getitem__(self, k: Any) -> Any:
-        if isinstance(k, slice):
-            return tuple(col[self.i] for col in self.columns[k])
-        return self.columns[k][self.i]
-
-    def __len__(self) -> int:
-        return len(self.columns)
-
-
-class _Rows(Sequence[_Row]):
-    """The samples of one batch, made on demand; immutable, so ``collate_rows`` can
-    hand back the columns when it receives this very object."""
-
-    __slots__ = ("columns", "n")
+    __slots__ = ("_tuples", "columns", "n")
 
     def __init__(self, columns: list[Column], n: int) -> None:
         self.columns = columns
         self.n = n
+        self._tuples: list[tuple[Any, ...]] | None = None
+
+    def _rows(self) -> list[tuple[Any, ...]]:
+        if self._tuples is None:
+            cells = [
+                col.unbind(0) if isinstance(col, torch.Tensor) else col for col in self.columns
+            ]
+            self._tuples = list(zip(*cells, strict=True))
+        return self._tuples
 
     def __getitem__(self, k: Any) -> Any:
-        if isinstance(k, slice):
-            return [_Row(self.columns, i) for i in range(self.n)[k]]
-        if not -self.n <= k < self.n:
-            raise IndexError(k)
-        return _Row(self.columns, k % self.n)
+        return self._rows()[k]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._rows())
 
     def __len__(self) -> int:
         return self.n
 
 
 def collate_rows(rows: Sequence[Any]) -> Any:
-    """Collate a batch read by ``FeatureCache.__getitems__``: the batch itself, not re-stacked.
+    """Collate a batch read by ``FeatureCache.__getitems__`` without re-stacking it.
 
-    The batch as ``__getitems__`` returned it comes back as its columns
-    (a column of mappings as one mapping of batched values); anything else
-    (rows picked or reordered) goes through torch's ``default_collate``.
+    Returns exactly what torch's ``default_collate`` returns for the same
+    rows (a plain ``DataLoader(cache)``): a list with one batched value per
+    field. A batch as ``__getitems__`` returned it comes back as its columns
+    (tensor columns as they are, others through ``default_collate``); any
+    other list of rows goes through ``default_collate``.
 
     Example:
         >>> import torch
-        >>> columns = [torch.zeros(2, 3), torch.tensor([4, 5])]
-        >>> collate_rows(_Rows(columns, 2))[1]
-        tensor([4, 5])
-        >>> collate_rows([_Rows(columns, 2)[1]])[1]
+        >>> batch = _Rows([torch.zeros(2, 3), torch.tensor([4, 5]), ["a", "b"]], 2)
+        >>> collate_rows(batch)[1:]
+        [tensor([4, 5]), ('a', 'b')]
+        >>> collate_rows([batch[1]])[1]
         tensor([5])
     """
     if type(rows) is _Rows:
-        # Passed-through mappings batch as default_collate does: one dict of columns.
+        # A tuple, as default_collate receives each field of transposed rows
+        # (a str field then batches as a tuple of str, exactly as there).
         return [
-            default_collate(col)
-            if isinstance(col, list) and col and isinstance(col[0], Mapping)
-            else col
+            col if isinstance(col, torch.Tensor) else default_collate(tuple(col))  # type: ignore[arg-type]
             for col in rows.columns
         ]
-    return default_collate([tuple(r) for r in rows])
+    return default_collate(list(rows))
 
 
 class FeatureCache(Dataset[tuple[Any, ...]]):
@@ -758,8 +755,23 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     def __getitems__(self, indices: Sequence[int]) -> Sequence[Any]:
         """Read a whole batch with one indexing operation per column.
 
-        The rows returned are light views of that batch, made on demand;
-        ``collate_fn`` hands the batch back whole instead of re-stacking them.
+        PyTorch's ``DataLoader`` calls this for every batch of a map-style
+        dataset. The result reads as a list of ``(features, *rest)`` tuples
+        (views of the batch, made on first access), so ``default_collate`` and
+        any collate function work on it; ``collate_fn`` (``cache.loader()``)
+        hands the batch back whole instead of re-stacking rows. Both give the
+        same batches.
+
+        Example:
+            >>> import torch, gradgate as gg
+            >>> items = [(torch.ones(2) * i, i) for i in range(4)]
+            >>> cache = gg.FeatureCache(torch.nn.Identity(), items, progress=False)
+            >>> rows = cache.__getitems__([2, 0])
+            >>> rows[0]
+            (tensor([2., 2.]), tensor(2))
+            >>> cache.collate_fn(rows)
+            [tensor([[2., 2.],
+                    [0., 0.]]), tensor([2, 0])]
         """
         self._check(full=False)
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -823,7 +835,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             >>> cache = gg.FeatureCache(a, data, progress=False)
             >>> moved = cache.extend(b)
             >>> feats, label = moved[3]
-            >>> torch.equal(feats, b(a(data[3][0]))), label.dtype
+            >>> torch.allclose(feats, b(a(data[3][0]))), label.dtype
             (True, torch.float64)
         """
         kind: Literal["memory", "disk"] = (
