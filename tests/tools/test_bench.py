@@ -173,3 +173,19 @@ def test_benchmarks_page_has_the_rows_section_from_its_json() -> None:
     assert f"Command: `{command}`" in page
     assert "| gg_rows | 3.764 (3.028-4.409) | 0.98 | 1.0x | yes | 0 |" in page
     assert "python bench/rows.py" not in (ROOT / "docs" / "rows.md").read_text()
+
+
+def test_bench_cache_reports_every_reading_path_against_the_floor(tmp_path: Path) -> None:
+    out, md = tmp_path / "cache.json", tmp_path / "cache.md"
+    argv = ["bench", "cache", "--repeats", "2", "--warmup", "0", "--samples", "64"]
+    argv += ["--epochs", "1", "--no-progress", "--json", str(out), "--markdown", str(md)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    paths = ["loader", "dataloader", "disk_loader", "disk_dataloader"]
+    paths += ["workers2_loader", "workers2_dataloader"]
+    assert list(result["strategies"]) == ["floor", *paths]
+    for name in paths:
+        ratio = result["ratio_ranges"][f"{name}/floor"]
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert len(result["strategies"][name]["seconds"]) == 3
+    assert "| loader/floor |" in md.read_text()

@@ -238,10 +238,13 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     corrupted one is rebuilt, never read; temporary files left by a killed
     build are removed by the next open in that folder.
 
-    Read it in batches with ``collate_fn=cache.collate_fn`` (or
-    ``cache.loader(...)``): each batch is then one indexing operation per
-    column, as fast as indexing tensors by hand. A plain ``DataLoader(cache)``
-    works too, collating row by row.
+    Read it in batches with ``cache.loader(...)`` (a ``DataLoader`` with
+    ``collate_fn=cache.collate_fn``): each batch is one indexing operation
+    per column, handed back whole. A plain ``DataLoader(cache, batch_size=...)``
+    reads the same way through ``__getitems__`` and returns exactly the same
+    batches; its ``default_collate`` re-stacks views of the batch (see
+    docs/BENCHMARKS.md, ``cache``, for what each path costs). No collate
+    function is registered anywhere in torch.
 
     Args:
         front_end: the frozen module; no trainable parameter allowed, and
