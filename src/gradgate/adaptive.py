@@ -1,10 +1,10 @@
 """Adaptive freezing: freeze the leading stages that have stopped learning (AutoFreeze).
 
-Every ``every`` optimizer steps, ``AutoFreeze`` compares how strongly each
-trainable stage is still being pushed by its gradients with the previous
-window (the AutoFreeze paper's gradient-norm change, arXiv 2102.01386) and
-freezes the longest converged prefix of stages through ``gg.freeze`` and
-``gg.sync``. The frozen prefix can then be served from a ``gg.FeatureCache``
+Every ``every`` optimizer steps, ``AutoFreeze`` ranks the trainable stages by
+how far their gradient norm has decayed from its start (the AutoFreeze
+paper's ranking of stages, arXiv 2102.01386, on a signal that rises above
+mini-batch noise) and freezes the longest settled prefix of stages through
+``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a ``gg.FeatureCache``
 (``split``).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,6 +46,14 @@ class Decision:
             (``None`` where there is no previous window or the stage is frozen).
         froze: names of the stages frozen by this check (often empty).
         frozen: names of all frozen stages after the check.
+        skipped: why this window was not used (``None`` when it was): too few
+            of its steps gave a finite, non-zero gradient norm on some stage
+            (a skipped AMP step, a ``zero_grad(set_to_none=False)`` step that
+            produced no gradient). Such a window never freezes anything, and
+            the next window is compared with nothing.
+        decay: per stage, ``grad_norm`` over the stage's baseline (the mean of
+            the first two usable windows); ``None`` before the baseline is
+            complete and for frozen stages. The rank rule's signal.
 
     Example:
         >>> Decision(50, [1.0], [None], [], []).to_dict()["step"]
@@ -56,6 +65,8 @@ class Decision:
     change: list[float | None]
     froze: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    decay: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the record."""
@@ -76,6 +87,20 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return value
 
 
+def _check_ratio(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 < value <= 1
+    ):
+        raise InvalidArgumentError(
+            f"ratio must be a number in (0, 1] (a decay below ratio x the median decay "
+            f"counts as settled); got {value!r}"
+        )
+    return float(value)
+
+
 def _optimizer_params(optimizer: Any) -> set[int]:
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
@@ -86,28 +111,100 @@ def _optimizer_params(optimizer: Any) -> set[int]:
     return {id(p) for g in groups for p in g["params"]}
 
 
+def _seq(name: str, value: object, n: int) -> list[Any]:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise InvalidArgumentError(
+            f"the state's {name} must be a list of {n} numbers (one per stage); got {value!r}"
+        )
+    return list(value)
+
+
+def _floats(name: str, value: object, n: int) -> list[float]:
+    out = _seq(name, value, n)
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in out
+    ):
+        raise InvalidArgumentError(
+            f"the state's {name} must hold finite numbers >= 0; got {value!r}"
+        )
+    return [float(v) for v in out]
+
+
 def _shorten(names: Sequence[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+RULES = ("rank", "threshold")
+BASE_WINDOWS = 2  # usable windows averaged into each stage's baseline gradient norm
+
+
+def _check_threshold(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise InvalidArgumentError(
+            f"threshold must be a finite number >= 0 (0 never freezes); got {value!r}"
+        )
+    return float(value)
+
+
+def _resolve_rule(rule: object, threshold: object) -> tuple[str, float | None]:
+    if rule is None:
+        rule = "rank" if threshold is None else "threshold"
+    if rule not in RULES:
+        raise InvalidArgumentError(f"rule must be one of {list(RULES)}; got {rule!r}")
+    if rule == "rank":
+        if threshold is not None:
+            raise InvalidArgumentError(
+                f"threshold={threshold!r} applies to rule='threshold' only; the rank rule "
+                "compares the stages with each other: drop threshold, or pass rule='threshold'"
+            )
+        return "rank", None
+    return "threshold", _check_threshold(0.05 if threshold is None else threshold)
+
+
 class AutoFreeze:
-    """Freeze the longest prefix of stages whose gradients have stopped changing.
+    """Freeze the longest prefix of stages that has stopped learning, measured on gradients.
 
     Call ``af.step()`` after each ``optimizer.step()`` (before ``zero_grad``:
     it reads the gradients). It adds each trainable stage's gradient norm to
     a window; every ``every`` steps it takes the window's mean norm ``g`` per
-    stage and its relative change ``|g_prev - g| / g_prev`` from the last
-    window, and freezes the leading trainable stages whose change is below
-    ``threshold``, stopping at the first that is still changing. It never
-    freezes a stage behind a trainable one, never leaves fewer than
-    ``min_trainable`` stages training and never unfreezes; ``threshold=0``
-    never freezes. Frozen stages go through ``gg.freeze`` (sticky eval, grad
-    ``None``) and ``gg.sync`` (optimizer state dropped, scheduler aligned).
+    stage and decides:
+
+    - ``rule="rank"`` (the default): each stage's ``g`` is divided by its
+      baseline (its mean over the first two usable windows): the *decay* of
+      its gradient. A stage is *settled* in a window when its decay is below
+      ``ratio`` times the median decay of the trainable stages, i.e. its
+      gradients have shrunk clearly more than the others' (the stages are
+      ranked against each other, as in AutoFreeze, arXiv 2102.01386). The
+      leading stages settled in ``patience`` consecutive windows freeze. The
+      paper's window-to-window change ``|g_prev - g| / g_prev`` is recorded
+      in ``history`` too; on real fine-tunes it is mini-batch noise (see
+      docs/adaptive.md).
+    - ``rule="threshold"`` (the only rule before; chosen by passing
+      ``threshold=``): a stage is settled when its window-to-window change
+      is below ``threshold``; ``patience`` is 1 unless given. ``threshold=0``
+      never freezes.
+
+    Either way it freezes a prefix only (never a stage behind a trainable
+    one), never leaves fewer than ``min_trainable`` stages training and never
+    unfreezes. A window where some trainable stage had a finite, non-zero
+    gradient norm in fewer than half of its steps (NaN or inf from an
+    overflowing step, all zeros from a step that produced no gradient) is
+    never used: it freezes nothing, resets the patience counts, and the next
+    window is compared with nothing. Frozen stages go through ``gg.freeze``
+    (sticky eval, grad ``None``) and ``gg.sync`` (optimizer state dropped,
+    scheduler aligned).
 
     Under DDP pass the ``gg.distributed.wrap`` wrapper as ``model``: the
-    window statistics are all-reduced (averaged) over the ranks before each
-    decision, so every rank freezes the same stages at the same step, and a
-    freeze rebuilds the wrapper; run ``af.wrapped``.
+    window sums are all-reduced over the ranks before each decision, so every
+    rank freezes the same stages at the same step, and a freeze rebuilds the
+    wrapper; run ``af.wrapped``. Without a wrapper the same all-reduce runs
+    whenever a process group is initialised.
 
     Resume: ``load_state_dict`` re-applies the freezes, so load it before the
     optimizer's and scheduler's state.
@@ -120,19 +217,27 @@ class AutoFreeze:
         optimizer: the optimizer over the model's trainable parameters.
         scheduler: a learning-rate scheduler to keep aligned (``gg.sync``).
         every: steps per window (and between decisions).
-        threshold: the relative gradient-norm change under which a stage counts
-            as converged.
+        threshold: the change under which a stage counts as settled; passing
+            it selects ``rule="threshold"``.
         min_trainable: stages that always keep training (the last ones).
+        rule: ``"rank"`` or ``"threshold"``; by default ``"rank"`` unless
+            ``threshold`` is given.
+        patience: consecutive settled windows before a stage freezes (default:
+            2 under the rank rule, 1 under the threshold rule).
+        ratio: the rank rule's margin: settled means a decay below ``ratio``
+            times the median decay.
 
     Raises:
-        InvalidArgumentError: a bad ``every``/``threshold``/``min_trainable``,
-            stages that do not partition the trainable parameters, or an
-            optimizer that lacks some of them. Nothing is changed then.
+        InvalidArgumentError: a bad ``every``/``threshold``/``min_trainable``/
+            ``rule``/``patience``/``ratio``, ``threshold`` with
+            ``rule="rank"``, stages that do not partition the trainable
+            parameters, or an optimizer that lacks some of them. Nothing is
+            changed then.
 
     Example:
         >>> import torch, gradgate as gg
         >>> net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
-        >>> opt = torch.optim.SGD(net.parameters(), lr=0.0)  # nothing changes: all converged
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.0)  # nothing changes: all settled
         >>> af = gg.AutoFreeze(net, optimizer=opt, every=2, threshold=0.5)
         >>> for _ in range(4):
         ...     net(torch.ones(1, 4)).sum().backward(); opt.step(); af.step()
@@ -141,8 +246,8 @@ class AutoFreeze:
         []
         []
         ['0', '1']
-        >>> af.frozen, net[0].weight.requires_grad
-        (['0', '1'], False)
+        >>> af.frozen, net[0].weight.requires_grad, af.rule
+        (['0', '1'], False, 'threshold')
     """
 
     def __init__(
@@ -152,24 +257,23 @@ class AutoFreeze:
         *,
         optimizer: torch.optim.Optimizer,
         scheduler: Any = None,
-        every: int = 50,
-        threshold: float = 0.05,
+        every: int = 16,
+        threshold: float | None = None,
         min_trainable: int = 1,
+        rule: str | None = None,
+        patience: int | None = None,
+        ratio: float = 0.7,
     ) -> None:
         self.wrapper: GatedDDP | None = model if isinstance(model, GatedDDP) else None
         inner = model.module if isinstance(model, GatedDDP) else model
         self.model: nn.Module = inner
         self.every = _check_int("every", every, 1)
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-            or threshold < 0
-        ):
-            raise InvalidArgumentError(
-                f"threshold must be a finite number >= 0 (0 never freezes); got {threshold!r}"
-            )
-        self.threshold = float(threshold)
+        self.rule, self.threshold = _resolve_rule(rule, threshold)
+        default_patience = 2 if self.rule == "rank" else 1
+        self.patience = _check_int(
+            "patience", default_patience if patience is None else patience, 1
+        )
+        self.ratio = _check_ratio(ratio)
         self.stages = self._partition(stages)
         self.min_trainable = _check_int("min_trainable", min_trainable, 1, len(self.stages))
         self._check_optimizer(optimizer)
@@ -181,8 +285,12 @@ class AutoFreeze:
         self.steps = 0
         self.history: list[Decision] = []
         self._sums = self._zeros()
+        self._valid = self._zeros()
         self._count = 0
         self._previous: list[float] | None = None
+        self._settled = [0] * len(self.stages)
+        self._base = [0.0] * len(self.stages)
+        self._base_windows = 0
 
     def _zeros(self) -> list[torch.Tensor]:
         return [torch.zeros((), dtype=torch.float64) for _ in self.stages]
@@ -250,7 +358,9 @@ class AutoFreeze:
                 seen = True
                 # stays on the gradients' device: no host sync per step
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double())
-                self._sums[i] = self._sums[i].to(norm.device) + norm
+                good = torch.isfinite(norm) & (norm > 0)
+                self._sums[i] = self._sums[i].to(norm.device) + torch.where(good, norm, 0.0)
+                self._valid[i] = self._valid[i].to(norm.device) + good.double()
         if not seen:
             raise InvalidArgumentError(
                 f"AutoFreeze.step() found no gradient on the trainable stages "
@@ -259,14 +369,19 @@ class AutoFreeze:
             )
         self._count += 1
 
-    def _window_means(self) -> list[float]:
-        means = torch.stack([s.cpu() for s in self._sums]) / self._count
+    def _window(self) -> tuple[list[float], list[float], int]:
+        """Per stage the sum of good norms and the count of good steps, over all ranks."""
+        totals = torch.stack([torch.stack([s.cpu() for s in self._sums]),
+                              torch.stack([v.cpu() for v in self._valid])])  # fmt: skip
+        count = self._count
         if dist.is_available() and dist.is_initialized():
             # every rank decides from the same numbers, so all freeze alike
-            shared = means.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            shared = totals.to("cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(shared, op=dist.ReduceOp.SUM)
-            means = shared.cpu() / dist.get_world_size()
-        return [float(v) for v in means.tolist()]
+            totals = shared.cpu()
+            count *= dist.get_world_size()
+        sums, valid = totals.tolist()
+        return [float(v) for v in sums], [float(v) for v in valid], count
 
     def step(self) -> list[str]:
         """Count one optimizer step; on every ``every``-th, decide. Return the stages frozen now."""
@@ -276,40 +391,75 @@ class AutoFreeze:
             return []
         return self._decide()
 
-    def _converged_until(self, change: list[float | None]) -> int:
-        last = len(self.stages) - self.min_trainable
-        k = self.boundary
-        while k < last:
-            c = change[k]
-            if c is None or not c < self.threshold:
-                break
-            k += 1
-        return k
+    def _settled_now(
+        self, change: list[float | None], decay: list[float | None]
+    ) -> list[bool] | None:
+        """Per stage whether this window counts as settled; ``None``: nothing to compare yet."""
+        live = range(self.boundary, len(self.stages))
+        if self.threshold is not None:  # the threshold rule
+            if self._previous is None:
+                return None
+            bar = self.threshold
+            return [c is not None and c < bar for c in change]
+        known = [d for d in (decay[i] for i in live) if d is not None]
+        if len(known) < len(live):
+            return None
+        bar = self.ratio * statistics.median(known)
+        return [d is not None and d < bar for d in decay]
 
     def _decide(self) -> list[str]:
-        means = self._window_means()
+        sums, valid, count = self._window()
         live = range(self.boundary, len(self.stages))
-        grad_norm: list[float | None] = [means[i] if i in live else None for i in range(len(means))]
-        change: list[float | None] = [None] * len(means)
-        if self._previous is not None:
-            for i in live:
-                before, now = self._previous[i], means[i]
-                if before > 0:
-                    change[i] = abs(before - now) / before
-                else:
-                    change[i] = 0.0 if now == 0 else math.inf
-        cut = self._converged_until(change)
-        froze = self.stages.names[self.boundary : cut]
-        if froze:
-            self._freeze_to(cut)
-            log.info("AutoFreeze step %d: froze %s (change %s)", self.steps, froze, change)
+        n = len(self.stages)
+        short = [self.stages.names[i] for i in live if 2 * valid[i] < count]
+        grad_norm: list[float | None] = [
+            sums[i] / valid[i] if i in live and valid[i] > 0 else None for i in range(n)
+        ]
+        change: list[float | None] = [None] * n
+        decay: list[float | None] = [None] * n
+        skipped: str | None = None
+        froze: list[str] = []
+        means: list[float] | None = None
+        if short:
+            skipped = (
+                f"stages {_shorten(short)} had a finite, non-zero gradient norm in fewer "
+                f"than half of the window's {count} steps"
+            )
+            self._settled = [0] * n
+            log.warning("AutoFreeze step %d: window not used: %s", self.steps, skipped)
         else:
-            log.debug("AutoFreeze step %d: nothing to freeze (change %s)", self.steps, change)
-        self.history.append(Decision(self.steps, grad_norm, change, list(froze), self.frozen))
+            means = [sums[i] / valid[i] if i in live else 0.0 for i in range(n)]
+            if self._previous is not None:
+                for i in live:
+                    change[i] = abs(self._previous[i] - means[i]) / self._previous[i]
+            if self._base_windows >= BASE_WINDOWS:
+                for i in live:
+                    decay[i] = means[i] * self._base_windows / self._base[i]
+            settled = self._settled_now(change, decay)
+            if settled is not None:
+                for i in live:
+                    self._settled[i] = self._settled[i] + 1 if settled[i] else 0
+                cut = self.boundary
+                while cut < n - self.min_trainable and self._settled[cut] >= self.patience:
+                    cut += 1
+                froze = list(self.stages.names[self.boundary : cut])
+                if froze:
+                    self._freeze_to(cut)
+                    log.info(
+                        "AutoFreeze step %d: froze %s (decay %s, change %s)",
+                        self.steps, froze, decay, change,
+                    )  # fmt: skip
+            if self._base_windows < BASE_WINDOWS:
+                self._base = [b + m for b, m in zip(self._base, means, strict=True)]
+                self._base_windows += 1
+        if not froze and skipped is None:
+            log.debug("AutoFreeze step %d: nothing to freeze (decay %s)", self.steps, decay)
+        self.history.append(
+            Decision(self.steps, grad_norm, change, froze, self.frozen, skipped, decay)
+        )
         self._previous = means
-        self._sums = self._zeros()
-        self._count = 0
-        return list(froze)
+        self._sums, self._valid, self._count = self._zeros(), self._zeros(), 0
+        return froze
 
     def _freeze_to(self, cut: int) -> None:
         freeze(self.model, *self.stages[self.boundary : cut])
@@ -346,13 +496,20 @@ class AutoFreeze:
         return {
             "stages": list(self.stages.names),
             "every": self.every,
+            "rule": self.rule,
             "threshold": self.threshold,
+            "patience": self.patience,
+            "ratio": self.ratio,
             "min_trainable": self.min_trainable,
             "steps": self.steps,
             "boundary": self.boundary,
             "sums": [float(v) for v in self._sums],
+            "valid": [float(v) for v in self._valid],
             "count": self._count,
             "previous": None if self._previous is None else list(self._previous),
+            "settled": list(self._settled),
+            "base": list(self._base),
+            "base_windows": self._base_windows,
             "history": [d.to_dict() for d in self.history],
         }
 
@@ -361,32 +518,73 @@ class AutoFreeze:
 
         Call it before loading the optimizer's and scheduler's state: it
         removes the frozen stages from the optimizer as the original run did.
+        The whole state is checked before anything changes. A state saved
+        before the rank rule existed (no ``rule`` key) resumes the threshold
+        rule it ran.
 
         Raises:
-            InvalidArgumentError: the state was saved for other stages, or a
-                stage it froze trains here while a later one is frozen.
+            InvalidArgumentError: the state was saved for other stages, it
+                freezes every stage or leaves fewer than ``min_trainable``
+                training, it has fewer frozen stages than are frozen here
+                (AutoFreeze never unfreezes), or a setting or number in it is
+                invalid (a NaN threshold, a negative step count, ...).
         """
-        if list(state["stages"]) != list(self.stages.names):
+        names = list(self.stages.names)
+        n = len(names)
+        saved = state.get("stages") if isinstance(state, dict) else None
+        if not isinstance(saved, (list, tuple)) or list(saved) != names:
             raise InvalidArgumentError(
-                f"this AutoFreeze state was saved for stages {state['stages']}, but these "
-                f"are {self.stages.names}; build AutoFreeze with the same stages"
+                f"this AutoFreeze state was saved for stages {saved}, but these "
+                f"are {names}; build AutoFreeze with the same stages"
             )
-        boundary = int(state["boundary"])
+        every = _check_int("every", state.get("every"), 1)
+        legacy = "rule" not in state
+        rule, threshold = _resolve_rule(
+            "threshold" if legacy else state["rule"], state.get("threshold")
+        )
+        patience = _check_int("patience", state.get("patience", 1 if legacy else None), 1)
+        ratio = _check_ratio(state.get("ratio", 0.7))
+        min_trainable = _check_int("min_trainable", state.get("min_trainable"), 1, n)
+        boundary = _check_int("boundary", state.get("boundary"), 0)
+        if boundary > n - min_trainable:
+            raise InvalidArgumentError(
+                f"the state freezes {boundary} of the {n} stages, but min_trainable="
+                f"{min_trainable} must keep training; it cannot come from AutoFreeze"
+            )
         if boundary < self.boundary:
             raise InvalidArgumentError(
                 f"the state has {boundary} frozen stages but {self.boundary} are frozen "
                 "already; AutoFreeze never unfreezes: load it into a fresh AutoFreeze"
             )
-        self.every = _check_int("every", state["every"], 1)
-        self.threshold = float(state["threshold"])
-        self.min_trainable = _check_int(
-            "min_trainable", state["min_trainable"], 1, len(self.stages)
-        )
+        steps = _check_int("steps", state.get("steps"), 0)
+        count = _check_int("count", state.get("count"), 0)
+        sums = _floats("sums", state.get("sums"), n)
+        valid = _floats("valid", state.get("valid", [float(count)] * n), n)
+        prev = state.get("previous")
+        previous = None if prev is None else _floats("previous", prev, n)
+        settled = [
+            _check_int("settled", v, 0) for v in _seq("settled", state.get("settled", [0] * n), n)
+        ]
+        base = _floats("base", state.get("base", [0.0] * n), n)
+        base_windows = _check_int("base_windows", state.get("base_windows", 0), 0)
+        if rule == "rank" and base_windows and not all(base[boundary:]):
+            raise InvalidArgumentError(
+                f"the state's base must be > 0 for every trainable stage; got {base}"
+            )
+        try:
+            history = [Decision(**d) for d in state.get("history", [])]
+        except TypeError as e:
+            raise InvalidArgumentError(f"the state's history is not AutoFreeze's: {e}") from None
+        # everything is checked: from here on nothing can fail half-way
+        self.every, self.rule, self.threshold = every, rule, threshold
+        self.patience, self.ratio, self.min_trainable = patience, ratio, min_trainable
         if boundary > self.boundary:
             self._freeze_to(boundary)
-        self.steps = int(state["steps"])
-        self._sums = [torch.tensor(float(v), dtype=torch.float64) for v in state["sums"]]
-        self._count = int(state["count"])
-        prev = state["previous"]
-        self._previous = None if prev is None else [float(v) for v in prev]
-        self.history = [Decision(**d) for d in state["history"]]
+        self.steps = steps
+        self._sums = [torch.tensor(v, dtype=torch.float64) for v in sums]
+        self._valid = [torch.tensor(v, dtype=torch.float64) for v in valid]
+        self._count = count
+        self._previous = previous
+        self._settled = settled
+        self._base, self._base_windows = base, base_windows
+        self.history = history
