@@ -472,7 +472,8 @@ def test_bad_rule_arguments_are_refused(kwargs: dict[str, Any], message: str) ->
 def _state_after_a_freeze() -> dict[str, Any]:
     _, _, _, af = _run(30, 5)
     assert af.boundary > 0
-    return af.state_dict()
+    state: dict[str, Any] = af.state_dict()
+    return state
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples", type=int, default=4096, metavar="N", help="training samples (default: 4096)"
     )
     parser.add_argument(
-        "--epochs", type=int, default=5, metavar="N", help="epochs per run (default: 5)"
+        "--epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="epochs per run (default: 5; autofreeze: each task's own, 4)",
     )
     parser.add_argument(
         "--warmup", type=int, default=1, metavar="N", help="discarded rounds first (default: 1)"
@@ -120,11 +124,36 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=["text", "image"],
         default=["text", "image"],
-        help="MiniLM on sentences, EfficientNet-Lite0 on digits (default: both)",
+        help="MiniLM on BBC headlines, EfficientNet-Lite0 on MNIST (default: both)",
     )
     auto.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds (default: 3)")
     auto.add_argument(
-        "--threshold", type=float, default=0.05, help="AutoFreeze threshold (default: 0.05)"
+        "--first-seed", type=int, default=0, metavar="N", help="the first seed (default: 0)"
+    )
+    auto.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on the first N training samples only (default: all)",
+    )
+    auto.add_argument(
+        "--every", type=int, default=None, metavar="N", help="AutoFreeze window (default: 16)"
+    )
+    auto.add_argument(
+        "--rule",
+        choices=["rank", "threshold"],
+        default=None,
+        help="AutoFreeze rule (default: rank; threshold when --threshold is given)",
+    )
+    auto.add_argument(
+        "--threshold", type=float, default=None, help="AutoFreeze threshold (threshold rule)"
+    )
+    auto.add_argument(
+        "--partial",
+        default=None,
+        metavar="JSON",
+        help="write the result so far after every run (read a long run before it ends)",
     )
     auto.add_argument(
         "--strategies",
@@ -967,6 +996,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """
     if args.workload in ("autofreeze", "integrations", "rows"):
         return _run_fine_tune(args)
+    if getattr(args, "epochs", None) is None:
+        args.epochs = 5
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.workload == "scale":
