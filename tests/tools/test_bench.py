@@ -78,22 +78,6 @@ def test_fine_tune_workloads_parse_with_their_own_options() -> None:
         build_parser().parse_args(["bench", "autofreeze", "--tasks", "audio"])
 
 
-def test_autofreeze_merge_runs_through_the_cli(tmp_path: Path) -> None:
-    recorded = json.loads((ROOT / "docs" / "bench" / "autofreeze.json").read_text())
-    text, image = dict(recorded), dict(recorded)
-    text["workloads"] = {"text": recorded["workloads"]["text"]}
-    image["workloads"] = {"image": recorded["workloads"]["image"]}
-    for name, part in (("text", text), ("image", image)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(part))
-    out, md = tmp_path / "out.json", tmp_path / "out.md"
-    argv = ["bench", "autofreeze", "--merge", str(tmp_path / "text.json")]
-    argv += [str(tmp_path / "image.json"), "--json", str(out), "--markdown", str(md)]
-    assert main(argv) == 0
-    merged = json.loads(out.read_text())
-    assert merged["workloads"] == recorded["workloads"] and merged["argv"] == argv
-    assert "| image | progressive | 0.9358 | -2.83 | 3/3 | 1.51x |" in md.read_text()
-
-
 def test_benchmarks_page_has_the_fine_tune_sections_with_real_commands() -> None:
     page = (ROOT / "docs" / "BENCHMARKS.md").read_text()
     for workload in ("autofreeze", "integrations"):

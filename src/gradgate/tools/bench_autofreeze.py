@@ -625,6 +625,9 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
     ]
     for task, data in result["workloads"].items():
         for s, v in data.get("summary", {}).items():
+            if "seeds" not in v:  # recorded by the benchmark before issue 26 (other workloads)
+                lines.append(_legacy_row(task, s, v))
+                continue
             acc = v["final_acc"]
             a, b = v["seconds"]["same_budget_speedup"], v["seconds"]["to_99_speedup"]
             span_a = "" if a["mean"] is None else f" ({a['min']:.2f}-{a['max']:.2f})"
@@ -644,10 +647,28 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _legacy_row(task: str, s: str, v: dict[str, Any]) -> str:
+    """A row of a result recorded before issue 26: time to full's final accuracy only.
+
+    Example:
+        >>> _legacy_row("text", "full", {"final_acc": {"mean": 0.9}, "acc_drop_points": 0.0,
+        ...     "seconds": {"speedup_to_target_mean": 1.0}})
+        '| text | full | (before issue 26) | 0.9000 | +0.00 | - | 1.00x to full's final | - | - |'
+    """
+    speed = v["seconds"]["speedup_to_target_mean"]
+    return (
+        f"| {task} | {s} | (before issue 26) | {v['final_acc']['mean']:.4f} | "
+        f"{v['acc_drop_points']:+.2f} | - | {_x(speed)} to full's final | - | - |"
+    )
+
+
 def print_summary(result: dict[str, Any]) -> None:
     """Print one line per task and strategy: accuracy, speed-ups, goals."""
     for name, data in result["workloads"].items():
         for s, v in data.get("summary", {}).items():
+            if "seeds" not in v:
+                print(_legacy_row(name, s, v), flush=True)
+                continue
             cpu = v["seconds"]
             print(
                 f"{name} {s:17s} acc {v['final_acc']['mean']:.4f} "
