@@ -651,9 +651,9 @@ def _legacy_row(task: str, s: str, v: dict[str, Any]) -> str:
     """A row of a result recorded before issue 26: time to full's final accuracy only.
 
     Example:
-        >>> _legacy_row("text", "full", {"final_acc": {"mean": 0.9}, "acc_drop_points": 0.0,
-        ...     "seconds": {"speedup_to_target_mean": 1.0}})
-        '| text | full | (before issue 26) | 0.9000 | +0.00 | - | 1.00x to full's final | - | - |'
+        >>> print(_legacy_row("text", "full", {"final_acc": {"mean": 0.9}, "acc_drop_points": 0.0,
+        ...     "seconds": {"speedup_to_target_mean": 1.0}}))
+        | text | full | (before issue 26) | 0.9000 | +0.00 | - | 1.00x to full's final | - | - |
     """
     speed = v["seconds"]["speedup_to_target_mean"]
     return (
