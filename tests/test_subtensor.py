@@ -39,6 +39,14 @@ class Classifier(nn.Module):
         return out
 
 
+def _base(model: nn.Module, name: str = "embed.weight") -> nn.Parameter:
+    """The registered parameter under ``name`` (for a partial tensor: the frozen full ``W``)."""
+    owner, _, leaf = name.rpartition(".")
+    p = model.get_submodule(owner)._parameters[leaf]
+    assert isinstance(p, nn.Parameter)
+    return p
+
+
 def _tokens(seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (6, 7), generator=g)
@@ -88,7 +96,7 @@ def test_train_only_new_rows_exact_for_50_steps(make_opt: Callable[..., Any]) ->
     assert torch.equal(w[old], w0[old])
     assert not torch.equal(w[NEW], w0[NEW])
     assert gg.fingerprint([(n, t) for n, t, _ in frozen_tensors(model)]) == frozen_print
-    assert model.decoder.weight is model.embed.weight
+    assert _base(model, "decoder.weight") is _base(model)
 
 
 @pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=list(OPTIMIZERS))
@@ -240,24 +248,26 @@ def test_deepcopy_and_pickle_keep_training_rows_independently() -> None:
         opt.step()
         w = clone.embed.weight.detach()
         assert not torch.equal(w[NEW], w0[NEW]) and torch.equal(w[:26], w0[:26])
-        assert clone.decoder.weight is clone.embed.weight
+        assert _base(clone, "decoder.weight") is _base(clone)
+        assert clone.decoder.weight_rows is clone.embed.weight_rows  # tied rows stay tied
     assert torch.equal(model.embed.weight, w0)
 
 
 def test_guard_sees_a_write_to_a_frozen_row() -> None:
     model = TiedLM()
     gg.train_only(model, gg.rows("embed.weight", NEW))
+    w = _base(model)  # the frozen full tensor, watched whole
     with (
-        pytest.raises(gg.FrozenTensorChangedError, match=r"embed.weight\[0:26\]"),
+        pytest.raises(gg.FrozenTensorChangedError, match=r"'embed\.weight'"),
         gg.guard(model),
         torch.no_grad(),
     ):
-        model.embed.weight[3] += 1
+        w[3] += 1
     with (
         pytest.raises(gg.FrozenTensorChangedError, match="without an in-place version bump"),
         gg.guard(model, check="exact"),
     ):
-        model.embed.weight.data[5] += 1
+        w.data[5] += 1
 
 
 def test_sync_and_lint_understand_partial_tensors() -> None:
@@ -267,13 +277,13 @@ def test_sync_and_lint_understand_partial_tensors() -> None:
     opt.step()
     gg.train_only(model, gg.rows("embed.weight", NEW))
     codes = {f.code: f.params for f in gg.lint(opt, model)}
-    assert codes["GG104"] == ["embed.weight"] and "embed.weight" in codes["GG101"]
+    assert codes["GG104"] == ["embed.weight_rows.weight"] and "embed.weight" in codes["GG101"]
     out = gg.sync(opt, model)
-    assert "embed.weight" in out["removed"] and out["added"] == ["embed.weight"]
+    assert "embed.weight" in out["removed"] and out["added"] == ["embed.weight_rows.weight"]
     assert gg.lint(opt, model) == []
     (r,) = gg.trainable_parameters(model)
     assert any(p is r for g in opt.param_groups for p in g["params"])
-    assert model.embed.weight not in opt.state
+    assert _base(model) not in opt.state
 
 
 def test_save_and_load_only_the_rows(tmp_path: Path) -> None:
@@ -286,7 +296,8 @@ def test_save_and_load_only_the_rows(tmp_path: Path) -> None:
     opt.step()
     path = gg.save_trainable(model, tmp_path / "rows.safetensors", optimizer=opt)
     with safe_open(str(path), framework="pt") as f:
-        assert f.get_tensor("embed.weight").shape == (4, DIM)
+        assert f.get_tensor("embed.weight_rows.weight").shape == (4, DIM)
+        assert "embed.weight" not in f.keys()  # only the trainable rows are stored
         assert f.get_tensor("__rows__.embed.weight").tolist() == NEW
 
     fresh = TiedLM()
@@ -312,7 +323,7 @@ def test_save_and_load_only_the_rows(tmp_path: Path) -> None:
     with torch.no_grad():
         other_base.embed.weight[0] += 1  # a frozen row differs
     gg.train_only(other_base, gg.rows("embed.weight", NEW))
-    with pytest.raises(gg.FingerprintMismatchError, match=r"embed.weight\[0:26\]"):
+    with pytest.raises(gg.FingerprintMismatchError, match=r"values differ: embed\.weight\b"):
         gg.load_trainable(other_base, path)
 
 
@@ -378,15 +389,7 @@ def test_malformed_index_type_and_excluded_rows_refused() -> None:
 def test_every_index_form_names_the_same_rows(index: Any) -> None:
     model = TiedLM()
     gg.train_only(model, gg.rows("embed.weight", index))
-    assert partials(model)[id(model.embed.weight)].index.tolist() == NEW
-
-
-def test_ddp_wrap_refuses_a_model_where_only_rows_train() -> None:
-    model = TiedLM()
-    gg.train_only(model, gg.rows("embed.weight", NEW))
-    with pytest.raises(gg.InvalidArgumentError, match=r"only rows of 'embed\.weight' train"):
-        gg.distributed.wrap(model)
-    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")  # refused before any change
+    assert partials(model)[id(_base(model))].index.tolist() == NEW
 
 
 def test_new_tokens_minilm_example_runs() -> None:
@@ -446,12 +449,15 @@ def test_changes_are_announced_as_the_leaf_that_trains() -> None:
     stop = subscribe(seen.append)
     try:
         h = gg.freeze(model, gg.rows("embed.weight", [0, 1]))
-        (r,) = [p for n, p in gg.named_trainable_parameters(model) if n == "embed.weight"]
+        (r,) = [
+            p for n, p in gg.named_trainable_parameters(model) if n == "embed.weight_rows.weight"
+        ]
+        w = _base(model)
         h.undo()
     finally:
         stop()
     rows_change = next(c for c in seen if c.unfrozen)
-    assert rows_change.frozen == (model.embed.weight,) and rows_change.unfrozen == (r,)
+    assert rows_change.frozen == (w,) and rows_change.unfrozen == (r,)
     assert any(c.action == "undo" and c.frozen == (r,) for c in seen)
 
 

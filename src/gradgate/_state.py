@@ -50,7 +50,6 @@ class TensorEntry:
     owner: nn.Module
     leaf: str
     position: int  # the owner's position in the ModelIndex
-    base: torch.Tensor | None = None  # rows (issue 16): what the name holds when tensor is a view
 
 
 def model_entries(index: ModelIndex) -> list[TensorEntry]:
@@ -158,9 +157,9 @@ class ModelState:
             self._partials = subtensor.partials(self.model, self.index)
         return self._partials
 
-    def trainable_rows(self) -> dict[int, nn.Parameter]:
-        """``id(W) -> R``: what an optimizer gets in a partial tensor's place."""
-        return subtensor.trainable_of(self.model, self.index)
+    def element_counts(self) -> dict[int, tuple[int, int]]:
+        """``id(tensor) -> (trainable, frozen)`` elements of partial tensors (``W`` and ``R``)."""
+        return subtensor.element_counts(self.model, self.index) if self.partials else {}
 
     def entries(self) -> list[TensorEntry]:
         """Every parameter then every buffer, tied tensors once (see ``model_entries``)."""
@@ -168,20 +167,11 @@ class ModelState:
             self._entries = model_entries(self.index)
         return self._entries
 
-    def row_entries(self) -> list[TensorEntry]:
-        """Each run of frozen rows of a partial tensor, a view named ``name[a:b]``."""
-        blocks = subtensor.frozen_row_blocks(self.model, self.index) if self.partials else []
-        if not blocks:
-            return []
-        at = {id(e.tensor): e for e in self.entries()}
-        return [
-            TensorEntry(name, view, "parameter", e.owner, e.leaf, e.position, base=w)
-            for name, view, w in blocks
-            if (e := at.get(id(w))) is not None
-        ]
-
     def frozen_entries(self, buffers: bool) -> list[TensorEntry]:
-        """Frozen parameters (and frozen rows), then (with ``buffers``) buffers of frozen modules.
+        """Frozen parameters, then (with ``buffers``) buffers of frozen modules.
+
+        A partial tensor's ``W`` is an ordinary frozen parameter (zeros in its
+        trainable rows), so what is watched or fingerprinted is its frozen rows.
 
         Example:
             >>> import torch
@@ -191,7 +181,6 @@ class ModelState:
         """
         entries = self.entries()
         frozen_params = [e for e in entries if e.kind == "parameter" and not e.tensor.requires_grad]
-        frozen_params += self.row_entries()
         if not buffers:
             return frozen_params
         frozen_ids = {id(m) for _, m in self.frozen_modules()}
@@ -205,7 +194,8 @@ class ModelState:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Trainable parameters plus buffers of modules that are not frozen, by name.
 
-        A partial tensor contributes its trainable rows and their row numbers.
+        A partial tensor's trainable rows are a trainable parameter like any
+        other; their row numbers are added under ``__rows__.<name>``.
         """
         frozen = {id(m) for _, m in self.frozen_modules()}
         out: dict[str, torch.Tensor] = {}

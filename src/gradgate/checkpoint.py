@@ -211,7 +211,6 @@ def _optimizer_payload(
     optimizer: torch.optim.Optimizer, record: ModelState
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     names = dict(record.index.canonical)
-    names.update({id(r): names[k] for k, r in record.trainable_rows().items()})  # rows
     tensors: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
     state: dict[str, dict[str, Any]] = {}
@@ -576,10 +575,10 @@ def load_trainable(
     tensors, meta = _read(src)
     with gc_paused():
         record = ModelState(model)
+        state = record.trainable_state()
+    subtensor.check_rows(state, tensors)  # rows: the file's row sets are the model's
     if strict:
         _check_base(record, meta, src)
-    with gc_paused():
-        state = record.trainable_state()
     sharded = [k for k, v in state.items() if callable(getattr(v, "full_tensor", None))]
     if sharded:
         raise CheckpointError(
@@ -613,10 +612,8 @@ def load_trainable(
                 f"{k!r}: checkpoint dtype {v.dtype} != model dtype {state[k].dtype}; tensors "
                 "are never cast on load: convert the model (or the file) to the saved dtype"
             )
-    subtensor.check_rows(state, saved)  # rows (issue 16): the file's rows are the model's
     opt_state = _optimizer_state(opt, record, tensors, meta, src) if opt is not None else None
     _apply(state, load, opt, opt_state, src)
-    subtensor.write_back_all(model, record.index)  # rows (issue 16): loaded rows reach W at once
     return LoadResult(
         path=src,
         loaded=tuple(load),
@@ -690,7 +687,6 @@ def _optimizer_state(
             f"given is {type(optimizer).__name__}: build the same optimizer class before loading"
         )
     names = dict(record.index.canonical)
-    names.update({id(r): names[k] for k, r in record.trainable_rows().items()})  # rows
     current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
     if current != saved_names:
         raise CheckpointError(

@@ -12,12 +12,11 @@ after the trainable set changed (announced or by hand) raises
 options. Schedules given the wrapper rebuild it through ``gg_refresh``: the
 dependency runs from here to the schedules, never back.
 
-Partially frozen tensors (``gg.rows``): DDP ignores each such ``W`` (its
-full gradient is never bucketed) and the wrapper all-reduces the trainable
-rows' gradient ``R.grad`` (``k x ...``) in the hook that fills it, once per
-backward that DDP itself would synchronise: under ``no_sync()`` the rows
-accumulate locally like DDP's gradients, and the next synchronised backward
-averages the accumulated sum, as DDP does.
+Partially frozen tensors (``gg.rows``) need nothing here: ``W`` is a frozen
+parameter and its trainable rows ``R`` an ordinary trainable parameter of
+the module tree, so DDP buckets and all-reduces ``R`` (``k x ...``) only.
+Choosing other rows replaces ``R`` (same name, new tensor): the wrapper
+compares the trainable parameters by identity, so it goes stale then too.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) reads ``requires_grad`` at
 each all-gather and reduce-scatters only parameters that have gradients, so
@@ -29,39 +28,27 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import subtensor
 from ._events import Change, subscribe
 from ._index import ModelIndex
-from .errors import InvalidArgumentError, StaleWrapperError
+from .errors import StaleWrapperError
 from .optim import Rules, sync
 
 __all__ = ["CommCounter", "GatedDDP", "rewrap", "track_communication", "wrap"]
-
-
-_IGNORED = "_gg_ddp_ignored"  # module attribute: the names gradgate added to DDP's ignore list
-_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # read by DistributedDataParallel.__init__
 
 
 def _trainable_names(module: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, p in ModelIndex(module).params.items() if p.requires_grad)
 
 
-def _rows_signature(module: nn.Module) -> tuple[tuple[str, int], ...]:
-    # A partial's identity changes whenever its rows do (a new PartialRows).
-    found = subtensor.partials(module)
-    return tuple(
-        sorted(
-            (n, id(found[id(p)])) for n, p in ModelIndex(module).params.items() if id(p) in found
-        )
-    )
+def _trainable_ids(module: nn.Module) -> tuple[tuple[str, int], ...]:
+    # Names alone miss a tensor replaced under its name (other gg.rows of a tensor).
+    return tuple((n, id(p)) for n, p in ModelIndex(module).params.items() if p.requires_grad)
 
 
 class CommCounter:
@@ -79,7 +66,7 @@ class CommCounter:
         self.calls = 0
 
     def count(self, tensor: torch.Tensor) -> None:
-        """Count one all-reduced tensor (the rows of a partially frozen parameter)."""
+        """Count one all-reduced tensor."""
         self.bytes += tensor.numel() * tensor.element_size()
         self.elements += tensor.numel()
         self.calls += 1
@@ -100,33 +87,17 @@ class GatedDDP(DistributedDataParallel):
 
     def __init__(self, module: nn.Module, **ddp_kwargs: Any) -> None:
         index = ModelIndex(module)
-        found = subtensor.partials(module)
-        _refuse_rows_only(index, found)
-        restore = _ignore_partials(module, index, found)
-        try:
-            super().__init__(module, **ddp_kwargs)
-            if found and ddp_kwargs.get("init_sync", True):
-                _broadcast_partials(list(found.values()), self.process_group)
-        except BaseException:
-            restore()
-            raise
+        super().__init__(module, **ddp_kwargs)
         self.gg_ddp_kwargs = dict(ddp_kwargs)
         self.gg_trainable = _trainable_names(module)
         self.gg_counter: CommCounter | None = None
-        # Partials whose row gradient the next backward must all-reduce: set by
-        # each forward DDP synchronises, emptied by the reducer as it runs.
-        self.gg_pending_rows: set[int] = set()
-        self._gg_parts = frozenset(id(part) for part in found.values())
-        self._gg_rows = _rows_signature(module)
-        reducer = _RowsReducer(self)
-        for part in found.values():
-            subtensor.set_grad_reducer(part, reducer)
+        self._gg_ids = _trainable_ids(module)
         # Announced changes mark the wrapper stale at once; a hand-made
         # ``requires_grad_`` is caught by comparing the flags at the next forward.
         self.gg_stale = False
         self._gg_params = tuple(index.params.values())
         self._gg_flags = tuple(p.requires_grad for p in self._gg_params)
-        ids = {id(p) for p in self._gg_params} | {id(part.trainable) for part in found.values()}
+        ids = {id(p) for p in self._gg_params}
         me = weakref.ref(self)
 
         def hear(change: Change) -> None:
@@ -146,8 +117,7 @@ class GatedDDP(DistributedDataParallel):
         """
         flags = tuple(p.requires_grad for p in self._gg_params)
         if self.gg_stale or flags != self._gg_flags:
-            now = (_trainable_names(self.module), _rows_signature(self.module))
-            self.gg_stale = now != (self.gg_trainable, self._gg_rows)
+            self.gg_stale = _trainable_ids(self.module) != self._gg_ids
         return self.gg_stale
 
     def gg_refresh(self) -> GatedDDP:
@@ -163,106 +133,26 @@ class GatedDDP(DistributedDataParallel):
             was, cur = set(self.gg_trainable), set(now)
             frozen = sorted(was - cur)
             unfrozen = sorted(cur - was)
-            rows = sorted({n for n, _ in set(self._gg_rows) ^ set(_rows_signature(self.module))})
+            replaced = sorted(
+                {n for n, _ in set(self._gg_ids) ^ set(_trainable_ids(self.module))} & was & cur
+            )
             raise StaleWrapperError(
                 "the trainable set changed after DDP was built "
                 f"(frozen since: {frozen[:5] or 'none'}, "
                 f"unfrozen since: {unfrozen[:5] or 'none'}, "
-                f"rows changed since: {rows[:5] or 'none'}); "
+                f"replaced since: {replaced[:5] or 'none'}); "
                 "DDP would stall or let the ranks silently diverge. Call "
                 "model = gg.distributed.rewrap(model, optimizer) after freezing or unfreezing"
             )
-        synced = torch.is_grad_enabled() and self.require_backward_grad_sync
-        self.gg_pending_rows = set(self._gg_parts) if synced else set()
         return super().forward(*inputs, **kwargs)  # type: ignore[no-untyped-call]
-
-
-class _RowsReducer:
-    """Averages a partial tensor's row gradient over the ranks of one wrapper.
-
-    Runs in the hook that fills ``R.grad``, once per backward DDP synchronises:
-    the same point, and the same accumulated gradient, that DDP all-reduces.
-    """
-
-    def __init__(self, ddp: GatedDDP) -> None:
-        self.ddp = weakref.ref(ddp)
-
-    def __call__(self, part: subtensor.PartialRows, grad: torch.Tensor) -> None:
-        ddp = self.ddp()
-        if ddp is None or id(part) not in ddp.gg_pending_rows:
-            return  # under no_sync(), or a forward that bypassed the wrapper: stays local
-        ddp.gg_pending_rows.discard(id(part))
-        group = ddp.process_group
-        grad.div_(dist.get_world_size(group))
-        dist.all_reduce(grad, group=group)
-        if ddp.gg_counter is not None:
-            ddp.gg_counter.count(grad)
-
-
-def _refuse_rows_only(index: ModelIndex, found: dict[int, subtensor.PartialRows]) -> None:
-    if not found or any(p.requires_grad and id(p) not in found for p in index.params.values()):
-        return
-    names = [n for n, p in index.params.items() if id(p) in found]
-    raise InvalidArgumentError(
-        f"gg.distributed.wrap: only rows of {', '.join(repr(n) for n in names)} train "
-        "(gg.rows) and DDP refuses a model with no other trainable parameter; train at "
-        "least one whole tensor as well, or all-reduce the rows' gradients yourself "
-        "without DDP (see docs/rows.md)"
-    )
-
-
-def _ignore_partials(
-    module: nn.Module, index: ModelIndex, found: dict[int, subtensor.PartialRows]
-) -> Callable[[], None]:
-    """Put every name of a partial ``W`` on DDP's ignore list; return what undoes it.
-
-    The user's own ignore entries stay; the names gradgate added for an
-    earlier wrapper and that are whole again leave the list.
-    """
-    d = module.__dict__
-    saved = {k: d[k] for k in (_IGNORED, _DDP_IGNORE) if k in d}
-    flags = [(p, p.__dict__.get("_ddp_ignored")) for _, p in index.aliases]
-    before = set(d.get(_IGNORED, ()))
-    user = [n for n in d.get(_DDP_IGNORE, ()) if n not in before]
-    ours = [n for n, p in index.aliases if id(p) in found]
-    for n, p in index.aliases:
-        if id(p) in found:
-            p._ddp_ignored = True  # type: ignore[attr-defined]  # DDP's mixed precision reads it
-        elif n in before:
-            p.__dict__.pop("_ddp_ignored", None)
-    if ours or before:
-        d[_IGNORED] = ours
-        d[_DDP_IGNORE] = user + ours
-
-    def restore() -> None:
-        for k in (_IGNORED, _DDP_IGNORE):
-            d.pop(k, None)
-        d.update(saved)
-        for p, flag in flags:
-            p.__dict__.pop("_ddp_ignored", None)
-            if flag is not None:
-                p._ddp_ignored = flag  # type: ignore[attr-defined]
-
-    return restore
-
-
-def _broadcast_partials(parts: list[subtensor.PartialRows], group: Any) -> None:
-    # DDP broadcasts the parameters it manages from rank 0 when built; the
-    # partial tensors it ignores get the same, and their rows follow.
-    for part in parts:
-        part.write_back()
-        dist.broadcast(part.weight.data, group=group, group_src=0)
-        part.read_back()
 
 
 def wrap(model: nn.Module, **ddp_kwargs: Any) -> GatedDDP:
     """Wrap ``model`` in DDP, recording its trainable set.
 
     Frozen parameters are never registered with DDP's reducer, so they are
-    never all-reduced. A partially frozen tensor (``gg.rows``) is ignored by
-    DDP and only its trainable rows' gradient is all-reduced (see the module
-    docstring); a model where nothing but rows trains is refused
-    (``InvalidArgumentError``). A forward after the trainable set changed raises
+    never all-reduced; of a partially frozen tensor (``gg.rows``) only the
+    trainable rows are. A forward after the trainable set changed raises
     ``StaleWrapperError`` instead of diverging.
 
     Args:

@@ -199,8 +199,12 @@ def _check_shared(
     action: str,
     shared: Shared | None,
     selectors: Sequence[object],
+    rows: subtensor.RowsPlan,
 ) -> dict[int, bool]:
     """Find tied parameters split across the selection boundary.
+
+    A partial tensor (``gg.rows``) counts as trainable and its rows' leaf
+    follows it (``rows.tied_as``).
 
     Returns the forced ``requires_grad`` for each such parameter (when
     ``shared`` decides) and raises ``SharedParameterError`` otherwise.
@@ -213,14 +217,17 @@ def _check_shared(
         if id(p) in index.shared:
             by_id.setdefault(id(p), []).append(name)
     for key, names in by_id.items():
+        flag = rows.tied_as.get(key, True)
+        if flag is None:
+            continue
         inside = [n for n in names if n in sel.aliases]
         outside = [n for n in names if n not in sel.aliases]
         if not inside or not outside:
             continue
-        p = index.params[index.canonical[key]]
-        if action == "freeze" and not p.requires_grad:
+        trains = index.params[index.canonical[key]].requires_grad or key in rows.tied_as
+        if action == "freeze" and not trains:
             continue
-        if action == "unfreeze" and p.requires_grad:
+        if action == "unfreeze" and trains:
             continue
         if shared is not None:
             forced[key] = shared is Shared.TRAIN
@@ -297,11 +304,13 @@ def _plan_modes(
     action: str,
     mode: Mode,
     unfrozen: set[int],
+    partial: set[int],
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Which modules a call releases, and which it holds in eval (with their anchors).
 
     Runs after the call has set the parameter flags; ``unfrozen`` holds the
-    ids of the parameters it made trainable.
+    ids of the parameters it made trainable, ``partial`` those of the tensors
+    whose rows train once the call is done (``gg.rows``): they count as trainable.
 
     A module is frozen when no parameter under it trains; a parameter-free
     module takes the state of its parent (or is frozen when it is itself a
@@ -345,7 +354,7 @@ def _plan_modes(
     trains = [False] * n
     for (_, p), o in zip(index.aliases, index.alias_owner, strict=True):
         has_params[o] = True
-        if p.requires_grad:
+        if p.requires_grad or id(p) in partial:
             trains[o] = True
     for i in range(n - 1, 0, -1):
         up = parent[i]
@@ -438,7 +447,7 @@ def _apply_walk(
     # TorchScript module that cannot be held, Ctrl-C) is rolled back.
     model = index.model
     sel = resolve(index, selectors, exclude)
-    forced = _check_shared(index, sel, action, shared_e, selectors)
+    forced = _check_shared(index, sel, action, shared_e, selectors, rows_plan)
     changes = _plan_flags(index, sel, action, forced, rows_plan.want)
     _warn_nothing(action, shared_e, sel, forced, selectors)
     handle = Freezing(model, action, sel)
@@ -458,8 +467,8 @@ def _apply_walk(
             else:
                 p.grad = None
                 handle.frozen.append(name)
-        unfrozen = {id(p) for _, p, want in changes if want}
-        release, stick = _plan_modes(index, sel, action, mode_e, unfrozen)
+        unfrozen = {id(p) for _, p, want in changes if want} | rows_plan.gained
+        release, stick = _plan_modes(index, sel, action, mode_e, unfrozen, rows_plan.partial)
         _refuse_script(index, stick, action)
         # Each released module follows the nearest ancestor this call did not release.
         leader: dict[int, nn.Module] = {}
@@ -638,10 +647,9 @@ def named_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Param
         >>> [n for n, _ in gg.named_trainable_parameters(lin)]
         ['weight']
     """
-    rows = subtensor.trainable_of(model)  # rows (issue 16): a partial tensor's trainable rows
     for name, p in model.named_parameters():
         if p.requires_grad:
-            yield name, rows.get(id(p), p)
+            yield name, p
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -100,17 +100,6 @@ class _Watched:
     version: int
     digest: str | None
     lost: bool = False  # no longer anywhere in the model (its module was replaced)
-    base: torch.Tensor | None = None  # rows (issue 16): the partial tensor this block views
-
-    @property
-    def held(self) -> torch.Tensor:
-        """What the name's slot holds: the tensor itself, or the partial tensor of a row block."""
-        return self.tensor if self.base is None else self.base
-
-    @property
-    def slot_name(self) -> str:
-        """The name of the slot (a row block ``w[0:3]`` lives in ``w``)."""
-        return self.name if self.base is None else self.name.rpartition("[")[0]
 
 
 _REPLACED_CAUSE = (
@@ -228,7 +217,6 @@ class Guard:
                 position=e.position,
                 version=e.tensor._version,
                 digest=named_digest(e.name, e.tensor) if exact else None,
-                base=e.base,  # rows (issue 16)
             )
         self._relink(state)
 
@@ -238,7 +226,7 @@ class Guard:
         place = {id(e.tensor): e for e in state.entries()}
         needed: set[int] = set()
         for w in self._watched.values():
-            e = place.get(id(w.held))  # rows (issue 16): a row block lives where its tensor does
+            e = place.get(id(w.tensor))
             if e is None:
                 w.lost = True
                 continue
@@ -294,18 +282,13 @@ class Guard:
         """Follow a change gradgate announced: unfrozen tensors leave, frozen ones join."""
         with self._lock, gc_paused():
             unfrozen = {id(p) for p in change.unfrozen}
-            for key in [k for k, w in self._watched.items() if id(w.held) in unfrozen]:
+            for key in [k for k, w in self._watched.items() if id(w.tensor) in unfrozen]:
                 del self._watched[key]
             self._fast = None
             if not (change.frozen or change.unfrozen):
                 return
             state = ModelState(self.model)
             current = state.frozen_entries(self.buffers)
-            # rows (issue 16): a row block leaves with its partial tensor (undo, other rows)
-            blocks = {id(e.tensor) for e in current if e.base is not None}
-            for key in [k for k, w in self._watched.items() if w.base is not None]:
-                if key not in blocks:
-                    del self._watched[key]
             if change.unfrozen and self.buffers:
                 # Buffers follow their module: once it trains (through gradgate) they may move.
                 still = {id(e.tensor) for e in current}
@@ -372,13 +355,13 @@ class Guard:
             try:
                 for w in list(self._watched.values()):
                     if resolved is not None:
-                        now = resolved.get(w.slot_name)
+                        now = resolved.get(w.name)
                     else:
                         now = _slot(
                             w.owner._parameters if w.kind == "parameter" else w.owner._buffers,
                             w.leaf,
                         )
-                    if now is not w.held:
+                    if now is not w.tensor:
                         replaced = True
                         self._violation(
                             w, "replaced" if now is not None else "removed", where, stepped
@@ -465,7 +448,7 @@ class Guard:
             state = ModelState(self.model)
         names = {w.name for w in self._watched.values()}
         self._watched = {}
-        entries = state.entries() + state.row_entries()
+        entries = state.entries()
         self._watch([e for e in entries if e.name in names], state)
 
 
@@ -527,7 +510,7 @@ class _FastView:
         ws = list(watched)
         self.lost = any(w.lost for w in ws)
         self.tensors = [w.tensor for w in ws]
-        self.held = [w.held for w in ws]  # rows (issue 16): a row block's slot holds its tensor
+        self.held = [w.tensor for w in ws]
         self.versions = [w.version for w in ws]
         self.slots = [
             w.owner._parameters if w.kind == "parameter" else w.owner._buffers for w in ws

@@ -140,12 +140,12 @@ def _summary(model: nn.Module, depth: int) -> Summary:
     seen: dict[int, set[int]] = {}
     shared = index.shared
     alias_sizes = sizes(p for _, p in index.aliases)
-    partial = record.partials  # rows (issue 16): element counts of partial tensors
+    counts = record.element_counts()  # rows: W's frozen and trainable rows; R none
     for (_, p), owner, n in zip(index.aliases, index.alias_owner, alias_sizes, strict=True):
         key = id(p)
         n_train, n_froz = (n, 0) if p.requires_grad else (0, n)
-        if key in partial:  # rows (issue 16)
-            n_train, n_froz = partial[key].numel()
+        if key in counts:
+            n_train, n_froz = counts[key]
         for row in rows_of[owner]:
             if key in shared:
                 ids = seen.setdefault(row, set())
@@ -261,12 +261,11 @@ def grad_report(model: nn.Module) -> GradReport:
     unexpected: list[str] = []
     sq: dict[str, float] = {}
     count: dict[str, int] = {}
-    rows = record.trainable_rows()  # rows (issue 16): a partial tensor's grad is on R
     for name, p in index.params.items():
         owner = owner_of(name)
         sq.setdefault(owner, 0.0)
         count.setdefault(owner, 0)
-        g = rows[id(p)].grad if id(p) in rows else p.grad
+        g = p.grad
         if p.requires_grad and g is None:
             missing.append(name)
         elif not p.requires_grad and g is not None:

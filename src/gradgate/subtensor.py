@@ -1,50 +1,54 @@
 """Sub-tensor freezing: train some rows (dim 0) of a parameter and hold the others fixed.
 
-A partially frozen parameter ``W`` stays the module's parameter (same object,
-name, shape and ``state_dict`` key; the forward is untouched). Its trainable
-rows live in a small leaf ``R`` (``k x ...``) kept outside the module's
-parameter registry, which ``gg.trainable_parameters`` hands to the optimizer
-under ``W``'s name, so optimizer state covers only those rows:
+The trainable rows are state the model owns, in its module tree (as PEFT's
+Trainable Tokens keeps its delta), so everything PyTorch does to a module
+sees them with no extra call:
 
-- ``W.requires_grad`` stays True so autograd reaches it; a post-accumulate
-  hook on ``W`` moves ``W.grad[rows]`` into ``R.grad`` and drops ``W.grad``
-  at once. An optimizer given ``W`` anyway skips it (its grad is None), so
-  neither momentum nor weight decay can move a frozen row.
-- ``R``'s values reach ``W`` by an ``index_copy_`` of the ``k`` rows after
-  every optimizer step (a global step post-hook, registered the first time
-  rows are used), before every forward of a module that uses ``W`` and before
-  ``state_dict``. The write goes through ``.data`` and touches only trainable
-  rows, so the version counter and the digest of the frozen rows never move:
-  ``guard`` and ``fingerprint`` watch the frozen rows as views of ``W``.
+- ``W`` stays the owner's parameter under the same name and ``state_dict``
+  key, with ``requires_grad=False``: an ordinary frozen tensor that
+  ``guard`` and ``fingerprint`` watch whole and that no optimizer is given.
+- The trainable rows ``R`` (``k x ...``) are a parameter of a small child
+  module ``TrainableRows`` registered under every module using ``W``
+  (``embed.weight_rows.weight``), with their row numbers as a buffer. So
+  ``model.parameters()``, ``zero_grad``, ``clip_grad_norm_``, ``.to()``,
+  DDP, ``deepcopy`` and pickling all see ``R`` as a plain parameter.
+- The owner's class becomes a subclass (same name) whose ``W`` attribute
+  reads ``W.index_copy(0, index, R)``: the forward is the module's own and
+  autograd reaches ``R`` directly; ``state_dict`` stores that merged tensor
+  under ``W``'s key and ``load_state_dict`` splits a loaded one (``assign``
+  too). The subclass pickles as "the plain class plus these names".
 
-The state (a ``PartialRows``) lives in the ``__dict__`` of every module that
-owns ``W``, so it follows ``copy.deepcopy`` and pickling of the model.
+No hook, process-global or per tensor, is installed; nothing is patched.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ._events import Change, announce
 from ._index import ModelIndex, is_float
 from .errors import CheckpointError, InvalidArgumentError
 from .selection import Selector, SelectorItem, describe_selectors, resolve
 
-__all__ = ["PartialRows", "RowIndex", "Rows", "partials", "rows"]
+__all__ = [
+    "PartialRows",
+    "RowIndex",
+    "Rows",
+    "TrainableRows",
+    "partial_tensors",
+    "partials",
+    "rows",
+]
 
 RowIndex = Union[Sequence[int], Sequence[bool], slice, range, torch.Tensor]  # noqa: UP007
 """What ``gg.rows`` accepts as ``index``: ints, a slice, a bool mask or an integer tensor."""
 
-_REGISTRY = "_gradgate_rows"  # key in an owning module's __dict__: {param name: PartialRows}
 _ROWS_KEY = "__rows__."  # checkpoint key prefix of a partial tensor's row indices
 
 
@@ -174,308 +178,327 @@ def _from_mask(mask: torch.Tensor, n_rows: int, what: str) -> torch.Tensor:
     return mask.nonzero().reshape(-1)
 
 
-# Partials alive in this process, for the optimizer step post-hook; a weak set
-# so a dropped model takes its partials with it.
-_live: weakref.WeakSet[PartialRows] = weakref.WeakSet()
-_step_hook: RemovableHandle | None = None
-_step_hook_lock = threading.Lock()
+_ROWS_SUFFIX = "_rows"  # the owner's child holding a partial tensor's trainable rows: "<name>_rows"
+_NAMES = "_gg_rows_names"  # class attribute of an owner's rows class: the partial tensor names
+_PLAIN = "_gg_rows_plain"  # class attribute of an owner's rows class: the class it extends
+
+# (plain class, partial names) -> the owner class that serves those names merged.
+_classes: dict[tuple[type[nn.Module], tuple[str, ...]], type[nn.Module]] = {}
+_classes_lock = threading.Lock()
 
 
-# Who averages a partial tensor's row gradient across ranks (gg.distributed.wrap
-# sets it); weak keys, so a released or dropped partial takes its entry along.
-GradReducer = Callable[["PartialRows", torch.Tensor], None]
-"""What ``set_grad_reducer`` accepts: called as ``reducer(part, R.grad)``."""
-_reducers: weakref.WeakKeyDictionary[PartialRows, GradReducer] = weakref.WeakKeyDictionary()
+class TrainableRows(nn.Module):
+    """The trainable rows of one partially frozen parameter, a child of each module using it.
 
-
-def set_grad_reducer(part: PartialRows, reducer: GradReducer) -> None:
-    """Call ``reducer(part, R.grad)`` each time a backward has filled ``R.grad``.
-
-    The distributed wrapper uses it to all-reduce the trainable rows' gradient
-    (``k x ...``) instead of ``W``'s full one; a later call replaces the reducer.
-
-    Example:
-        >>> import torch, gradgate as gg
-        >>> lin = torch.nn.Linear(3, 4)
-        >>> _ = gg.train_only(lin, gg.rows("weight", [0]))
-        >>> part = partials(lin)[id(lin.weight)]
-        >>> set_grad_reducer(part, lambda part, grad: grad.mul_(0.5))
-        >>> lin(torch.ones(1, 3)).sum().backward()
-        >>> part.trainable.grad.tolist()
-        [[0.5, 0.5, 0.5]]
-    """
-    _reducers[part] = reducer
-
-
-def _after_any_step(optimizer: torch.optim.Optimizer, *args: Any) -> None:
-    # Fused optimizers update in place without bumping version counters, so
-    # every live partial is written back (k rows each): cheap and always right.
-    for part in list(_live):
-        part.write_back()
-
-
-def _ensure_step_hook() -> None:
-    global _step_hook
-    with _step_hook_lock:
-        if _step_hook is None:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            _step_hook = register_optimizer_step_post_hook(_after_any_step)
-
-
-class _WriteBack:
-    """Forward / state_dict pre-hook of a module using ``W``: bring ``W`` up to date.
-
-    An object rather than a closure so that ``copy.deepcopy`` of the model
-    gives the copy a hook bound to the copied partial.
-    """
-
-    def __init__(self, part: PartialRows) -> None:
-        self.part = part
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        self.part.write_back()
-
-
-class _ReadBack:
-    """Load-state-dict post-hook: rows loaded into ``W`` become ``R``'s values."""
-
-    def __init__(self, part: PartialRows) -> None:
-        self.part = part
-
-    def __call__(self, *args: Any) -> None:
-        self.part.read_back()
-
-
-class _MoveGrad:
-    """Post-accumulate-grad hook on ``W``: its trainable rows' gradient goes to ``R``."""
-
-    def __init__(self, part: PartialRows) -> None:
-        self.part = part
-
-    def __call__(self, weight: torch.Tensor) -> None:
-        grad = weight.grad
-        if grad is None:
-            return
-        part = self.part
-        rows_grad = grad.index_select(0, part.index)
-        if rows_grad.is_sparse:
-            rows_grad = rows_grad.to_dense()
-        r = part.trainable
-        if r.grad is None:
-            r.grad = rows_grad
-        else:
-            r.grad.add_(rows_grad)
-        weight.grad = None
-        reducer = _reducers.get(part)
-        if reducer is not None:
-            reducer(part, r.grad)
-
-
-class PartialRows:
-    """A parameter ``W`` with some rows trainable (held in ``trainable``) and the rest frozen.
+    ``W`` stays its owner's parameter (frozen, same name, shape and
+    ``state_dict`` key); this child holds the trainable rows ``R`` as a
+    parameter named like ``W`` (``embed.weight_rows.weight``) and their row
+    numbers as the buffer ``index``. The owner reads ``W`` merged,
+    ``W.index_copy(0, index, R)``, so autograd reaches ``R`` directly.
 
     Attributes:
-        weight: the module's parameter ``W`` (unchanged identity and shape).
-        index: sorted trainable row numbers (int64, on ``W``'s device).
-        trainable: the leaf ``R = W[index]`` the optimizer updates.
+        index: sorted trainable row numbers (int64 buffer, follows ``.to(device)``).
+        trainable: ``R``, the parameter holding those rows (``k x ...``).
+        base: ``W``, the frozen full tensor (as the first owner holds it).
         prior: ``W.requires_grad`` before it became partial.
 
     Example:
         >>> import torch, gradgate as gg
         >>> lin = torch.nn.Linear(3, 4)
         >>> _ = gg.freeze(lin, gg.rows("weight", [0, 1]))
-        >>> part = gg.subtensor.partials(lin)[id(lin.weight)]
+        >>> part = partials(lin)[id(lin._parameters["weight"])]
         >>> part.index.tolist(), tuple(part.trainable.shape)
         ([2, 3], (2, 3))
+        >>> [n for n, p in lin.named_parameters() if p.requires_grad]
+        ['bias', 'weight_rows.weight']
     """
 
-    def __init__(self, weight: nn.Parameter, index: torch.Tensor, prior: bool) -> None:
-        self.weight = weight
-        self.index = index.to(weight.device)
-        self.trainable = nn.Parameter(weight.detach().index_select(0, self.index))
-        self.prior = prior
-        self.owners: list[tuple[nn.Module, str]] = []
-        self._handles: list[RemovableHandle] = []
-        self._grad_handle: RemovableHandle | None = None
+    index: torch.Tensor
+
+    def __init__(self, weight: nn.Parameter, name: str, index: torch.Tensor, prior: bool) -> None:
+        super().__init__()
+        if name == "index" or hasattr(TrainableRows, name):
+            raise InvalidArgumentError(
+                f"gg.rows: a parameter named {name!r} cannot be partial (the name is taken by "
+                "gradgate's TrainableRows); train it whole"
+            )
+        idx = index.to(weight.device)
+        self.register_buffer("index", idx, persistent=False)
+        self.register_parameter(name, nn.Parameter(weight.detach().index_select(0, idx)))
+        self.__dict__["name"] = name
+        self.__dict__["prior"] = prior
+        self.__dict__["owners"] = []  # (module, attribute) pairs that read W merged
+
+    @property
+    def trainable(self) -> nn.Parameter:
+        """``R``: the trainable rows."""
+        r: nn.Parameter = self._parameters[self.__dict__["name"]]  # type: ignore[assignment]
+        return r
+
+    @property
+    def base(self) -> nn.Parameter:
+        """``W``: the frozen full tensor (as the first owner holds it)."""
+        owner, attr = self.__dict__["owners"][0]
+        w: nn.Parameter = owner._parameters[attr]
+        return w
+
+    def merge(self, base: torch.Tensor) -> torch.Tensor:
+        """``base`` with the trainable rows in place: differentiable in ``R``, a new tensor."""
+        r = self._parameters[self.__dict__["name"]]
+        assert r is not None
+        return base.index_copy(0, self.index, r if r.dtype == base.dtype else r.to(base.dtype))
+
+    def numel(self) -> tuple[int, int]:  # type: ignore[override]
+        """``(trainable, frozen)`` element counts of the partial tensor."""
+        train = self.trainable.numel()
+        return train, self.base.numel() - train
 
     @property
     def frozen_index(self) -> torch.Tensor:
         """Sorted row numbers that are frozen."""
-        keep = torch.ones(self.weight.shape[0], dtype=torch.bool, device=self.index.device)
+        keep = torch.ones(self.base.shape[0], dtype=torch.bool, device=self.index.device)
         keep[self.index] = False
         return keep.nonzero().reshape(-1)
 
-    def numel(self) -> tuple[int, int]:
-        """``(trainable, frozen)`` element counts."""
-        train = self.trainable.numel()
-        return train, self.weight.numel() - train
+    def extra_repr(self) -> str:
+        return f"{self.trainable.shape[0]} trainable rows of {self.__dict__['name']!r}"
 
-    def write_back(self) -> None:
-        """Copy ``R`` into ``W``'s trainable rows (through ``.data``: no version bump)."""
-        w = self.weight
-        with torch.no_grad():
-            w.data.index_copy_(0, self.index, self.trainable.detach().to(w.dtype))
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        # The owner stores W merged under its own key; R has no key of its own.
+        return
 
-    def read_back(self) -> None:
-        """Copy ``W``'s trainable rows into ``R`` (after ``W`` was loaded)."""
-        with torch.no_grad():
-            self.trainable.copy_(self.weight.detach().index_select(0, self.index))
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # The owner loads R from W's key (see _RowsOwner._load_from_state_dict).
+        return
 
     def attach(self, model: nn.Module, owners: Sequence[tuple[nn.Module, str]]) -> None:
-        """Install hooks and registry entries on ``owners`` (and ``model``)."""
-        self.weight.requires_grad_(True)  # autograd must reach W; its frozen rows are held here
-        self.weight.grad = None
-        self.owners = list(owners)
-        modules = {id(m): m for m, _ in self.owners}
-        modules.setdefault(id(model), model)
-        for m in modules.values():
-            self._handles.append(m.register_forward_pre_hook(_WriteBack(self)))
-        for m, name in self.owners:
-            self._handles.append(m.register_state_dict_pre_hook(_WriteBack(self)))
-            self._handles.append(m.register_load_state_dict_post_hook(_ReadBack(self)))
-            m.__dict__.setdefault(_REGISTRY, {})[name] = self
-        self._attach_grad_hook()
-        _ensure_step_hook()
-
-    def _attach_grad_hook(self) -> None:
-        self._grad_handle = self.weight.register_post_accumulate_grad_hook(_MoveGrad(self))
-        _live.add(self)
+        """Register this child under every module using ``W`` and make them read ``W`` merged."""
+        for m, attr in owners:
+            child = attr + _ROWS_SUFFIX
+            taken = (
+                child in m._modules
+                or child in m._parameters
+                or child in m._buffers
+                or child in m.__dict__
+                or hasattr(type(m), child)
+            )
+            if taken:
+                raise InvalidArgumentError(
+                    f"gg.rows: {type(m).__name__} already has an attribute {child!r}, where the "
+                    f"trainable rows of {attr!r} would go; rename it, or train {attr!r} whole"
+                )
+        self.__dict__["owners"] = list(owners)
+        w = self.base
+        w.requires_grad_(False)
+        w.grad = None
+        with torch.no_grad():
+            # W's trainable rows live in R; W holds zeros there, so what a fingerprint
+            # of W covers is its frozen rows alone. Through .data, like an optimizer.
+            w.data.index_fill_(0, self.index.to(w.device), 0)
+        for m, attr in owners:
+            m._modules[attr + _ROWS_SUFFIX] = self
+            names = tuple(sorted({*getattr(type(m), _NAMES, ()), attr}))
+            m.__class__ = _rows_class(getattr(type(m), _PLAIN, type(m)), names)
 
     def release(self) -> None:
-        """Write ``R`` into ``W`` and remove every hook: ``W`` is a plain parameter again."""
-        self.write_back()
+        """Write ``R`` into ``W``'s rows and detach: ``W`` is a plain parameter again."""
+        owners = self.__dict__["owners"]
+        with torch.no_grad():
+            r = self.trainable.detach()
+            done: set[int] = set()
+            for m, attr in owners:
+                w = m._parameters.get(attr)
+                if w is not None and id(w) not in done:
+                    done.add(id(w))
+                    # Through .data: W's version counter stays, like an optimizer's write.
+                    w.data.index_copy_(0, self.index.to(w.device), r.to(w.device, w.dtype))
         self.trainable.grad = None
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self._grad_handle is not None:
-            self._grad_handle.remove()
-            self._grad_handle = None
-        for m, name in self.owners:
-            reg = m.__dict__.get(_REGISTRY, {})
-            if reg.get(name) is self:
-                del reg[name]
-            if not reg:
-                m.__dict__.pop(_REGISTRY, None)
-        _live.discard(self)
+        for m, attr in owners:
+            if m._modules.get(attr + _ROWS_SUFFIX) is self:
+                del m._modules[attr + _ROWS_SUFFIX]
+            names = tuple(n for n in getattr(type(m), _NAMES, ()) if n != attr)
+            plain = getattr(type(m), _PLAIN, type(m))
+            m.__class__ = _rows_class(plain, names) if names else plain
 
     def reattach(self, model: nn.Module) -> None:
         """Make this partial live again, ``R`` refreshed from ``W`` (an undo)."""
-        self.read_back()
-        self.attach(model, self.owners)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> PartialRows:
-        new = PartialRows.__new__(PartialRows)
-        memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_grad_handle"}
-        new.__dict__.update(copy.deepcopy(state, memo))
-        # Parameter.__deepcopy__ drops tensor hooks; the copy needs its own.
-        new._attach_grad_hook()
-        return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_grad_handle"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._attach_grad_hook()
+        with torch.no_grad():
+            self.trainable.copy_(self.base.detach().index_select(0, self.index))
+        self.attach(model, self.__dict__["owners"])
 
 
-def partials(model: nn.Module, index: ModelIndex | None = None) -> dict[int, PartialRows]:
-    """Every live partial tensor of ``model``, keyed by ``id(W)``.
+PartialRows = TrainableRows
+"""The name issue 16 gave the state of a partial tensor."""
+
+
+def _merged_property(attr: str) -> property:
+    child = attr + _ROWS_SUFFIX
+
+    def get(self: nn.Module) -> torch.Tensor:
+        rows: TrainableRows = self._modules[child]  # type: ignore[assignment]
+        return rows.merge(self._parameters[attr])  # type: ignore[arg-type]
+
+    return property(get, doc=f"``{attr}`` with its trainable rows merged in (gg.rows).")
+
+
+class _RowsOwner(nn.Module):
+    """Mixed into an owner's class: ``W``'s ``state_dict`` key holds the full current tensor."""
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for attr in getattr(type(self), _NAMES):
+            key = prefix + attr
+            if key in destination:
+                with torch.no_grad():
+                    destination[key] = getattr(self, attr)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        loaded: dict[str, torch.Tensor] = {}
+        for attr in getattr(type(self), _NAMES):
+            key, base = prefix + attr, self._parameters[attr]
+            full = state_dict.get(key)
+            rows: TrainableRows = self._modules[attr + _ROWS_SUFFIX]  # type: ignore[assignment]
+            if isinstance(full, torch.Tensor) and base is not None and full.shape == base.shape:
+                idx = rows.index.to(full.device)
+                loaded[attr] = full.detach().index_select(0, idx)
+                # W keeps its own values in the trainable rows (its frozen part is what
+                # a fingerprint covers); the loaded rows go to R below.
+                keep = base.detach().index_select(0, rows.index).to(full.device, full.dtype)
+                state_dict[key] = full.detach().index_copy(0, idx, keep)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        for attr, values in loaded.items():
+            rows = self._modules[attr + _ROWS_SUFFIX]  # type: ignore[assignment]
+            r = rows.trainable
+            with torch.no_grad():
+                if assign:
+                    new = nn.Parameter(values.clone(), requires_grad=r.requires_grad)
+                    rows._parameters[rows.__dict__["name"]] = new
+                else:
+                    r.copy_(values)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        cls = type(self)
+        return (_rebuild, (getattr(cls, _PLAIN), getattr(cls, _NAMES)), self.__dict__)
+
+
+def _rows_class(plain: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
+    """The class an owner of partial tensors ``names`` gets: ``plain`` reading them merged."""
+    key = (plain, names)
+    with _classes_lock:
+        cls = _classes.get(key)
+        if cls is None:
+            body: dict[str, Any] = {n: _merged_property(n) for n in names}
+            body.update(
+                {
+                    _NAMES: names,
+                    _PLAIN: plain,
+                    "__module__": plain.__module__,
+                    "__qualname__": plain.__qualname__,
+                }
+            )
+            cls = type(plain.__name__, (_RowsOwner, plain), body)
+            _classes[key] = cls
+    return cls
+
+
+def _rebuild(plain: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
+    """Unpickle (and deep-copy) an owner of partial tensors: a bare instance of its rows class."""
+    cls = _rows_class(plain, names)
+    obj: nn.Module = cls.__new__(cls)
+    return obj
+
+
+def partials(model: nn.Module, index: ModelIndex | None = None) -> dict[int, TrainableRows]:
+    """Every partial tensor of ``model``: ``id(W) -> TrainableRows``.
 
     Example:
         >>> import torch, gradgate as gg
         >>> partials(torch.nn.Linear(2, 2))
         {}
     """
-    if not _live:  # nothing partial anywhere: skip the walk
+    if not _classes:  # gg.rows never used in this process: skip the walk
         return {}
-    out: dict[int, PartialRows] = {}
+    out: dict[int, TrainableRows] = {}
     # ModelIndex walks iteratively: a 3000-deep chain stays within the recursion limit.
     for m in (index if index is not None else ModelIndex(model)).mods:
-        reg = m.__dict__.get(_REGISTRY)
-        if reg:
-            for name, part in reg.items():
-                if m.__dict__["_parameters"].get(name) is part.weight:
-                    out[id(part.weight)] = part
+        for attr in getattr(type(m), _NAMES, ()):
+            rows = m._modules.get(attr + _ROWS_SUFFIX)
+            base = m._parameters.get(attr)
+            if isinstance(rows, TrainableRows) and base is not None:
+                out[id(base)] = rows
     return out
 
 
-def trainable_of(model: nn.Module, index: ModelIndex | None = None) -> dict[int, nn.Parameter]:
-    """``id(W) -> R`` for every partial tensor: what an optimizer gets in ``W``'s place.
-
-    Example:
-        >>> import torch, gradgate as gg
-        >>> lin = torch.nn.Linear(3, 4)
-        >>> _ = gg.train_only(lin, gg.rows("weight", [0]))
-        >>> tuple(trainable_of(lin)[id(lin.weight)].shape)
-        (1, 3)
-    """
-    return {key: part.trainable for key, part in partials(model, index).items()}
-
-
-def write_back_all(model: nn.Module, index: ModelIndex | None = None) -> None:
-    """Bring every partial tensor of ``model`` up to date with its trainable rows."""
-    for part in partials(model, index).values():
-        part.write_back()
-
-
-def frozen_row_blocks(
+def partial_tensors(
     model: nn.Module, index: ModelIndex | None = None
-) -> list[tuple[str, torch.Tensor, nn.Parameter]]:
-    """The frozen rows of each partial tensor as views of ``W`` (one per run of rows).
+) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """``(owner module, parameter name, trainable row numbers)`` per use of a partial tensor.
 
-    Views share ``W``'s version counter, so ``guard(check="fast")`` sees any
-    in-place write to ``W``, and their digests cover exactly the frozen rows.
-    Returned as ``(name[start:stop], view, W)``. A partial tensor hands out
-    the same view objects on every call, so a guard that follows changes
-    watches each block once.
+    The one view of partial tensors the rest of gradgate needs: the frozen
+    full tensor is ``owner._parameters[name]`` (``requires_grad=False``), its
+    trainable rows the parameter ``owner.<name>_rows.<name>`` (an ordinary
+    trainable parameter of the module tree).
 
     Example:
         >>> import torch, gradgate as gg
         >>> emb = torch.nn.Embedding(6, 2)
         >>> _ = gg.train_only(emb, gg.rows("weight", [2]))
-        >>> [n for n, _, _ in frozen_row_blocks(emb)]
-        ['weight[0:2]', 'weight[3:6]']
-        >>> frozen_row_blocks(emb)[0][1] is frozen_row_blocks(emb)[0][1]
-        True
+        >>> [(type(m).__name__, n, i.tolist()) for m, n, i in partial_tensors(emb)]
+        [('Embedding', 'weight', [2])]
     """
-    found = partials(model, index)
-    if not found:
-        return []
-    out: list[tuple[str, torch.Tensor, nn.Parameter]] = []
-    for name, p in (index if index is not None else ModelIndex(model)).params.items():
-        part = found.get(id(p))
-        if part is not None:
-            out += [(f"{name}[{a}:{b}]", view, p) for a, b, view in _blocks(part)]
+    if not _classes:
+        return
+    for m in (index if index is not None else ModelIndex(model)).mods:
+        for attr in getattr(type(m), _NAMES, ()):
+            rows = m._modules.get(attr + _ROWS_SUFFIX)
+            if isinstance(rows, TrainableRows) and m._parameters.get(attr) is not None:
+                yield m, attr, rows.index
+
+
+def element_counts(model: nn.Module, index: ModelIndex | None = None) -> dict[int, tuple[int, int]]:
+    """``id(tensor) -> (trainable, frozen)`` elements for the tensors of partial tensors.
+
+    ``W`` counts its frozen rows as frozen and its trainable rows as
+    trainable; ``R`` counts nothing (its elements are ``W``'s). Other
+    tensors are absent.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> emb = torch.nn.Embedding(6, 2)
+        >>> _ = gg.train_only(emb, gg.rows("weight", [2]))
+        >>> sorted(element_counts(emb).values())
+        [(0, 0), (2, 10)]
+    """
+    out: dict[int, tuple[int, int]] = {}
+    for key, part in partials(model, index).items():
+        out[key] = part.numel()
+        out[id(part.trainable)] = (0, 0)
     return out
 
 
-_block_views: weakref.WeakKeyDictionary[PartialRows, list[tuple[int, int, torch.Tensor]]] = (
-    weakref.WeakKeyDictionary()
-)
+def trainable_of(model: nn.Module, index: ModelIndex | None = None) -> dict[int, nn.Parameter]:
+    """``id(W) -> R`` for every partial tensor.
 
-
-def _blocks(part: PartialRows) -> list[tuple[int, int, torch.Tensor]]:
-    """``(start, stop, W[start:stop])`` per run of frozen rows, made once per partial tensor."""
-    w = part.weight
-    cached = _block_views.get(part)
-    if cached and cached[0][2].untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
-        return cached
-    frozen = part.frozen_index.tolist()
-    out: list[tuple[int, int, torch.Tensor]] = []
-    start = 0
-    while start < len(frozen):
-        stop = start
-        while stop + 1 < len(frozen) and frozen[stop + 1] == frozen[stop] + 1:
-            stop += 1
-        a, b = frozen[start], frozen[stop] + 1
-        out.append((a, b, w.detach()[a:b]))
-        start = stop + 1
-    _block_views[part] = out
-    return out
+    Example:
+        >>> import torch, gradgate as gg
+        >>> lin = torch.nn.Linear(3, 4)
+        >>> _ = gg.train_only(lin, gg.rows("weight", [0]))
+        >>> tuple(trainable_of(lin)[id(lin._parameters["weight"])].shape)
+        (1, 3)
+    """
+    return {key: part.trainable for key, part in partials(model, index).items()}
 
 
 # -- freeze / unfreeze / train_only with rows items ---------------------------
@@ -503,15 +526,25 @@ def has_rows(selectors: Sequence[Any]) -> bool:
 class RowsPlan:
     """What a freeze call does to partial tensors, checked before anything changes.
 
-    ``want`` maps ``id(W)`` to the ``requires_grad`` the freezing walk must
-    give ``W`` (True for a partial tensor: its frozen rows are held here);
-    ``carry_out`` then installs, changes or releases the partials.
+    The freezing walk leaves the flag of every tensor that is partial before
+    or after the call to ``carry_out`` (``want`` keeps it as it is), and
+    ``want`` keeps ``R`` of a partial that stays trainable; ``carry_out``
+    then installs, changes or releases the partials and sets ``W``'s flag
+    (False while partial, ``final`` once whole).
     """
 
     model: nn.Module | None = None
     action: str = ""
     want: dict[int, bool] = field(default_factory=dict)
     masks: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = field(default_factory=dict)
+    final: dict[int, bool] = field(default_factory=dict)
+    """``requires_grad`` of a tensor that ends the call whole."""
+    tied_as: dict[int, bool | None] = field(default_factory=dict)
+    """For tied-weight checks: a partial ``W`` counts as trainable (True), its ``R`` not at all."""
+    partial: set[int] = field(default_factory=set)
+    """``id(W)`` of every tensor partial once the call is done (its module trains)."""
+    gained: set[int] = field(default_factory=set)
+    """``id(W)`` of the tensors whose rows start to train in this call (were wholly frozen)."""
     index: ModelIndex | None = None  # the calling freeze's read of the model (not re-walked)
 
     def carry_out(self, handle: Any) -> None:
@@ -526,26 +559,39 @@ class RowsPlan:
         model = self.model
         undo = _Undo(model)
         handle.undo_hooks.append(undo)
-        _install(model, self.masks, undo.done, self.index)
-        done = undo.done
-        if not done:
-            return
-        # What a whole tensor was left as: its undo waits while nothing changed it.
-        undo.left = {id(w): w.requires_grad for w, _, new in done if new is None}
-        # What trains directly: a partial tensor's leaf R, or W itself when whole.
-        frozen: list[nn.Parameter] = []
-        unfrozen: list[nn.Parameter] = []
-        for weight, old, new in done:
-            if old is not None:
-                frozen.append(old.trainable)
-            elif new is not None and new.prior:
-                frozen.append(weight)
-            if new is not None:
-                unfrozen.append(new.trainable)
-            elif weight.requires_grad:
-                unfrozen.append(weight)
-        undo.announced = True
-        announce(Change(model, self.action, tuple(frozen), tuple(unfrozen)))
+        _install(model, self.masks, self.final, undo.done, self.index)
+        if undo.done:
+            undo.left = {id(w): w.requires_grad for w, _, new, _ in undo.done if new is None}
+            undo.announced = True
+            _announce(model, self.action, undo.done)
+
+
+_Done = list[tuple[nn.Parameter, "TrainableRows | None", "TrainableRows | None", bool]]
+
+
+def _announce(model: nn.Module, action: str, done: _Done) -> None:
+    """Tell listeners what trains now: ``R`` of each partial, ``W`` when whole.
+
+    ``done`` holds ``(W, partial before, partial after, W's flag before)``.
+    A ``W`` frozen before and after whose values changed (trained rows
+    written in, or cleared) is announced both ways, so a guard takes it afresh.
+    """
+    frozen: list[nn.Parameter] = []
+    unfrozen: list[nn.Parameter] = []
+    for weight, old, new, before in done:
+        if old is not None:
+            frozen.append(old.trainable)
+        if new is not None:
+            unfrozen.append(new.trainable)
+        after = weight.requires_grad
+        if before and not after:
+            frozen.append(weight)
+        elif after and not before:
+            unfrozen.append(weight)
+        elif not after:
+            unfrozen.append(weight)
+            frozen.append(weight)
+    announce(Change(model, action, tuple(frozen), tuple(unfrozen)))
 
 
 def _owners(index: ModelIndex, weight: nn.Parameter) -> list[tuple[nn.Module, str]]:
@@ -556,16 +602,14 @@ def _owners(index: ModelIndex, weight: nn.Parameter) -> list[tuple[nn.Module, st
     return out
 
 
-_Done = list[tuple[nn.Parameter, PartialRows | None, PartialRows | None]]
-
-
 def _install(
     model: nn.Module,
     masks: Mapping[int, tuple[nn.Parameter, torch.Tensor | None]],
+    final: Mapping[int, bool],
     done: _Done,
     index: ModelIndex | None = None,
 ) -> None:
-    """Replace each tensor's partial by the planned one, appending ``(W, old, new)`` to ``done``.
+    """Replace each tensor's partial by the planned one, appending the change to ``done``.
 
     Each change is in ``done`` as soon as it is made (a release first, then
     the new partial), so an interrupted install can be reverted exactly.
@@ -575,20 +619,27 @@ def _install(
     current = partials(model, index)
     for key, (weight, idx) in masks.items():
         old = current.get(key)
+        if old is None and idx is None:
+            continue  # whole before and after: the freezing walk sets its flag
         if old is not None and idx is not None and torch.equal(old.index.cpu(), idx):
             continue
-        prior = old.prior if old is not None else weight.requires_grad
+        before = weight.requires_grad
+        prior = old.prior if old is not None else before
         if old is not None:
             old.release()
-        done.append((weight, old, None))
-        if idx is not None:
-            new = PartialRows(weight, idx, prior)
-            try:
-                new.attach(model, _owners(index, weight))
-            except BaseException:
-                new.release()  # a half-attached partial leaves no hook behind
-                raise
-            done[-1] = (weight, old, new)
+        done.append((weight, old, None, before))
+        if idx is None:
+            weight.requires_grad_(final[key])
+            continue
+        owners = _owners(index, weight)
+        new = TrainableRows(weight, owners[0][1], idx, prior)
+        try:
+            new.attach(model, owners)
+        except BaseException:
+            new.release()  # a half-attached partial leaves nothing behind
+            weight.requires_grad_(before)
+            raise
+        done[-1] = (weight, old, new, before)
 
 
 class _Undo:
@@ -602,23 +653,24 @@ class _Undo:
 
     def __call__(self) -> None:
         current = partials(self.model)
-        frozen: list[nn.Parameter] = []
-        unfrozen: list[nn.Parameter] = []
-        for weight, old, new in reversed(self.done):
+        reverted: _Done = []
+        for weight, old, new, before in reversed(self.done):
             if current.get(id(weight)) is not new:
                 continue  # changed since: another call owns its rows now
-            if new is None and self.left.get(id(weight), weight.requires_grad) != (
-                weight.requires_grad
+            if new is None and weight.requires_grad != self.left.get(
+                id(weight), weight.requires_grad
             ):
                 continue  # a whole tensor whose flag was changed since
+            flag = weight.requires_grad
             if new is not None:
                 new.release()
-                frozen.append(new.trainable)
             if old is not None:
                 old.reattach(self.model)
-                unfrozen.append(old.trainable)
-        if self.announced and (frozen or unfrozen):
-            announce(Change(self.model, "undo", tuple(frozen), tuple(unfrozen)))
+            else:
+                weight.requires_grad_(before)
+            reverted.append((weight, new, old, flag))
+        if self.announced and reverted:
+            _announce(self.model, "undo", reverted)
 
 
 def plan(
@@ -651,8 +703,13 @@ def plan(
     if plain or not given:  # no selector at all means the whole model
         plain_ids = {id(p) for _, p in resolve(index, plain, exclude).named_parameters()}
     picked: dict[int, tuple[str, nn.Parameter, torch.Tensor]] = {}
+    leaves = {id(part.trainable) for part in current.values()}
     for item in items:
-        matched = list(resolve(index, [item.selector]).named_parameters())
+        matched = [
+            (n, p)
+            for n, p in resolve(index, [item.selector]).named_parameters()
+            if id(p) not in leaves  # rows of a partial tensor are named through W
+        ]
         what = f"rows({describe_selectors([item.selector])}, ...)"
         counts = {n: (p.shape[0] if p.dim() else None) for n, p in matched}
         scalar = [n for n, c in counts.items() if c is None]
@@ -682,11 +739,15 @@ def plan(
             merged = idx if prev is None else torch.unique(torch.cat([prev[2], idx]))
             picked[id(p)] = (n, p, merged)
     out = RowsPlan(model=model, action=action, index=index)
+    for key, part in current.items():
+        out.tied_as[key] = True
+        out.tied_as[id(part.trainable)] = None
     for key, settled in current.items():
+        out.want[key] = False  # a partial W's flag is carry_out's
         # A partial tensor named whole, or frozen by train_only, stops being partial.
         if key not in picked and (key in plain_ids or action == "train_only"):
-            out.want[key] = key in plain_ids and action != "freeze"
-            out.masks[key] = (settled.weight, None)
+            out.final[key] = key in plain_ids and action != "freeze"
+            out.masks[key] = (settled.base, None)
     for key, (_, weight, idx) in picked.items():
         n_rows = weight.shape[0]
         part = current.get(key)
@@ -705,8 +766,18 @@ def plan(
         else:
             new = idx
         whole = new.numel() == n_rows
-        out.want[key] = new.numel() > 0
-        out.masks[key] = (weight, None if whole or new.numel() == 0 else new)
+        partial_after = not whole and new.numel() > 0
+        # The walk sets the flag of a tensor whole before and after; carry_out the others'.
+        out.want[key] = weight.requires_grad if part is not None or partial_after else whole
+        out.final[key] = whole
+        out.masks[key] = (weight, new if partial_after else None)
+        if part is not None and not whole and torch.equal(now, new):
+            out.want[id(part.trainable)] = True  # the same rows stay: R keeps training
+        if partial_after:
+            out.partial.add(key)
+            if part is None and not weight.requires_grad:
+                out.gained.add(key)
+    out.partial |= {key for key in current if key not in out.masks}
     replaced = plain + [picked[key][1] for key in picked]
     return replaced, out
 
@@ -717,10 +788,18 @@ def plan(
 def trainable_rows_state(
     model: nn.Module, index: ModelIndex | None = None
 ) -> dict[str, torch.Tensor]:
-    """For each partial tensor: its trainable rows under its name, and its row numbers.
+    """For each partial tensor, its trainable row numbers under ``"__rows__.<name>"``.
 
-    The row numbers go under ``"__rows__.<name>"`` so that a load can check
-    that the file's rows are the model's.
+    The rows themselves are the parameter ``R`` (saved under its own name like
+    any trainable parameter); the numbers let a load check that the file's
+    rows are the model's.
+
+    Example:
+        >>> import torch, gradgate as gg
+        >>> emb = torch.nn.Embedding(6, 2)
+        >>> _ = gg.train_only(emb, gg.rows("weight", [2, 4]))
+        >>> {k: v.tolist() for k, v in trainable_rows_state(emb).items()}
+        {'__rows__.weight': [2, 4]}
     """
     found = partials(model, index)
     out: dict[str, torch.Tensor] = {}
@@ -729,22 +808,49 @@ def trainable_rows_state(
     for name, p in (index if index is not None else ModelIndex(model)).params.items():
         part = found.get(id(p))
         if part is not None:
-            out[name] = part.trainable
             out[_ROWS_KEY + name] = part.index.detach().cpu().clone()
     return out
 
 
 def check_rows(state: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint whose trained rows are not the model's trainable rows."""
-    for key, ours in state.items():
-        if key.startswith(_ROWS_KEY) and key in saved:
-            theirs = saved[key]
-            if theirs.shape != ours.shape or not torch.equal(theirs.cpu(), ours.cpu()):
-                name = key[len(_ROWS_KEY) :]
-                raise CheckpointError(
-                    f"{name!r}: the checkpoint holds rows {_preview(theirs)} but the model "
-                    f"trains rows {_preview(ours)}; apply the same gg.rows(...) before loading"
-                )
+    """Refuse a checkpoint whose trained rows are not the model's trainable rows.
+
+    ``state`` is what the model would save (``trainable_state``), ``saved``
+    the file's tensors; a ``CheckpointError`` names both row sets.
+
+    Example:
+        >>> import torch
+        >>> check_rows(  # doctest: +ELLIPSIS
+        ...     {"__rows__.w": torch.tensor([1])}, {"__rows__.w": torch.tensor([2])})
+        Traceback (most recent call last):
+        ...
+        gradgate.errors.CheckpointError: 'w': the checkpoint holds rows [2] but the model ...
+    """
+
+    def ours_of(name: str) -> str:
+        ours = state.get(_ROWS_KEY + name)
+        if ours is not None:
+            return f"rows {_preview(ours)}"
+        return "the whole tensor" if name in state else "none of its rows"
+
+    names = {k[len(_ROWS_KEY) :] for k in (*state, *saved) if k.startswith(_ROWS_KEY)}
+    for name in sorted(names):
+        ours, theirs = state.get(_ROWS_KEY + name), saved.get(_ROWS_KEY + name)
+        if (
+            ours is not None
+            and theirs is not None
+            and theirs.shape == ours.shape
+            and torch.equal(theirs.cpu(), ours.cpu())
+        ):
+            continue
+        if theirs is not None:
+            held = f"rows {_preview(theirs)}"
+        else:
+            held = "the whole tensor" if name in saved else "none of its rows"
+        raise CheckpointError(
+            f"{name!r}: the checkpoint holds {held} but the model trains {ours_of(name)}; "
+            "apply the same gg.rows(...) before loading"
+        )
 
 
 def _preview(t: torch.Tensor) -> str:

@@ -10,7 +10,7 @@ from torch.multiprocessing.spawn import spawn
 
 import rows_ddp_workers
 
-SCENARIOS = ["rows_exact", "rows_no_sync"]
+SCENARIOS = ["rows_exact", "rows_no_sync", "rows_only"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import subtensor
 from .._index import ModelIndex
 from ..errors import InvalidArgumentError
 from ..selection import Selector, norms, resolve
@@ -222,8 +221,7 @@ def param_groups(
     if layer_decay is not None:
         _check_layer_decay(layer_decay)
     index = ModelIndex(model)  # the one read of the model for this call
-    rows = subtensor.trainable_of(model, index)  # rows: a partial tensor's trainable rows
-    named = [(n, rows.get(id(p), p)) for n, p in index.params.items() if p.requires_grad]
+    named = [(n, p) for n, p in index.params.items() if p.requires_grad]
     if not named:
         raise InvalidArgumentError(
             f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"

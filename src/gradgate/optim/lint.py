@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import subtensor
 from .._index import ModelIndex
 from .._optimizers import unwrap_optimizer
 from .schedulers import lifting_scheduler
@@ -75,8 +74,6 @@ def lint(optimizer: Any, model: nn.Module, scheduler: Any = None) -> list[Findin
     opt = unwrap_optimizer(optimizer)
     index = ModelIndex(model)  # the one read of the model for this call
     names = dict(index.canonical)
-    rows = subtensor.trainable_of(model, index)  # rows: W counts as frozen, R as trainable
-    names.update({id(r): names[key] for key, r in rows.items()})
     is_lbfgs = isinstance(opt, torch.optim.LBFGS)
     findings: list[Finding] = []
     seen: dict[int, int] = {}
@@ -89,7 +86,7 @@ def lint(optimizer: Any, model: nn.Module, scheduler: Any = None) -> list[Findin
             if id(p) in seen:
                 dup.append(name)
             seen[id(p)] = gi
-            if id(p) in names and (not p.requires_grad or id(p) in rows):
+            if id(p) in names and not p.requires_grad:
                 if opt.state.get(p) or p.grad is not None:
                     stateful.append(name)
                 else:
@@ -129,11 +126,7 @@ def lint(optimizer: Any, model: nn.Module, scheduler: Any = None) -> list[Findin
                 "gg.sync(optimizer, model)",
             )
         )
-    absent = [
-        (n, rows.get(id(p), p))  # rows (issue 16): a partial tensor is missing when R is
-        for n, p in index.params.items()
-        if p.requires_grad and id(rows.get(id(p), p)) not in seen
-    ]
+    absent = [(n, p) for n, p in index.params.items() if p.requires_grad and id(p) not in seen]
     elsewhere = held_elsewhere(opt, [p for _, p in absent]) if absent else set()
     missing = [n for n, p in absent if id(p) not in elsewhere]
     if missing:

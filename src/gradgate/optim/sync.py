@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import subtensor
 from .._events import Change, announce
 from .._index import ModelIndex
 from .._optimizers import unwrap_optimizer
@@ -268,8 +267,6 @@ def sync(
     opt = unwrap_optimizer(optimizer)
     index = ModelIndex(model)  # the one read of the model for this call
     names = dict(index.canonical)
-    rows = subtensor.trainable_of(model, index)  # rows: W leaves, its trainable rows R join
-    names.update({id(r): names[key] for key, r in rows.items()})
     ledger = _ledger(opt)
     others = _others(opt)
     other_ids = [(o, led, _ids(o)) for o, led in others]
@@ -284,7 +281,7 @@ def sync(
     adopted: set[int] = set()
     left: list[str] = []
     for name, w in index.params.items():
-        p = rows.get(id(w), w)  # rows (issue 16)
+        p = w
         if not p.requires_grad or id(p) in present:
             continue
         holders = [o for o, led, ids in other_ids if id(p) in ids or led.has(p)]
@@ -323,7 +320,7 @@ def sync(
                 if id(p) in reclaimed:
                     led.forget(p)
 
-    gone = [p for p in held_now if id(p) in names and (not p.requires_grad or id(p) in rows)]
+    gone = [p for p in held_now if id(p) in names and not p.requires_grad]
     for p in gone:
         p.grad = None
     _drop(opt, {id(p) for p in gone}, names)
