@@ -67,7 +67,7 @@ def _report(model: TiedLM, reference: TiedLM, start: torch.Tensor) -> dict[str, 
             float((a - b).abs().max())
             for a, b in zip(model.parameters(), reference.parameters(), strict=True)
         ),
-        "w_grad_none": model.embed._parameters["weight"].grad is None,  # W: frozen, no grad
+        "w_grad_none": model.embed.get_parameter("weight").grad is None,  # W: frozen, no grad
     }
 
 

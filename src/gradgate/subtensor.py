@@ -214,6 +214,8 @@ class TrainableRows(nn.Module):
     """
 
     index: torch.Tensor
+    name: str
+    prior: bool
 
     def __init__(self, weight: nn.Parameter, name: str, index: torch.Tensor, prior: bool) -> None:
         super().__init__()
@@ -248,7 +250,7 @@ class TrainableRows(nn.Module):
         assert r is not None
         return base.index_copy(0, self.index, r if r.dtype == base.dtype else r.to(base.dtype))
 
-    def numel(self) -> tuple[int, int]:  # type: ignore[override]
+    def numel(self) -> tuple[int, int]:
         """``(trainable, frozen)`` element counts of the partial tensor."""
         train = self.trainable.numel()
         return train, self.base.numel() - train
@@ -739,9 +741,9 @@ def plan(
             merged = idx if prev is None else torch.unique(torch.cat([prev[2], idx]))
             picked[id(p)] = (n, p, merged)
     out = RowsPlan(model=model, action=action, index=index)
-    for key, part in current.items():
+    for key, live in current.items():
         out.tied_as[key] = True
-        out.tied_as[id(part.trainable)] = None
+        out.tied_as[id(live.trainable)] = None
     for key, settled in current.items():
         out.want[key] = False  # a partial W's flag is carry_out's
         # A partial tensor named whole, or frozen by train_only, stops being partial.
