@@ -513,3 +513,62 @@ def test_failure_while_installing_rows_rolls_back_the_call(monkeypatch: Any) -> 
         gg.train_only(model, "body", gg.rows("embed.weight", [0, 1]))
     assert len(calls) == 2  # the roll-back re-attached the released partial
     assert _state(model) == before  # flags, modes and the partial as they were
+
+
+def test_rows_of_a_linear_head_and_a_conv_weight_train_new_classes_and_channels() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 12))
+    start = copy.deepcopy(net).state_dict()
+    new_classes, new_channels = [10, 11], [6, 7]
+    gg.train_only(
+        net,
+        gg.rows("3.weight", new_classes),
+        gg.rows("3.bias", new_classes),
+        gg.rows("0.weight", new_channels),
+    )
+    shapes = [(n, tuple(p.shape)) for n, p in gg.named_trainable_parameters(net)]
+    assert shapes == [
+        ("0.weight_rows.weight", (2, 3, 3, 3)),
+        ("3.weight_rows.weight", (2, 128)),
+        ("3.bias_rows.bias", (2,)),
+    ]
+    opt = torch.optim.AdamW(gg.param_groups(net, lr=0.1, weight_decay=0.1))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # bias rows: no decay
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(4, 3, 6, 6)).pow(2).sum().backward()
+        opt.step()
+    now = net.state_dict()
+    assert list(now) == list(start)
+    assert torch.equal(now["3.weight"][:10], start["3.weight"][:10])
+    assert torch.equal(now["3.bias"][:10], start["3.bias"][:10])
+    assert torch.equal(now["0.weight"][:6], start["0.weight"][:6])
+    assert torch.equal(now["0.bias"], start["0.bias"])
+    for key, rows in (
+        ("3.weight", new_classes),
+        ("3.bias", new_classes),
+        ("0.weight", new_channels),
+    ):
+        assert not torch.equal(now[key][rows], start[key][rows])
+
+
+def test_autofreeze_takes_an_optimizer_built_on_a_row_frozen_model() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 12))
+    gg.train_only(net, gg.rows("3.weight", [10, 11]), gg.rows("0.weight", [6, 7]))
+    opt = torch.optim.AdamW(gg.param_groups(net, lr=0.1, weight_decay=0.1))
+    auto = gg.AutoFreeze(net, optimizer=opt, every=2, threshold=10.0)
+    conv = net[0].state_dict()["weight"].clone()
+    for _ in range(4):
+        opt.zero_grad()
+        net(torch.randn(4, 3, 6, 6)).pow(2).sum().backward()
+        opt.step()
+        auto.step()
+    assert auto.frozen == ["0"]  # the partial conv stage froze whole
+    assert not partials(net[0]) and not net[0].weight.requires_grad
+    before = net[0].weight.detach().clone()
+    opt.zero_grad()
+    net(torch.randn(4, 3, 6, 6)).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(net[0].weight.detach(), before)  # frozen now, trained rows kept
+    assert not torch.equal(before[6:], conv[6:])
