@@ -517,7 +517,7 @@ def test_failure_while_installing_rows_rolls_back_the_call(monkeypatch: Any) -> 
 
 def test_rows_of_a_linear_head_and_a_conv_weight_train_new_classes_and_channels() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 12))
+    net: Any = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 12))
     start = copy.deepcopy(net).state_dict()
     new_classes, new_channels = [10, 11], [6, 7]
     gg.train_only(
@@ -554,7 +554,7 @@ def test_rows_of_a_linear_head_and_a_conv_weight_train_new_classes_and_channels(
 
 def test_autofreeze_takes_an_optimizer_built_on_a_row_frozen_model() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 12))
+    net: Any = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 12))
     gg.train_only(net, gg.rows("3.weight", [10, 11]), gg.rows("0.weight", [6, 7]))
     opt = torch.optim.AdamW(gg.param_groups(net, lr=0.1, weight_decay=0.1))
     auto = gg.AutoFreeze(net, optimizer=opt, every=2, threshold=10.0)

@@ -103,15 +103,18 @@ def test_transformers_trainer_accumulates_and_clips_rows_like_a_plain_loop(
     import pytest
 
     mode = "train_only"
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    class InOrder(transformers.Trainer):  # type: ignore[misc]
+    class InOrder(Trainer):
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
-            return SequentialSampler(self.train_dataset)
+            data: Any = self.train_dataset
+            return SequentialSampler(data)
 
     model = _row_model(mode)
-    args = transformers.TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(tmp_path / "hf"),
         num_train_epochs=2,
         per_device_train_batch_size=2,
