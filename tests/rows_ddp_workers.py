@@ -64,10 +64,10 @@ def _report(model: TiedLM, reference: TiedLM, start: torch.Tensor) -> dict[str, 
         "frozen_rows_bit_identical": torch.equal(w[frozen], start[frozen]),
         "trainable_rows_moved": not torch.equal(w[NEW], start[NEW]),
         "max_diff_vs_single_process": max(
-            float((a - b).abs().max())
+            float((a - b).detach().abs().max())
             for a, b in zip(model.parameters(), reference.parameters(), strict=True)
         ),
-        "w_grad_none": model.embed.get_parameter("weight").grad is None,  # W: frozen, no grad
+        "w_grad_none": dict(model.named_parameters())["embed.weight"].grad is None,  # W: frozen
     }
 
 

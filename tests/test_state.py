@@ -115,12 +115,16 @@ def test_the_record_sees_partial_tensors_through_subtensor() -> None:
     model = TiedLM()
     gg.train_only(model, gg.rows("embed.weight", [2, 5]))
     record = ModelState(model)
-    w = model.embed.get_parameter("weight")  # the frozen full tensor
+    w = dict(model.named_parameters())["embed.weight"]  # the frozen full tensor
     assert list(record.partials) == [id(w)]
     assert "embed.weight" in [e.name for e in record.frozen_entries(buffers=False)]
     r = record.partials[id(w)].trainable
     assert record.element_counts() == {id(w): (r.numel(), w.numel() - r.numel()), id(r): (0, 0)}
-    assert sorted(record.trainable_state()) == ["__rows__.embed.weight", "embed.weight_rows.weight"]
+    assert sorted(record.trainable_state()) == [
+        "__rows__.embed.weight",
+        "embed.weight_rows.index",  # the rows module's buffer (it trains)
+        "embed.weight_rows.weight",
+    ]
     assert torch.equal(record.trainable_state()["__rows__.embed.weight"], torch.tensor([2, 5]))
 
 
