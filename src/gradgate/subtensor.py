@@ -98,7 +98,7 @@ def rows(selector: Selector, index: RowIndex) -> Rows:
         >>> emb = torch.nn.Embedding(10, 4)
         >>> _ = gg.train_only(emb, gg.rows("weight", [8, 9]))
         >>> [(n, tuple(p.shape)) for n, p in gg.named_trainable_parameters(emb)]
-        [('weight', (2, 4))]
+        [('weight_rows.weight', (2, 4))]
     """
     if isinstance(index, (str, bytes)) or not isinstance(
         index, (Sequence, slice, range, torch.Tensor)
