@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._events import Change, subscribe
 from ._index import ModelIndex
-from .errors import StaleWrapperError
+from .errors import InvalidArgumentError, StaleWrapperError
 from .optim import Rules, sync
 
 __all__ = ["CommCounter", "GatedDDP", "rewrap", "track_communication", "wrap"]

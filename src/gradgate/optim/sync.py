@@ -123,7 +123,6 @@ def claim(optimizer: Any, model: nn.Module) -> list[torch.optim.Optimizer]:
     """
     opt = unwrap_optimizer(optimizer)
     mine = {id(p) for p in ModelIndex(model).params.values()}
-    mine.update(id(r) for r in subtensor.trainable_of(model).values())
     gone: list[torch.optim.Optimizer] = []
     with _lock:
         for o, led in list(_ledgers.items()):
