@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gradgate as gg
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def main(steps: int = 20) -> dict[str, bool]:

@@ -75,7 +75,7 @@ def stages(model: nn.Module, *selectors: Selector) -> Stages:
 
     Example:
         >>> import gradgate as gg
-        >>> from gradgate.tools.seed import Agent
+        >>> from gradgate.tools.agent import Agent
         >>> gg.stages(Agent(), "front_end", "back_end.fc1", "back_end.fc2").names
         ['front_end', 'back_end.fc1', 'back_end.fc2']
     """

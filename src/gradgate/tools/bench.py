@@ -486,7 +486,7 @@ def strategy_frozen_front(
 
 def strategy_seed(name: str, data: TensorDataset, epochs: int) -> None:
     """Train the seed's back-end on a frozen front-end the way ``name`` does it."""
-    from .seed import Agent
+    from .agent import Agent
 
     torch.manual_seed(0)
     strategy_frozen_front(name, Agent(), data, epochs)
@@ -549,7 +549,7 @@ def strategy_bn_cnn_pass(name: str, data: TensorDataset, epochs: int) -> None:
 def strategy_reverse(name: str, data: TensorDataset, epochs: int) -> None:
     """Train only the front-end through a frozen back-end (the seed's title)."""
 
-    from .seed import Agent
+    from .agent import Agent
 
     torch.manual_seed(0)
     agent = Agent()
@@ -575,7 +575,7 @@ def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
     """The seed's gradgate loop with and without ``gg.guard``."""
     import gradgate as gg
 
-    from .seed import Agent
+    from .agent import Agent
 
     torch.manual_seed(0)
     agent = Agent()
@@ -590,7 +590,7 @@ def strategy_guard(name: str, data: TensorDataset, epochs: int) -> None:
 
 
 def _sequential_seed() -> nn.Sequential:
-    from .seed import Agent
+    from .agent import Agent
 
     agent = Agent()
     fe, be = agent.front_end, agent.back_end
@@ -761,7 +761,7 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
 
     import gradgate as gg
 
-    from .seed import Agent
+    from .agent import Agent
 
     torch.manual_seed(0)
     agent = Agent()

@@ -33,8 +33,8 @@ from torch.utils.data import TensorDataset
 
 from .._deps import optional_import
 from .._format import render_table
+from .agent import Agent, FeatureExtractor, PolicyNetwork
 from .output import add_json_argument, write_json
-from .seed import Agent, FeatureExtractor, PolicyNetwork
 from .training import accuracy, train_epochs
 
 __all__ = [
