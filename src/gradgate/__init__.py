@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from . import distributed
+from ._compile import on_change as _compile_listener  # noqa: F401 (compile after unfreeze)
 from ._version import __version__
 from .cache import FeatureCache
 from .checkpoint import load_trainable, save_trainable
