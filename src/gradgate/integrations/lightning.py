@@ -5,6 +5,7 @@ Needs ``pip install "gradgate[lightning]"``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,23 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 __all__ = ["GradgateFinetuning"]
+
+_log = logging.getLogger("gradgate")
+
+
+def _explain_eval_mode(model: Any) -> None:
+    """Say once, before Lightning's own notice, why frozen modules are in eval mode."""
+    held = sum(1 for m in model.modules() if not m.training)
+    if held and not getattr(_explain_eval_mode, "said", False):
+        _explain_eval_mode.said = True  # type: ignore[attr-defined]
+        _log.warning(
+            "gradgate: %d frozen module(s) are held in eval mode on purpose (BatchNorm keeps "
+            "its pretrained statistics, Dropout is off); Lightning's 'Found %d module(s) in "
+            "eval mode' notice counts them and is expected (said once; see "
+            "docs/integrations.md)",
+            held,
+            held,
+        )
 
 
 class GradgateFinetuning(pl.Callback):
@@ -124,6 +142,8 @@ class GradgateFinetuning(pl.Callback):
         before = trainable_ids(pl_module)
         self.core.align(pl_module, optimizer, scheduler)
         self.core.report(pl_module)
+        if trainer.is_global_zero:
+            _explain_eval_mode(pl_module)
         if trainable_ids(pl_module) != before:  # a restored schedule, or one built unfrozen
             rebuild_ddp(trainer.strategy.model)
         self._global_step = trainer.global_step
