@@ -5,6 +5,8 @@ changing; at the next epoch the loop serves the newly frozen stages from a
 ``gg.FeatureCache`` (built from the previous cache, so each stage runs once
 more over the data, never again), and only the rest of the network runs.
 
+The baseline it must beat: the same network untrained (chance on ten digits).
+
 Run: PYTHONPATH=src python examples/autofreeze_cache.py
 """
 
@@ -32,6 +34,8 @@ def main(epochs: int = 12, every: int = 10, threshold: float = 0.1) -> dict[str,
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
         nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
     )  # fmt: skip
+    with torch.no_grad():
+        untrained = float((model(x_test).argmax(-1) == y_test).float().mean())
     opt = torch.optim.AdamW(gg.param_groups(model, lr=1e-3, weight_decay=0.01))
     af = gg.AutoFreeze(model, optimizer=opt, every=every, threshold=threshold)
     source: Dataset[Any] = TensorDataset(x_train, y_train)
@@ -61,9 +65,18 @@ def main(epochs: int = 12, every: int = 10, threshold: float = 0.1) -> dict[str,
         if d.froze:
             shown = ["-" if c is None else f"{c:.3f}" for c in d.change]
             print(f"step {d.step}: froze {d.froze} (gradient-norm change per stage: {shown})")
-    print(f"held-out accuracy: {accuracy:.3f}")
-    print(f"frozen stages bit-identical since they froze: {unchanged}")
-    return {"accuracy": accuracy, "frozen": af.frozen, "cached": cached, "unchanged": unchanged}
+    print(
+        f"\nresult: held-out accuracy {accuracy:.3f} vs {untrained:.3f} untrained, with "
+        f"{len(af.frozen)} stages frozen adaptively and served from the cache; frozen stages "
+        f"bit-identical since they froze: {unchanged}"
+    )
+    return {
+        "accuracy": accuracy,
+        "untrained_accuracy": untrained,
+        "frozen": af.frozen,
+        "cached": cached,
+        "unchanged": unchanged,
+    }
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@
 The backbone is frozen (its BatchNorm in inference mode, although Lightning
 calls ``model.train()`` every epoch) while a new head trains; at epoch 1 the
 last block joins at a tenth of the head's learning rate under a cosine
-schedule. The guard proves that nothing frozen changed.
+schedule. The stem, never unfrozen, is proven bit-identical. The baseline it
+must beat is chance on the ten digits (the share of the most common digit in
+the held-out set, about 0.10).
 
-Run: python examples/lightning_efficientnet.py [--images N] [--epochs E]
+Lightning's model summary counts the frozen modules as "in eval mode"; that is
+intended (gradgate holds frozen BatchNorm and Dropout in inference mode).
+
+Run: python examples/lightning_efficientnet.py [--images N] [--epochs E] [--seed S]
 """
 
 from __future__ import annotations
@@ -43,16 +48,18 @@ class DigitsClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # Over all parameters: GradgateFinetuning takes the frozen ones out.
-        opt = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.05)
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05)
         return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs + 1)]
 
 
-def main(images: int = 200, epochs: int = 3) -> dict[str, float]:
-    """Fine-tune; return held-out accuracy and whether the frozen stem stayed bit-identical."""
-    torch.manual_seed(0)
+def main(images: int = 600, epochs: int = 5, seed: int = 0) -> dict[str, float]:
+    """Fine-tune; return held-out accuracy, its baseline and whether the frozen stem held."""
+    pl.seed_everything(seed, verbose=False)
     x, y = digits_64()
-    x, y = x[:images], y[:images]
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:images]
+    x, y = x[order], y[order]
     cut = int(0.75 * images)
+    chance = torch.bincount(y[cut:]).max().item() / len(y[cut:])
     model = DigitsClassifier(epochs)
     stem = gg.fingerprint(model.backbone._conv_stem)
     callback = GradgateFinetuning("backbone", unfreeze=[(1, "backbone._blocks.15")])
@@ -73,12 +80,14 @@ def main(images: int = 200, epochs: int = 3) -> dict[str, float]:
     opt = trainer.optimizers[0]
     out = {
         "accuracy": accuracy,
+        "chance": chance,
         "stem_unchanged": float(gg.fingerprint(model.backbone._conv_stem) == stem),
         "groups": float(len(opt.param_groups)),
         "last_block_lr_ratio": opt.param_groups[-1]["lr"] / opt.param_groups[0]["lr"],
     }
     print(
-        f"held-out accuracy {accuracy:.3f}; frozen stem bit-identical: "
+        f"result: held-out accuracy {accuracy:.3f} on {len(y) - cut} digits vs chance "
+        f"{chance:.3f}; frozen stem bit-identical: "
         f"{bool(out['stem_unchanged'])}; groups {len(opt.param_groups)} "
         f"(last block at {out['last_block_lr_ratio']:.2f} x the head's lr)"
     )
@@ -87,7 +96,8 @@ def main(images: int = 200, epochs: int = 3) -> dict[str, float]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
-    main(a.images, a.epochs)
+    main(a.images, a.epochs, a.seed)
