@@ -138,7 +138,7 @@ def main(epochs: int = 6, seed: int = 0) -> dict[str, float]:
     opt = torch.optim.AdamW(gg.param_groups(model, lr=1e-2, weight_decay=0.01))
     # the head alone first, then the last blocks, then the middle ones; the prefix never
     schedule = gg.GradualUnfreeze(
-        model, stages, at=[epochs + 1, 3, 2, 0], optimizer=opt, lr_mult=0.3
+        model, stages, at=[epochs + 1, 3, 2, 0], optimizer=opt, lr_mult=0.03
     )
     stem = gg.fingerprint(model.backbone._conv_stem)
     curve: list[float] = []
