@@ -87,7 +87,6 @@ def test_autofreeze_cache_learns_while_freezing() -> None:
 
 @pytest.mark.examples
 @pytest.mark.timeout(1800)
-@UNCONFIRMED
 def test_rl_frozen_encoder_policy_beats_the_untrained_one() -> None:
     pytest.importorskip("gymnasium")
     line = run_example("rl_frozen_encoder")
