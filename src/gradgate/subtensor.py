@@ -706,10 +706,12 @@ def plan(
         plain_ids = {id(p) for _, p in resolve(index, plain, exclude).named_parameters()}
     picked: dict[int, tuple[str, nn.Parameter, torch.Tensor]] = {}
     leaves = {id(part.trainable) for part in current.values()}
+    named_as: dict[int, tuple[frozenset[str], torch.Tensor, str]] = {}  # tied: which name
     for item in items:
+        selection = resolve(index, [item.selector])
         matched = [
             (n, p)
-            for n, p in resolve(index, [item.selector]).named_parameters()
+            for n, p in selection.named_parameters()
             if id(p) not in leaves  # rows of a partial tensor are named through W
         ]
         what = f"rows({describe_selectors([item.selector])}, ...)"
@@ -737,6 +739,8 @@ def plan(
                 )
         idx = normalise_index(item.index, matched[0][1].shape[0], what)
         for n, p in matched:
+            if id(p) in index.shared:
+                _refuse_other_rows_of_a_tied_name(index, selection.aliases, p, idx, what, named_as)
             prev = picked.get(id(p))
             merged = idx if prev is None else torch.unique(torch.cat([prev[2], idx]))
             picked[id(p)] = (n, p, merged)
@@ -782,6 +786,37 @@ def plan(
     out.partial |= {key for key in current if key not in out.masks}
     replaced = plain + [picked[key][1] for key in picked]
     return replaced, out
+
+
+def _refuse_other_rows_of_a_tied_name(
+    index: ModelIndex,
+    aliases: frozenset[str],
+    p: nn.Parameter,
+    idx: torch.Tensor,
+    what: str,
+    named_as: dict[int, tuple[frozenset[str], torch.Tensor, str]],
+) -> None:
+    """Two ``rows`` items naming different rows of two names of one tied tensor: refuse.
+
+    A tied tensor has one set of trainable rows; uniting ``embed.weight``'s rows
+    with ``lm_head.weight``'s would train rows neither item asked for through
+    the other name (PEFT raises here too).
+    """
+    names = frozenset(a for a, q in index.aliases if q is p and a in aliases)
+    prev = named_as.get(id(p))
+    if prev is None:
+        named_as[id(p)] = (names, idx, what)
+        return
+    before_names, before_idx, before_what = prev
+    same_rows = torch.equal(torch.unique(before_idx), torch.unique(idx))
+    if names == before_names or same_rows:
+        return
+    raise InvalidArgumentError(
+        f"{before_what} and {what} name different rows ({before_idx.tolist()[:6]} and "
+        f"{idx.tolist()[:6]}) of {sorted(before_names)[0]!r} and {sorted(names)[0]!r}, "
+        "which are one tied tensor with one set of trainable rows; name the rows once, "
+        "through one name (their union if that is what you mean)"
+    )
 
 
 # -- checkpoints ---------------------------------------------------------------

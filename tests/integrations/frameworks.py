@@ -148,6 +148,9 @@ def lightning_net(
 SCHEDULERS: dict[str, SchedulerFactory] = {
     "step": lambda opt, total: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
     "cosine": lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
+    "cosine_floor": lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=total, eta_min=1e-3
+    ),
     "onecycle": lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=1e-2, total_steps=total + 1
     ),

@@ -94,7 +94,7 @@ def test_unfreeze_trains_that_part_from_its_epoch_at_lr_mult(case: Case, tmp_pat
             assert lr == pytest.approx(0.1 * lrs[0], rel=1e-9, abs=1e-15)
 
 
-@pytest.mark.parametrize("scheduler", ["step", "cosine", "onecycle"])
+@pytest.mark.parametrize("scheduler", ["step", "cosine", "cosine_floor", "onecycle"])
 def test_lightning_new_group_follows_every_scheduler(scheduler: str, tmp_path: Path) -> None:
     run = fw.fit_lightning(
         tmp_path, LIGHTNING.make(unfreeze=[(1, "late")], lr_mult=0.25), scheduler=scheduler

@@ -223,9 +223,14 @@ def sync(
     gradient and optimizer state and leave their group (groups stay, possibly
     empty, so schedulers keep their per-group lists aligned); newly trainable
     ones join in new groups with options from ``rules`` (else the optimizer's
-    defaults; a rule's ``lr`` is the group's peak), and the scheduler learns
-    the new groups' schedules. Optimizer wrappers exposing ``.optimizer``
-    (accelerate, Lightning) are accepted.
+    defaults; a rule's ``lr`` is the group's peak). Without a rule ``lr`` a
+    new group takes the rate the user evidently meant: the peak rate of the
+    groups the optimizer was built with when they agree, else the
+    constructor's ``lr`` when a built group uses it, else group 0's with a
+    warning (never a constructor default no group uses). The scheduler learns
+    the new groups: they start where group 0 is now, scaled to their peak,
+    and keep that ratio (docs/optimizers.md). Optimizer wrappers exposing
+    ``.optimizer`` (accelerate, Lightning) are accepted.
 
     Which optimizer a newly trainable parameter joins, with one or several
     optimizers over the model (call ``sync`` on each):
