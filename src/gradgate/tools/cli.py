@@ -285,7 +285,7 @@ does not exist; create it first or give a path in an existing folder
 _AT_LEAST = {
     "depth": 0, "repeats": 1, "sizes": 1, "threads": 1, "samples": 1, "epochs": 1,
     "warmup": 0, "seeds": 1, "images": 1, "per_class": 1, "batch": 1, "vocab": 2, "dim": 1,
-    "sequences": 1, "seq_len": 1, "steps": 1, "pretrain_epochs": 1, "adapt_epochs": 1,
+    "sequences": 1, "seq_len": 1, "steps": 1, "pretrain_epochs": 1, "adapt_epochs": 0,
 }  # fmt: skip
 # Numbers that must lie in an open (exclusive) or closed (inclusive) interval.
 _BETWEEN = {
