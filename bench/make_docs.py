@@ -21,7 +21,7 @@ COMMANDS = {
     "--plot OUT/reverse.png",
     "guard": "gradgate bench guard --epochs 2 --repeats 5 --json OUT/guard.json "
     "--plot OUT/guard.png",
-    "cache": "gradgate bench cache --repeats 5 --samples 2048 --epochs 2 --json OUT/cache.json "
+    "cache": "gradgate bench cache --repeats 5 --samples 4096 --epochs 5 --json OUT/cache.json "
     "--plot OUT/cache.png",
     "bn_cnn": "gradgate bench bn_cnn --samples 1024 --epochs 3 --repeats 3 --json OUT/bn_cnn.json "
     "--plot OUT/bn_cnn.png",
