@@ -74,6 +74,7 @@ class ModelIndex:
         for counter in _counters:
             counter.saw(model)
         self.model = model
+        self.reshaped = False  # set when a call installs row modules (the walk is then stale)
         names: list[str] = []
         mods: list[nn.Module] = []
         parent: list[int] = []
@@ -170,6 +171,22 @@ class ModelIndex:
     def all_names(self) -> list[str]:
         """Every module path (root excluded) and parameter alias."""
         return [n for n in self.modules if n] + [n for n, _ in self.aliases]
+
+
+def current(index: ModelIndex) -> ModelIndex:
+    """``index`` itself, or a fresh walk if a call since reshaped the model (``gg.rows``).
+
+    Freezing and unfreezing change flags, which the index reads live, so one
+    walk serves a whole schedule step (freeze, sync, DDP rebuild); only
+    installing or releasing row modules changes the module tree under it.
+
+    Example:
+        >>> import torch
+        >>> index = ModelIndex(torch.nn.Linear(1, 1))
+        >>> current(index) is index
+        True
+    """
+    return ModelIndex(index.model) if index.reshaped else index
 
 
 def _joined(names: list[str]) -> str:

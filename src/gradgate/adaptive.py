@@ -22,10 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import schedules
-from .distributed import GatedDDP, rewrap
+from ._index import ModelIndex, current
+from .distributed import GatedDDP, rewrap_indexed
 from .errors import InvalidArgumentError
-from .freezing import freeze
-from .optim import sync
+from .freezing import apply_indexed
+from .optim.sync import sync_indexed
 from .schedules import Stages, split_sequential
 from .selection import Selector
 
@@ -462,13 +463,15 @@ class AutoFreeze:
         return froze
 
     def _freeze_to(self, cut: int) -> None:
-        freeze(self.model, *self.stages[self.boundary : cut])
+        index = ModelIndex(self.model)  # the one walk of this step: freeze, sync, rewrap
+        apply_indexed(index, "freeze", list(self.stages[self.boundary : cut]))
         self.boundary = cut
-        sync(self.optimizer, self.model, self.scheduler)
+        index = current(index)
+        sync_indexed(self.optimizer, index, self.scheduler)
         if self.wrapper is not None:
-            now = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+            now = tuple(n for n, p in index.params.items() if p.requires_grad)
             if now != self.wrapper.gg_trainable:
-                self.wrapper = rewrap(self.wrapper)
+                self.wrapper = rewrap_indexed(self.wrapper, index)
 
     def split(self, model: nn.Module | None = None) -> tuple[nn.Sequential, nn.Sequential]:
         """``(frozen prefix, rest)`` of an ``nn.Sequential`` whose children are the stages.

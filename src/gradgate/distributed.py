@@ -37,18 +37,24 @@ from torch.nn.parallel import DistributedDataParallel
 from ._events import Change, subscribe
 from ._index import ModelIndex
 from .errors import InvalidArgumentError, StaleWrapperError
-from .optim import Rules, sync
+from .optim import Rules
+from .optim.sync import sync_indexed
 
 __all__ = ["CommCounter", "GatedDDP", "rewrap", "track_communication", "wrap"]
 
 
-def _trainable_names(module: nn.Module) -> tuple[str, ...]:
-    return tuple(n for n, p in ModelIndex(module).params.items() if p.requires_grad)
+def _trainable_names(index: ModelIndex) -> tuple[str, ...]:
+    return tuple(n for n, p in index.params.items() if p.requires_grad)
 
 
-def _trainable_ids(module: nn.Module) -> tuple[tuple[str, int], ...]:
+def _trainable_ids(index: ModelIndex) -> tuple[tuple[str, int], ...]:
     # Names alone miss a tensor replaced under its name (other gg.rows of a tensor).
-    return tuple((n, id(p)) for n, p in ModelIndex(module).params.items() if p.requires_grad)
+    return tuple((n, id(p)) for n, p in index.params.items() if p.requires_grad)
+
+
+def _walk(module: nn.Module, index: ModelIndex | None) -> ModelIndex:
+    """The caller's walk of ``module`` if it made one, else a fresh one."""
+    return index if index is not None and index.model is module else ModelIndex(module)
 
 
 class CommCounter:
@@ -85,13 +91,16 @@ class GatedDDP(DistributedDataParallel):
     Built by ``gg.distributed.wrap``; see there.
     """
 
-    def __init__(self, module: nn.Module, **ddp_kwargs: Any) -> None:
-        index = ModelIndex(module)
+    def __init__(
+        self, module: nn.Module, *, gg_index: ModelIndex | None = None, **ddp_kwargs: Any
+    ) -> None:
+        # gg_index: a walk of ``module`` the caller made (rewrap's), not a DDP option.
+        index = _walk(module, gg_index)
         super().__init__(module, **ddp_kwargs)
         self.gg_ddp_kwargs = dict(ddp_kwargs)
-        self.gg_trainable = _trainable_names(module)
+        self.gg_trainable = _trainable_names(index)
         self.gg_counter: CommCounter | None = None
-        self._gg_ids = _trainable_ids(module)
+        self._gg_ids = _trainable_ids(index)
         # Announced changes mark the wrapper stale at once; a hand-made
         # ``requires_grad_`` is caught by comparing the flags at the next forward.
         self.gg_stale = False
@@ -110,31 +119,41 @@ class GatedDDP(DistributedDataParallel):
 
         weakref.finalize(self, subscribe(hear))
 
-    def gg_is_stale(self) -> bool:
+    def gg_is_stale(self, index: ModelIndex | None = None) -> bool:
         """Whether the trainable set differs from the one this wrapper was built for.
+
+        ``index``: a walk of the module the caller already made (else one is
+        made, only when a flag changed or a change was announced).
 
         Example (needs a process group): ``ddp.gg_is_stale()``
         """
         flags = tuple(p.requires_grad for p in self._gg_params)
         if self.gg_stale or flags != self._gg_flags:
-            self.gg_stale = _trainable_ids(self.module) != self._gg_ids
+            self.gg_stale = _trainable_ids(_walk(self.module, index)) != self._gg_ids
         return self.gg_stale
 
-    def gg_refresh(self) -> GatedDDP:
+    def gg_refresh(self, index: ModelIndex | None = None) -> GatedDDP:
         """This wrapper if it fits the trainable set, else ``rewrap(self)`` (a collective call).
+
+        ``index``: a walk of the module the caller already made (a schedule
+        step's), used for the check and the rebuild alike.
 
         Example (needs a process group): ``ddp = ddp.gg_refresh()``
         """
-        return rewrap(self) if self.gg_is_stale() else self
+        flags = tuple(p.requires_grad for p in self._gg_params)
+        if index is None and (self.gg_stale or flags != self._gg_flags):
+            index = ModelIndex(self.module)  # one walk for the check and the rebuild
+        return rewrap_indexed(self, index) if self.gg_is_stale(index) else self
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if self.gg_is_stale():
-            now = _trainable_names(self.module)
+            index = ModelIndex(self.module)
+            now = _trainable_names(index)
             was, cur = set(self.gg_trainable), set(now)
             frozen = sorted(was - cur)
             unfrozen = sorted(cur - was)
             replaced = sorted(
-                {n for n, _ in set(self._gg_ids) ^ set(_trainable_ids(self.module))} & was & cur
+                {n for n, _ in set(self._gg_ids) ^ set(_trainable_ids(index))} & was & cur
             )
             raise StaleWrapperError(
                 "the trainable set changed after DDP was built "
@@ -264,10 +283,31 @@ def rewrap(
 
     Example (needs a process group): ``ddp = gg.distributed.rewrap(ddp, opt)``
     """
+    return rewrap_indexed(ddp_model, None, optimizer, scheduler, rules, in_place=in_place)
+
+
+def rewrap_indexed(
+    ddp_model: _DDP,
+    index: ModelIndex | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    rules: Rules = (),
+    *,
+    in_place: bool = False,
+) -> _DDP:
+    """``rewrap`` over a walk of the module the caller made (``None``: made here if needed).
+
+    A schedule step freezes, syncs and rebuilds over one walk; a plain DDP
+    rebuilt without an optimizer needs none.
+
+    Example (needs a process group): ``ddp = rewrap_indexed(ddp, ModelIndex(ddp.module))``
+    """
     module = ddp_model.module
     counter: CommCounter | None = None
+    options: dict[str, Any]
     if isinstance(ddp_model, GatedDDP):
-        options = dict(ddp_model.gg_ddp_kwargs)
+        index = _walk(module, index)
+        options = {**ddp_model.gg_ddp_kwargs, "gg_index": index}
         counter = ddp_model.gg_counter
     else:
         options = _ddp_options(ddp_model)
@@ -285,5 +325,5 @@ def rewrap(
             _register(new, counter)
         new.gg_counter = counter
     if optimizer is not None:
-        sync(optimizer, module, scheduler, rules)
+        sync_indexed(optimizer, _walk(module, index), scheduler, rules)
     return new

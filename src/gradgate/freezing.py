@@ -255,12 +255,38 @@ def _apply(
     mode: object,
     shared: object,
 ) -> Freezing:
-    mode_e: Mode = choice(Mode, "mode", mode)
-    shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
     with gc_paused():
         index = ModelIndex(model)  # the one read of the model for this call
-        selectors, rows_plan = subtensor.plan(model, action, selectors, exclude, index)  # rows
-        return _apply_walk(index, action, selectors, exclude, mode_e, shared_e, rows_plan)
+        return apply_indexed(index, action, selectors, exclude, mode, shared)
+
+
+def apply_indexed(
+    index: ModelIndex,
+    action: str,
+    selectors: Sequence[Selector],
+    exclude: Selector | None = None,
+    mode: object = Mode.EVAL,
+    shared: object = None,
+) -> Freezing:
+    """``freeze`` / ``unfreeze`` / ``train_only`` (``action``) over a walk the caller made.
+
+    For a call that changes the trainable set and then reads the model again
+    (a schedule step: freeze, ``sync``, DDP rebuild): one walk serves all of
+    it. Flags are read live from the index; if row modules are installed,
+    the index is marked ``reshaped`` (see ``_index.current``).
+
+    Example:
+        >>> import torch
+        >>> from gradgate._index import ModelIndex
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+        >>> apply_indexed(ModelIndex(net), "freeze", ["0"]).frozen
+        ['0.weight', '0.bias']
+    """
+    mode_e: Mode = choice(Mode, "mode", mode)
+    shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
+    model = index.model
+    selectors, rows_plan = subtensor.plan(model, action, selectors, exclude, index)  # rows
+    return _apply_walk(index, action, selectors, exclude, mode_e, shared_e, rows_plan)
 
 
 def _plan_flags(

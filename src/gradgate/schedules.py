@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import numbers
 import re
 import warnings
@@ -12,11 +13,12 @@ from typing import Any, Literal, Protocol, cast, runtime_checkable
 import torch
 from torch import nn
 
-from ._index import ModelIndex
+from ._index import ModelIndex, current
 from ._options import choice
 from .errors import InvalidArgumentError
-from .freezing import Freezing, ModeName, freeze, unfreeze
+from .freezing import Freezing, ModeName, apply_indexed, freeze, unfreeze
 from .optim import Rules, peak_lr, rule_items, sync
+from .optim.sync import sync_indexed
 from .selection import Selector, describe_selectors, select
 
 __all__ = ["GradualUnfreeze", "ProgressiveFreeze", "Stages", "freeze_to", "stages"]
@@ -227,8 +229,28 @@ class Rewrappable(Protocol):
     module: nn.Module
 
     def gg_refresh(self) -> nn.Module:
-        """This wrapper if it fits the trainable set, else a new one around ``module``."""
+        """This wrapper if it fits the trainable set, else a new one around ``module``.
+
+        A ``gg_refresh`` that also takes ``index`` (a walk of ``module``, as
+        ``GatedDDP``'s does) is handed the schedule step's own walk.
+        """
         ...
+
+
+def refresh(wrapper: Rewrappable, index: ModelIndex | None = None) -> nn.Module:
+    """``wrapper.gg_refresh()``, handing on the caller's walk of the model when it takes one.
+
+    Example:
+        >>> class Same(torch.nn.Module):
+        ...     def __init__(self): super().__init__(); self.module = torch.nn.Linear(1, 1)
+        ...     def gg_refresh(self): return self
+        >>> w = Same(); refresh(w) is w
+        True
+    """
+    method = wrapper.gg_refresh
+    if index is not None and "index" in inspect.signature(method).parameters:
+        return method(index=index)  # type: ignore[call-arg]
+    return method()
 
 
 def split_sequential(
@@ -349,9 +371,9 @@ class GradualUnfreeze:
         sync(optimizer, model, scheduler)
         self._rewrap()
 
-    def _rewrap(self) -> None:
+    def _rewrap(self, index: ModelIndex | None = None) -> None:
         if self.wrapper is not None:
-            fresh = self.wrapper.gg_refresh()
+            fresh = refresh(self.wrapper, index)
             self.wrapper = fresh if isinstance(fresh, Rewrappable) else None
 
     @property
@@ -366,10 +388,12 @@ class GradualUnfreeze:
         return self.base_lr * float(self.lr_mult) ** (len(self.stages) - 1 - i)
 
     def _unfreeze(self, due: list[int]) -> None:
-        unfreeze(self.model, *[self.stages[i] for i in due])
+        index = ModelIndex(self.model)  # the one walk of this step: unfreeze, sync, rewrap
+        apply_indexed(index, "unfreeze", [self.stages[i] for i in due])
+        index = current(index)
         rules = [*rule_items(self.rules), *[(self.stages[i], {"lr": self.lr_for(i)}) for i in due]]
         before = len(self.optimizer.param_groups)
-        sync(self.optimizer, self.model, self.scheduler, rules=rules)
+        sync_indexed(self.optimizer, index, self.scheduler, rules=rules)
         if self.warmup_steps:
             for g in range(before, len(self.optimizer.param_groups)):
                 target = float(self.optimizer.param_groups[g]["lr"])
@@ -377,7 +401,7 @@ class GradualUnfreeze:
                 self.optimizer.param_groups[g]["lr"] = target / (self.warmup_steps + 1)
         self.unfrozen += due
         self.events.append(list(due))
-        self._rewrap()
+        self._rewrap(index)
 
     def step(self, t: int) -> list[int]:
         """Apply what is due at epoch/step ``t``; return the stages unfrozen now."""
@@ -484,10 +508,11 @@ class ProgressiveFreeze:
     def _freeze_to(self, k: int) -> list[int]:
         new = list(range(self.boundary, k))
         if new:
-            freeze(self.model, *[self.stages[i] for i in new])
+            index = ModelIndex(self.model)  # the one walk of this step: freeze, sync
+            apply_indexed(index, "freeze", [self.stages[i] for i in new])
             self.boundary = k
             if self.optimizer is not None:
-                sync(self.optimizer, self.model, self.scheduler)
+                sync_indexed(self.optimizer, current(index), self.scheduler)
         return new
 
     def step(self, t: int) -> list[int]:

@@ -561,6 +561,8 @@ class RowsPlan:
         model = self.model
         undo = _Undo(model)
         handle.undo_hooks.append(undo)
+        if self.index is not None:
+            self.index.reshaped = True  # row modules come and go: the walk is stale
         _install(model, self.masks, self.final, undo.done, self.index)
         if undo.done:
             undo.left = {id(w): w.requires_grad for w, _, new, _ in undo.done if new is None}

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 
+from .._index import ModelIndex
 from .._options import choice
 from .._progress import progress
+from .._state import model_entries
 from ..errors import (
     CacheError,
     InvalidArgumentError,
@@ -353,33 +355,39 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         self._parent_key = ""
         self._key = ""
         self._n = dataset._n if self._parent is not None else len(dataset)
-        self._check_front_end()
-        self._open()
+        self._open(self._check_front_end())
 
     # -- keys --------------------------------------------------------------
 
-    def _check_front_end(self) -> None:
+    def _check_front_end(self) -> ModelIndex:
+        """Refuse a front-end that trains or is not deterministic; return the walk made."""
         name = type(self.front_end).__name__
-        trainable = [n for n, p in self.front_end.named_parameters() if p.requires_grad]
+        index = ModelIndex(self.front_end)  # the one read of the front-end for the opening
+        trainable = [n for n, p in index.params.items() if p.requires_grad]
         if trainable:
             raise InvalidArgumentError(
                 f"FeatureCache needs a frozen front-end, but {name} still trains "
                 f"{', '.join(trainable[:5])}; call gg.freeze(front_end) first"
             )
-        moving = [
-            n or name
-            for n, m in self.front_end.named_modules()
-            if isinstance(m, _NONDETERMINISTIC) and m.training
-        ]
+        moving: list[str] = []
+        seen: set[int] = set()
+        for n, m in zip(index.names, index.mods, strict=True):
+            if isinstance(m, _NONDETERMINISTIC) and m.training and id(m) not in seen:
+                seen.add(id(m))
+                moving.append(n or name)
         if moving:
             raise InvalidArgumentError(
                 f"FeatureCache needs a deterministic front-end, but {', '.join(moving[:5])} "
                 "is in training mode (Dropout/BatchNorm); gg.freeze(front_end) keeps it in eval"
             )
+        return index
 
-    def _front_key(self) -> tuple[list[tuple[str, str]], str]:
-        """Per-module digests of the front-end, and one digest of them with the input function."""
-        modules = module_digests(self.front_end)
+    def _front_key(self, index: ModelIndex | None = None) -> tuple[list[tuple[str, str]], str]:
+        """Per-module digests of the front-end, and one digest of them with the input function.
+
+        ``index``: the calling read's walk of the front-end (else one is made).
+        """
+        modules = module_digests(self.front_end, index)
         reads = (
             "extends a FeatureCache"
             if self._parent is not None
@@ -474,8 +482,9 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             return DiskStore(self.path)
         return MemoryStore()
 
-    def _open(self) -> None:
-        modules, front = self._front_key()
+    def _open(self, index: ModelIndex | None = None) -> None:
+        index = index if index is not None else ModelIndex(self.front_end)
+        modules, front = self._front_key(index)
         loader: DataLoader[Any] | None = None
         if self._parent is None:
             self._n = len(self.dataset)
@@ -488,6 +497,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             data, expected = self._dataset_digest(loader)
         key = hashlib.sha256(f"{front}|{data}".encode()).hexdigest()
         store = self._store()
+        built = False
         with store.lock() as writable:
             stored = store.open(key)
             if stored is None:
@@ -499,13 +509,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                     )
                 writers: list[Writer] = []
                 try:
-                    stored = self._build(store, key, loader, expected, writers)
+                    stored = self._build(store, key, loader, expected, writers, index)
                 except BaseException:
                     for w in writers:
                         w.abort()
                     raise
-                self.rebuilt = True
-        after, _ = self._front_key()
+                self.rebuilt = built = True
+        # Only a forward can change the front-end: read it afresh after one.
+        after = self._front_key(ModelIndex(self.front_end))[0] if built else modules
         if after != modules:
             changed = next(a for a, b in zip(after, modules, strict=True) if a != b)[0]
             raise InvalidArgumentError(
@@ -527,7 +538,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             self._rows_seen = self._row_digests()
         self._pid: int | None = os.getpid()
         self._pending = False
-        self._watch()
+        self._watch(index)
 
     def _row_digests(self) -> dict[int, bytes]:
         tensors = self.dataset.tensors
@@ -542,11 +553,12 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         loader: DataLoader[Any] | None,
         expected: dict[int, bytes],
         writers: list[Writer],
+        index: ModelIndex,
     ) -> Stored:
         """The one build loop: run the front-end over every batch, write its rows in order."""
         device = self.device
         if device is None:
-            first = next(iter(self.front_end.parameters()), None)
+            first = next(iter(index.params.values()), None)
             device = first.device if first is not None else torch.device("cpu")
         name = type(self.front_end).__name__
         writer: Writer | None = None
@@ -655,10 +667,9 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
 
     # -- freshness ---------------------------------------------------------
 
-    def _watch(self) -> None:
-        self._versions = [
-            (t, t._version) for t in [*self.front_end.parameters(), *self.front_end.buffers()]
-        ]
+    def _watch(self, index: ModelIndex | None = None) -> None:
+        index = index if index is not None else ModelIndex(self.front_end)
+        self._versions = [(e.tensor, e.tensor._version) for e in model_entries(index)]
 
     def _check(self, full: bool) -> None:
         """Make sure what is served matches the front-end; rebuild or raise if not."""
@@ -666,15 +677,16 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             self._check_new_process()
         elif full or self._pending or any(t._version != v for t, v in self._versions):
             self._pending = False
-            if self._front_key()[1] != self._front:
+            index = ModelIndex(self.front_end)  # the one read of the front-end for this check
+            if self._front_key(index)[1] != self._front:
                 what = "the front-end changed since its features were cached"
             elif full and (what := self._source_changed()):
                 pass
             else:
-                self._watch()
+                self._watch(index)
                 return
             warnings.warn(f"{what}; rebuilding the cache", RuntimeWarning, stacklevel=4)
-            self._open()
+            self._open(index)
 
     def _source_changed(self) -> str:
         """What changed in what the features were computed from ("" if nothing).
@@ -711,9 +723,10 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
         return "" if changed is None else f"dataset item {changed} changed since it was cached"
 
     def _check_new_process(self) -> None:
-        if self._front_key()[1] == self._front and self._stored.readable(self._key):
+        index = ModelIndex(self.front_end)  # the one read of the front-end for this check
+        if self._front_key(index)[1] == self._front and self._stored.readable(self._key):
             self._pid = os.getpid()
-            self._watch()
+            self._watch(index)
             return
         if get_worker_info() is not None:
             raise StaleCacheError(
@@ -728,7 +741,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
             RuntimeWarning,
             stacklevel=4,
         )
-        self._open()
+        self._open(index)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from .._index import ModelIndex
 from ..errors import InvalidArgumentError
 from ..freezing import is_sticky
 from ..hashing import tensor_digest
@@ -384,8 +385,10 @@ def _class_digest(cls: type) -> str:
     return h.hexdigest()
 
 
-def module_digests(module: nn.Module) -> list[tuple[str, str]]:
+def module_digests(module: nn.Module, index: ModelIndex | None = None) -> list[tuple[str, str]]:
     """One digest per submodule: its classes, settings and tensors.
+
+    ``index``: the calling public call's walk of ``module`` (else one is made).
 
     Classes: the code of every method (forward and the helpers it calls
     through ``self``) and every plain class attribute, along the whole MRO.
@@ -399,21 +402,23 @@ def module_digests(module: nn.Module) -> list[tuple[str, str]]:
         >>> a == b, a == c
         (False, True)
     """
+    if index is None or index.model is not module:
+        index = ModelIndex(module)
     outer = getattr(_DIGESTING, "modules", {})
     _DIGESTING.modules = {
         **outer,
-        **{id(m): n or "<root>" for n, m in module.named_modules(remove_duplicate=False)},
+        **{id(m): n or "<root>" for n, m in zip(index.names, index.mods, strict=True)},
     }
     try:
-        return _module_digests(module)
+        return _module_digests(index)
     finally:
         _DIGESTING.modules = outer
 
 
-def _module_digests(module: nn.Module) -> list[tuple[str, str]]:
+def _module_digests(index: ModelIndex) -> list[tuple[str, str]]:
     out = []
     classes: dict[type, str] = {}
-    for name, m in module.named_modules(remove_duplicate=False):
+    for name, m in zip(index.names, index.mods, strict=True):
         h = ValueHasher(strict=False)
         h._tag(f"type:{_qualified(type(m))}")
         for cls in type(m).__mro__:
@@ -427,7 +432,7 @@ def _module_digests(module: nn.Module) -> list[tuple[str, str]]:
             h._tag(f"script:{script}")
         for pname, p in m._parameters.items():
             h._tag(f"param:{pname}")
-            if is_lazy(p):
+            if p is not None and is_lazy(p):
                 raise InvalidArgumentError(
                     f"FeatureCache cannot key the front-end: {name or 'the root'}.{pname} is an "
                     "uninitialised lazy parameter; run one forward pass before caching"

@@ -268,8 +268,28 @@ def sync(
         >>> gg.sync(opt, net)["removed"]
         ['0.weight', '0.bias']
     """
+    return sync_indexed(optimizer, ModelIndex(model), scheduler, rules, params)
+
+
+def sync_indexed(
+    optimizer: torch.optim.Optimizer,
+    index: ModelIndex,
+    scheduler: Any = None,
+    rules: Rules = (),
+    params: Selector | Sequence[Selector] | None = None,
+) -> dict[str, list[str]]:
+    """``sync`` over a walk of the model the caller already made (one walk per schedule step).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> _ = net.bias.requires_grad_(False)
+        >>> sync_indexed(opt, ModelIndex(net))["removed"]
+        ['bias']
+    """
     opt = unwrap_optimizer(optimizer)
-    index = ModelIndex(model)  # the one read of the model for this call
+    model = index.model
     names = dict(index.canonical)
     ledger = _ledger(opt)
     others = _others(opt)
