@@ -197,7 +197,7 @@ def test_the_cache_key_derives_from_one_walk(
 
 
 def test_each_schedule_step_reads_the_model_once() -> None:
-    def net() -> nn.Module:
+    def net() -> nn.Sequential:
         torch.manual_seed(0)
         return nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])
 
@@ -280,6 +280,8 @@ def test_ddp_wrap_and_rewrap_read_the_model_once(one_rank: None) -> None:
     wrapper = gg.distributed.wrap(model)
     gu = gg.GradualUnfreeze(wrapper, gg.stages(model), at=[2, 1, 0], optimizer=opt)
     assert _builds(lambda: gu.step(1), model) == 1
-    assert gu.wrapped is not wrapper and "1.weight" in gu.wrapped.gg_trainable
+    rebuilt = gu.wrapped
+    assert isinstance(rebuilt, gg.distributed.GatedDDP) and rebuilt is not wrapper
+    assert "1.weight" in rebuilt.gg_trainable
     gu.wrapped(torch.ones(2, 4)).sum().backward()  # the rebuilt wrapper runs: not stale
     assert model[1].weight.grad is not None and model[0].weight.grad is None
