@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._index import ModelIndex
+from .._index import ModelIndex, gc_paused
 from ..errors import InvalidArgumentError
 from ..selection import Selector, norms, resolve
 
@@ -220,30 +220,31 @@ def param_groups(
         layer_decay = LayerDecay(stages=layer_decay[1], decay=layer_decay[0])
     if layer_decay is not None:
         _check_layer_decay(layer_decay)
-    index = ModelIndex(model)  # the one read of the model for this call
-    named = [(n, p) for n, p in index.params.items() if p.requires_grad]
-    if not named:
-        raise InvalidArgumentError(
-            f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"
-        )
-    decay_off: set[str] = set()
-    if no_decay is not None:
-        sels = list(no_decay) if isinstance(no_decay, (list, tuple)) else [no_decay]
-        for sel in sels:
-            with contextlib.suppress(LookupError):  # a model without biases is fine
-                decay_off.update(resolve(index, [sel]).parameters)
-    factor: dict[str, float] = {}
-    if layer_decay is not None:
-        for sel, f in zip(layer_decay.stages, layer_decay.factors(), strict=True):
-            factor.update(dict.fromkeys(resolve(index, [sel]).parameters, f))
+    with gc_paused():  # a walk of 10^5 tensors: no repeated full collections (see _index)
+        index = ModelIndex(model)  # the one read of the model for this call
+        named = [(n, p) for n, p in index.params.items() if p.requires_grad]
+        if not named:
+            raise InvalidArgumentError(
+                f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"
+            )
+        decay_off: set[str] = set()
+        if no_decay is not None:
+            sels = list(no_decay) if isinstance(no_decay, (list, tuple)) else [no_decay]
+            for sel in sels:
+                with contextlib.suppress(LookupError):  # a model without biases is fine
+                    decay_off.update(resolve(index, [sel]).parameters)
+        factor: dict[str, float] = {}
+        if layer_decay is not None:
+            for sel, f in zip(layer_decay.stages, layer_decay.factors(), strict=True):
+                factor.update(dict.fromkeys(resolve(index, [sel]).parameters, f))
 
-    if not decay_1d:
-        decay_off.update(n for n, p in named if p.dim() <= 1)
+        if not decay_1d:
+            decay_off.update(n for n, p in named if p.dim() <= 1)
 
-    def defaults(name: str) -> dict[str, Any]:
-        return {
-            "lr": lr * factor.get(name, 1.0),
-            "weight_decay": 0.0 if name in decay_off else weight_decay,
-        }
+        def defaults(name: str) -> dict[str, Any]:
+            return {
+                "lr": lr * factor.get(name, 1.0),
+                "weight_decay": 0.0 if name in decay_off else weight_decay,
+            }
 
-    return build_groups(model, named, rules, defaults, index=index)
+        return build_groups(model, named, rules, defaults, index=index)

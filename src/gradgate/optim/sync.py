@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._events import Change, announce
-from .._index import ModelIndex
+from .._index import ModelIndex, gc_paused
 from .._optimizers import unwrap_optimizer
 from ..errors import InvalidArgumentError
 from ..selection import Selector, resolve
@@ -268,7 +268,8 @@ def sync(
         >>> gg.sync(opt, net)["removed"]
         ['0.weight', '0.bias']
     """
-    return sync_indexed(optimizer, ModelIndex(model), scheduler, rules, params)
+    with gc_paused():  # 10^5 ledger entries: no repeated full collections (see _index)
+        return sync_indexed(optimizer, ModelIndex(model), scheduler, rules, params)
 
 
 def sync_indexed(
@@ -288,89 +289,91 @@ def sync_indexed(
         >>> sync_indexed(opt, ModelIndex(net))["removed"]
         ['bias']
     """
-    opt = unwrap_optimizer(optimizer)
-    model = index.model
-    names = dict(index.canonical)
-    ledger = _ledger(opt)
-    others = _others(opt)
-    other_ids = [(o, led, _ids(o)) for o, led in others]
-    held_now = [p for g in opt.param_groups for p in g["params"]]
-    present = {id(p) for p in held_now}
-    chosen: set[str] | None = None
-    if params is not None:
-        sels = list(params) if isinstance(params, (list, tuple)) else [params]
-        chosen = set(resolve(index, sels).parameters) if sels else set()
+    with gc_paused():
+        opt = unwrap_optimizer(optimizer)
+        model = index.model
+        names = dict(index.canonical)
+        ledger = _ledger(opt)
+        others = _others(opt)
+        other_ids = [(o, led, _ids(o)) for o, led in others]
+        held_now = [p for g in opt.param_groups for p in g["params"]]
+        present = {id(p) for p in held_now}
+        chosen: set[str] | None = None
+        if params is not None:
+            sels = list(params) if isinstance(params, (list, tuple)) else [params]
+            chosen = set(resolve(index, sels).parameters) if sels else set()
 
-    fresh: list[tuple[str, nn.Parameter]] = []
-    adopted: set[int] = set()
-    left: list[str] = []
-    for name, w in index.params.items():
-        p = w
-        if not p.requires_grad or id(p) in present:
-            continue
-        holders = [o for o, led, ids in other_ids if id(p) in ids or led.has(p)]
-        if holders:
-            if chosen is not None and name in chosen:
-                raise InvalidArgumentError(
-                    f"params= selects {name!r}, which another optimizer "
-                    f"({type(holders[0]).__name__}) holds or held: it returns there when that "
-                    "one is synced, and in both it would be stepped twice. Leave it out of params="
-                )
-            left.append(name)
-        elif ledger.has(p) or chosen is None or name in chosen:
-            fresh.append((name, p))
-            if chosen is None and not ledger.has(p):
-                adopted.add(id(p))  # a default choice: a holder seen later takes it back
-        else:
-            left.append(name)
-    is_lbfgs = isinstance(opt, torch.optim.LBFGS)
-    with_names = "param_names" in opt.param_groups[0]
-    # Built before anything changes (also with nothing new, so that a rule
-    # that matches nothing is reported at once): a failure leaves all as it was.
-    new_groups = build_groups(model, fresh, rules, with_names=with_names, index=index)
-    if ledger.built is None:
-        ledger.built = len(opt.param_groups)
-    if any("lr" not in g for g in new_groups):
-        meant = _meant_lr(opt, scheduler, ledger.built, [n for n, _ in fresh])
-        for g in new_groups:
-            g.setdefault("lr", meant)
+        fresh: list[tuple[str, nn.Parameter]] = []
+        adopted: set[int] = set()
+        left: list[str] = []
+        for name, w in index.params.items():
+            p = w
+            if not p.requires_grad or id(p) in present:
+                continue
+            holders = [o for o, led, ids in other_ids if id(p) in ids or led.has(p)]
+            if holders:
+                if chosen is not None and name in chosen:
+                    raise InvalidArgumentError(
+                        f"params= selects {name!r}, which another optimizer "
+                        f"({type(holders[0]).__name__}) holds or held: it returns there when "
+                        "that one is synced, and in both it would be stepped twice. Leave it out "
+                        "of params="
+                    )
+                left.append(name)
+            elif ledger.has(p) or chosen is None or name in chosen:
+                fresh.append((name, p))
+                if chosen is None and not ledger.has(p):
+                    adopted.add(id(p))  # a default choice: a holder seen later takes it back
+            else:
+                left.append(name)
+        is_lbfgs = isinstance(opt, torch.optim.LBFGS)
+        with_names = "param_names" in opt.param_groups[0]
+        # Built before anything changes (also with nothing new, so that a rule
+        # that matches nothing is reported at once): a failure leaves all as it was.
+        new_groups = build_groups(model, fresh, rules, with_names=with_names, index=index)
+        if ledger.built is None:
+            ledger.built = len(opt.param_groups)
+        if any("lr" not in g for g in new_groups):
+            meant = _meant_lr(opt, scheduler, ledger.built, [n for n, _ in fresh])
+            for g in new_groups:
+                g.setdefault("lr", meant)
 
-    # Parameters this optimizer holds that another one only adopted by default.
-    for o, led, ids in other_ids:
-        reclaimed = {id(p) for p in held_now if id(p) in led.adopted and id(p) in ids}
-        if reclaimed:
-            _drop(o, reclaimed, names)
-            for p in held_now:
-                if id(p) in reclaimed:
-                    led.forget(p)
+        # Parameters this optimizer holds that another one only adopted by default.
+        for o, led, ids in other_ids:
+            reclaimed = {id(p) for p in held_now if id(p) in led.adopted and id(p) in ids}
+            if reclaimed:
+                _drop(o, reclaimed, names)
+                for p in held_now:
+                    if id(p) in reclaimed:
+                        led.forget(p)
 
-    gone = [p for p in held_now if id(p) in names and not p.requires_grad]
-    for p in gone:
-        p.grad = None
-    _drop(opt, {id(p) for p in gone}, names)
-    for p in held_now:
-        ledger.note(p)
-    for _, p in fresh:
-        ledger.note(p, adopted=id(p) in adopted)
-        for _, led, _ in other_ids:
-            led.forget(p)
+        gone = [p for p in held_now if id(p) in names and not p.requires_grad]
+        for p in gone:
+            p.grad = None
+        _drop(opt, {id(p) for p in gone}, names)
+        for p in held_now:
+            ledger.note(p)
+        for _, p in fresh:
+            ledger.note(p, adopted=id(p) in adopted)
+            for _, led, _ in other_ids:
+                led.forget(p)
 
-    if is_lbfgs and fresh:
-        first = opt.param_groups[0]
-        first["params"].extend(p for _, p in fresh)
-        if with_names:
-            first["param_names"].extend(n for n, _ in fresh)
-        opt.state.clear()
-        opt._numel_cache = None  # type: ignore[attr-defined]
-    elif fresh:
-        start = len(opt.param_groups)
-        for group in new_groups:
-            opt.add_param_group(group)
-        positions = list(range(start, len(opt.param_groups)))
-        _init_eager_state(opt, [p for _, p in fresh])
-        extend_scheduler(scheduler, opt, positions)
-    removed = [names[id(p)] for p in gone]
-    added = [n for n, _ in fresh]
-    if gone or fresh:
-        announce(Change(model, "sync", tuple(gone), tuple(p for _, p in fresh)))
-    return {"removed": removed, "added": added, "left": left}
+        if is_lbfgs and fresh:
+            first = opt.param_groups[0]
+            first["params"].extend(p for _, p in fresh)
+            if with_names:
+                first["param_names"].extend(n for n, _ in fresh)
+            opt.state.clear()
+            opt._numel_cache = None  # type: ignore[attr-defined]
+        elif fresh:
+            start = len(opt.param_groups)
+            for group in new_groups:
+                opt.add_param_group(group)
+            positions = list(range(start, len(opt.param_groups)))
+            _init_eager_state(opt, [p for _, p in fresh])
+            extend_scheduler(scheduler, opt, positions)
+        removed = [names[id(p)] for p in gone]
+        added = [n for n, _ in fresh]
+        if gone or fresh:
+            announce(Change(model, "sync", tuple(gone), tuple(p for _, p in fresh)))
+        return {"removed": removed, "added": added, "left": left}
