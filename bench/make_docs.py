@@ -51,7 +51,10 @@ HEADER = """# Benchmarks
 Measured with `gradgate bench`, always the same way: strategies interleaved
 (A B C ... repeated), one warm-up round discarded, then the repetitions each command gives
 (`--repeats`); median and min-max; ratios are
-medians of per-repetition ratios. Peak RSS is `ru_maxrss` of a fresh process running one
+medians of per-repetition ratios, and every ratio reads one way: A/B is A's seconds (or
+bytes) over B's, so above 1.00 A is slower (or larger). The one exception is the
+`autofreeze` section's speed-ups (full's seconds over the strategy's, above 1.00 faster),
+which its caption states. Peak RSS is `ru_maxrss` of a fresh process running one
 strategy alone. Raw JSON and PNG plots are in `docs/bench/`; this page is written by
 `python bench/make_docs.py OUT` from them (OUT: the folder the commands below wrote into;
 `docs/bench` regenerates in place). The machine is the shared 2-core CI machine:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .._progress import progress
-from .output import add_json_argument, machine_info, write_json
+from .output import RATIO_NOTE, add_json_argument, machine_info, write_json
 from .training import train_epochs
 
 __all__ = [
@@ -717,7 +717,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     if "gradgate_cache" in times:
         for other in ("requires_grad", "lr0"):
             per_rep = [a / b for a, b in zip(times[other], times["gradgate_cache"], strict=True)]
-            result["ratios"][f"speedup gradgate_cache vs {other}"] = statistics.median(per_rep)
+            result["ratios"][f"{other}/gradgate_cache"] = statistics.median(per_rep)
     if args.workload == "guard":
         result["fingerprint_gb_per_s"] = _fingerprint_speed()
         steps = args.epochs * math.ceil(args.samples / BATCH)
@@ -862,10 +862,27 @@ def _print_table(result: dict[str, Any]) -> None:
         )
     print(render_table(["strategy", "median s", "min-max s", "peak RSS MB"], rows, right={1, 2, 3}))
     for k, v in result.get("ratios", {}).items():
-        print(f"{k}: {v:.3f}")
+        print(f"{_ratio_name(k)}: {v:.3f}")
+    if result.get("ratios"):
+        print(RATIO_NOTE)
     for k in ("fingerprint_gb_per_s", "exact_ms_per_step"):
         if k in result:
             print(f"{k}: {result[k]:.3f}")
+
+
+def _ratio_name(key: str) -> str:
+    """A ratio's name as A/B (seconds of A over seconds of B), whatever the JSON called it.
+
+    Results recorded before the ratios were made to read one way named the
+    inverse ratio a speed-up; its value was already the other strategy's
+    seconds over the cache's.
+
+    Example:
+        >>> _ratio_name("speedup gradgate_cache vs lr0"), _ratio_name("lr0/limit")
+        ('lr0/gradgate_cache', 'lr0/limit')
+    """
+    found = re.fullmatch(r"speedup (\w+) vs (\w+)", key)
+    return f"{found[2]}/{found[1]}" if found else key
 
 
 def to_markdown(result: dict[str, Any], command: str) -> str:
@@ -902,7 +919,9 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
             ]
         elif result.get("ratios"):
             lines += ["", "| ratio (median of per-repetition ratios) | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+            lines += [f"| {_ratio_name(k)} | {v:.3f} |" for k, v in result["ratios"].items()]
+        if result.get("ratio_ranges") or result.get("ratios"):
+            lines += ["", RATIO_NOTE]
     if "sizes" in result:
         lines += ["| tensors | median s | min s | max s | us/tensor |", "|---|---|---|---|---|"]
         for data in result["sizes"].values():
@@ -949,7 +968,7 @@ def _scale_markdown(sizes: dict[str, Any]) -> list[str]:
             for d in measured
         ]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return lines
+    return [*lines, "", RATIO_NOTE]
 
 
 def _plot(result: dict[str, Any], path: str) -> None:

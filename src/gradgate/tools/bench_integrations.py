@@ -45,7 +45,7 @@ import gradgate as gg
 
 from .._format import render_table
 from . import zoo
-from .output import machine_info
+from .output import RATIO_NOTE, machine_info
 
 
 @dataclass
@@ -345,4 +345,5 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
         )
     lines += ["", "| ratio (median of per-repetition ratios) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    lines += ["", RATIO_NOTE]
     return "\n".join(lines) + "\n"

@@ -36,7 +36,7 @@ import gradgate as gg
 
 from .._format import render_table
 from ..errors import InvalidArgumentError
-from .output import machine_info
+from .output import RATIO_NOTE, machine_info
 
 WARMUP_STEPS = 2  # the first steps allocate optimizer state; not what is compared
 TINY = {"vocab": 2000, "dim": 32, "fraction": 0.05, "reps": 1, "steps": 2}
@@ -357,4 +357,5 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
     if result["ratios"]:
         lines += ["", "| step-time ratio (median of per-repetition ratios) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+        lines += ["", RATIO_NOTE]
     return "\n".join(lines) + "\n"

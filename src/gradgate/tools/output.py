@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+# How every ratio in a bench table reads, printed once under each ratio table.
+RATIO_NOTE = "A/B is A's seconds over B's: above 1.00, A is slower than B."
+
 
 def add_json_argument(parser: argparse.ArgumentParser | Any, what: str) -> None:
     """Add ``--json [PATH]``: write ``what`` as JSON to PATH, or to stdout with ``-`` or no PATH.
