@@ -367,6 +367,17 @@ def _resolve_one(index: ModelIndex, selector: object, out: _Match) -> bool:
     if isinstance(selector, (list, tuple)):
         if not selector:
             raise InvalidArgumentError("an empty list is not a selector")
+        if len(selector) > 1 and all(isinstance(s, nn.Parameter) for s in selector):
+            # Many tensors (a weight-decay rule): one pass over the aliases, not one each.
+            by_id: dict[int, list[str]] = {}
+            for n, p in index.aliases:
+                by_id.setdefault(id(p), []).append(n)
+            for sub in selector:
+                names = by_id.get(id(sub))
+                if names is None:
+                    _resolve_checked(index, sub, out)  # raises, naming the tensor
+                out.aliases.update(names or ())
+            return True
         for sub in selector:
             _resolve_checked(index, sub, out)
         return True

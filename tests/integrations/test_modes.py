@@ -62,10 +62,36 @@ def test_a_part_unfrozen_in_a_lightning_validation_hook_trains_in_training_mode(
     assert not gg.is_sticky(bn)
 
 
-def test_hf_groups_the_callback_adds_get_the_trainers_weight_decay(tmp_path: Path) -> None:
+def _decay_by_name(model: torch.nn.Module, optimizer: Any, prefix: str) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        names[id(p)]: g["weight_decay"]
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if names[id(p)].startswith(prefix)
+    }
+
+
+def _param_groups_decay(model: torch.nn.Module, decay: float) -> dict[str, float]:
+    """What ``gg.param_groups`` gives every parameter (all trainable) at ``decay``."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    model.requires_grad_(True)
+    try:
+        groups = gg.param_groups(model, lr=1.0, weight_decay=decay)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+
+
+def test_hf_groups_the_callback_adds_get_param_groups_weight_decay(tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
     model = fw.hf_model()
+    layer1 = model.get_submodule("bert.encoder.layer.1")
+    # A 1-D tensor that is neither a bias nor a norm (a layer scale): param_groups
+    # keeps it out of decay (timm's rule); DEFAULT_NO_DECAY alone would decay it.
+    layer1.register_parameter("gamma", torch.nn.Parameter(torch.ones(16)))
     callback = transformers.GradgateFinetuning(
         ["bert.encoder.layer.0", "bert.encoder.layer.1"], unfreeze=[(1, "bert.encoder.layer.1")]
     )
@@ -84,14 +110,31 @@ def test_hf_groups_the_callback_adds_get_the_trainers_weight_decay(tmp_path: Pat
     )
     trainer.train()
     assert trainer.optimizer is not None
-    names = {id(p): n for n, p in model.named_parameters()}
-    layer1 = {
-        names[id(p)]: g["weight_decay"]
-        for g in trainer.optimizer.param_groups
-        for p in g["params"]
-        if names[id(p)].startswith("bert.encoder.layer.1.")
-    }
-    assert len(layer1) == len(list(model.get_submodule("bert.encoder.layer.1").parameters()))
-    for name, decay in layer1.items():
-        no_decay = name.endswith(".bias") or "LayerNorm" in name
+    got = _decay_by_name(model, trainer.optimizer, "bert.encoder.layer.1.")
+    assert len(got) == len(list(layer1.parameters()))
+    for name, decay in got.items():
+        no_decay = name.endswith((".bias", ".gamma")) or "LayerNorm" in name
         assert decay == (0.0 if no_decay else 0.25), name  # not AdamW's default 0.01
+    expected = _param_groups_decay(model, 0.25)
+    assert got == {n: expected[n] for n in got}  # the one rule gg.param_groups uses
+
+
+def test_lightning_groups_the_callback_adds_get_param_groups_weight_decay(
+    tmp_path: Path,
+) -> None:
+    """Lightning's optimizer (``configure_optimizers``: AdamW, weight decay 0.1 over
+    all parameters) gives the decay; what the callback adds follows param_groups'
+    rule with it: the conv kernel decays, its bias and the BatchNorm's do not."""
+    model = fw.lightning_net()
+    callback = lightning.GradgateFinetuning(["backbone", "late"], unfreeze=[(1, "late")])
+    trainer = fw.lightning_trainer(tmp_path, epochs=2, callbacks=[callback])
+    trainer.fit(model, fw.DataLoader(fw.image_data(), batch_size=8))
+    got = _decay_by_name(model, trainer.optimizers[0], "late.")
+    assert got == {
+        "late.0.weight": 0.1,
+        "late.0.bias": 0.0,
+        "late.1.weight": 0.0,
+        "late.1.bias": 0.0,
+    }
+    expected = _param_groups_decay(model, 0.1)
+    assert got == {n: expected[n] for n in got}

@@ -33,12 +33,13 @@ from ..distributed import rewrap
 from ..errors import CheckpointError, InvalidArgumentError
 from ..freezing import Mode, freeze, train_only
 from ..integrity import Check, Guard, guard
-from ..optim import DEFAULT_NO_DECAY, rule_items, sync
+from ..optim import rule_items, sync
+from ..optim.groups import decay_rules
 from ..optim.schedulers import schedulers
 from ..optim.sync import claim
 from ..reports import summary
 from ..schedules import GradualUnfreeze
-from ..selection import Selector, select
+from ..selection import Selector
 
 __all__ = [
     "FinetuneCore",
@@ -64,10 +65,6 @@ class Unfreeze:
 
     epoch: int
     selector: Selector
-
-
-def _everything(name: str, module: nn.Module) -> bool:
-    return name == ""
 
 
 def _constant(value: float, stage: int) -> float:
@@ -240,7 +237,7 @@ class FinetuneCore:
                     self.schedule.scheduler = sched
             return
         claim(opt, model)
-        added = sync(opt, model, sched, rules=self.new_group_rules(model))["added"]
+        added = sync(opt, model, sched, rules=self.new_group_rules(model, opt))["added"]
         if added:
             warnings.warn(
                 f"trainable parameters missing from the optimizer were added to it in a new "
@@ -265,7 +262,7 @@ class FinetuneCore:
                 optimizer=opt,
                 scheduler=sched,
                 lr_mult=functools.partial(_constant, self.lr_mult),
-                rules=self.new_group_rules(model),
+                rules=self.new_group_rules(model, opt),
             )
         if self.factory is None:
             return None
@@ -279,13 +276,17 @@ class FinetuneCore:
             )
         return made
 
-    def new_group_rules(self, model: nn.Module) -> list[tuple[Selector, dict[str, float]]]:
-        """``gg.sync`` rules for the groups the callback adds: the trainer's weight decay.
+    def new_group_rules(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> list[tuple[Selector, dict[str, float]]]:
+        """``gg.sync`` rules for the groups the callback adds: ``param_groups``' weight decay.
 
-        With ``weight_decay`` set (the HF adapter sets ``TrainingArguments.
-        weight_decay``), new groups get it, and the parameters
-        ``gg.DEFAULT_NO_DECAY`` selects (biases, norms: the rule
-        ``gg.param_groups`` uses) get 0; without it, the optimizer's defaults.
+        The decay is ``weight_decay`` when set (the HF adapter sets
+        ``TrainingArguments.weight_decay``), else the fit's optimizer's
+        default (what Lightning's ``configure_optimizers`` gave it). New
+        groups get it, except the parameters ``gg.param_groups`` keeps out of
+        decay (biases, norms, other 1-D tensors: ``optim.groups.
+        no_decay_names``), which get 0. With neither, the optimizer's defaults.
 
         Example:
             >>> core = FinetuneCore()
@@ -293,18 +294,13 @@ class FinetuneCore:
             >>> [opts for _, opts in core.new_group_rules(torch.nn.Linear(2, 2))]
             [{'weight_decay': 0.1}, {'weight_decay': 0.0}]
         """
-        if self.weight_decay is None:
+        decay = self.weight_decay
+        opt = optimizer if optimizer is not None else self.optimizer
+        if decay is None and opt is not None:
+            decay = opt.defaults.get("weight_decay")
+        if decay is None:
             return []
-        rules: list[tuple[Selector, dict[str, float]]] = [
-            (_everything, {"weight_decay": self.weight_decay})
-        ]
-        for sel in DEFAULT_NO_DECAY:
-            try:
-                select(model, sel)
-            except LookupError:  # a model without biases, or without norms
-                continue
-            rules.append((sel, {"weight_decay": 0.0}))
-        return rules
+        return decay_rules(model, float(decay))
 
     @property
     def steps_per_optimizer_step(self) -> bool:

@@ -21,6 +21,8 @@ __all__ = [
     "NORM_TYPES",
     "Rules",
     "build_groups",
+    "decay_rules",
+    "no_decay_names",
     "param_groups",
     "rule_items",
 ]
@@ -227,19 +229,11 @@ def param_groups(
             raise InvalidArgumentError(
                 f"{type(model).__name__} has no trainable parameter; freeze less, or unfreeze first"
             )
-        decay_off: set[str] = set()
-        if no_decay is not None:
-            sels = list(no_decay) if isinstance(no_decay, (list, tuple)) else [no_decay]
-            for sel in sels:
-                with contextlib.suppress(LookupError):  # a model without biases is fine
-                    decay_off.update(resolve(index, [sel]).parameters)
+        decay_off = no_decay_names(index, named, no_decay, decay_1d)
         factor: dict[str, float] = {}
         if layer_decay is not None:
             for sel, f in zip(layer_decay.stages, layer_decay.factors(), strict=True):
                 factor.update(dict.fromkeys(resolve(index, [sel]).parameters, f))
-
-        if not decay_1d:
-            decay_off.update(n for n, p in named if p.dim() <= 1)
 
         def defaults(name: str) -> dict[str, Any]:
             return {
@@ -248,3 +242,64 @@ def param_groups(
             }
 
         return build_groups(model, named, rules, defaults, index=index)
+
+
+def no_decay_names(
+    index: ModelIndex,
+    named: Sequence[tuple[str, nn.Parameter]],
+    no_decay: Selector | Sequence[Selector] | None = DEFAULT_NO_DECAY,
+    decay_1d: bool = False,
+) -> set[str]:
+    """The names in ``named`` that get no weight decay: the one rule of gradgate.
+
+    What ``no_decay`` selects (default ``DEFAULT_NO_DECAY``: biases and norms)
+    and, unless ``decay_1d``, every other 0-D and 1-D parameter (timm's rule).
+    ``param_groups`` and the trainer callbacks' new groups (``decay_rules``)
+    both follow it.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        >>> index = ModelIndex(net)
+        >>> sorted(no_decay_names(index, list(index.params.items())))
+        ['0.bias', '1.bias', '1.weight']
+    """
+    off: set[str] = set()
+    if no_decay is not None:
+        sels = list(no_decay) if isinstance(no_decay, (list, tuple)) else [no_decay]
+        for sel in sels:
+            with contextlib.suppress(LookupError):  # a model without biases is fine
+                off.update(resolve(index, [sel]).parameters)
+    if not decay_1d:
+        off.update(n for n, p in named if p.dim() <= 1)
+    return {n for n, _ in named if n in off}
+
+
+def decay_rules(model: nn.Module, weight_decay: float) -> list[tuple[Selector, dict[str, float]]]:
+    """``gg.sync`` rules that give new groups ``param_groups``' weight decay.
+
+    Every parameter of ``model`` (frozen ones included: they are the ones
+    that join later) gets ``weight_decay``, except those ``no_decay_names``
+    keeps out of decay (biases, norms, other 1-D tensors), which get 0.
+    The trainer callbacks pass these to ``gg.sync`` for every group they add.
+
+    Example:
+        >>> import gradgate as gg
+        >>> L = torch.nn.Linear
+        >>> net = torch.nn.Sequential(L(2, 2), torch.nn.LayerNorm(2), L(2, 1))
+        >>> opt = torch.optim.AdamW(gg.param_groups(net, lr=0.1, weight_decay=0.05))
+        >>> _ = gg.freeze(net, "0", "1"); _ = gg.sync(opt, net)
+        >>> _ = gg.unfreeze(net); _ = gg.sync(opt, net, rules=decay_rules(net, 0.05))
+        >>> [(g["param_names"], g["weight_decay"]) for g in opt.param_groups[2:]]
+        [(['0.weight'], 0.05), (['0.bias', '1.weight', '1.bias'], 0.0)]
+    """
+    index = ModelIndex(model)
+    named = list(index.params.items())
+    off = no_decay_names(index, named)
+    decay = [p for n, p in named if n not in off]
+    keep = [p for n, p in named if n in off]
+    rules: list[tuple[Selector, dict[str, float]]] = []
+    if decay:
+        rules.append((decay, {"weight_decay": float(weight_decay)}))
+    if keep:
+        rules.append((keep, {"weight_decay": 0.0}))
+    return rules
