@@ -189,6 +189,50 @@ def current(index: ModelIndex) -> ModelIndex:
     return ModelIndex(index.model) if index.reshaped else index
 
 
+def covering_paths(index: ModelIndex, names: Iterable[str]) -> list[str]:
+    """The fewest module paths (or parameter names) that hold exactly ``names``, in their order.
+
+    Each name is replaced by its shortest enclosing module path (the root
+    excluded) all of whose parameters are in ``names``, else kept as it is;
+    each path is given once. Linear in the parameters times their depth: a
+    path qualifies when as many of its parameters are named as it holds.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+        >>> covering_paths(ModelIndex(net), ["0.weight", "0.bias", "1.bias"])
+        ['0', '1.bias']
+    """
+    ordered = list(names)
+    chosen = set(ordered)
+    held: dict[str, int] = {}  # module path -> its parameters
+    named: dict[str, int] = {}  # module path -> those of them in ``names``
+    for name in index.params:
+        inside = name in chosen
+        end = name.find(".")
+        while end != -1:
+            path = name[:end]
+            held[path] = held.get(path, 0) + 1
+            if inside:
+                named[path] = named.get(path, 0) + 1
+            end = name.find(".", end + 1)
+    out: list[str] = []
+    given: set[str] = set()
+    for name in ordered:
+        best = name
+        end = name.find(".")
+        while end != -1:
+            path = name[:end]
+            if named.get(path, 0) == held[path]:
+                best = path
+                break
+            end = name.find(".", end + 1)
+        if best not in given:
+            given.add(best)
+            out.append(best)
+    return out
+
+
 def _joined(names: list[str]) -> str:
     return "\n" + "\n".join(names) + "\n" if names else "\n"
 

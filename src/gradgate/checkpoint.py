@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from . import subtensor
-from ._index import gc_paused
+from ._index import ModelIndex, covering_paths, gc_paused
 from ._optimizers import unwrap_optimizer
 from ._state import ModelState
 from ._tempfiles import remove_orphans, temp_path
@@ -434,41 +434,18 @@ def _json(meta: Mapping[str, str], key: str, path: Path) -> Any:
         raise CheckpointError(f"checkpoint {str(path)!r}: {key!r} is not valid JSON ({e})") from e
 
 
-def _cover(model: nn.Module, names: set[str]) -> list[str]:
-    """The fewest module paths whose parameters are exactly within ``names``."""
-    under: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
-        parts = name.split(".")
-        for k in range(len(parts)):
-            under.setdefault(".".join(parts[:k]), []).append(name)
-    out: list[str] = []
-    covered: set[str] = set()
-    for name in sorted(names, key=list(dict(model.named_parameters())).index):
-        if name in covered:
-            continue
-        parts = name.split(".")
-        best = name
-        for k in range(1, len(parts)):
-            path = ".".join(parts[:k])
-            if all(n in names for n in under.get(path, [])):
-                best = path
-                break
-        covered.update(under.get(best, [best]))
-        out.append(best)
-    return out
-
-
 def _freeze_first(model: nn.Module, meta: Mapping[str, str], path: Path) -> str | None:
     """The advice when ``model`` trains what the checkpoint's base had frozen, else None."""
     try:
         saved = set(json.loads(meta.get("gradgate.trainable", "[]")))
     except ValueError:
         return None
-    params = dict(model.named_parameters())
+    index = ModelIndex(model)
+    params = index.params
     extra = {n for n, p in params.items() if p.requires_grad and n not in saved}
     if not extra or not saved & set(params):
         return None
-    sels = ", ".join(repr(s) for s in _cover(model, extra)[:4])
+    sels = ", ".join(repr(s) for s in covering_paths(index, [n for n in params if n in extra])[:4])
     return (
         f"{type(model).__name__} trains {len(extra)} tensor(s) the checkpoint's base had "
         f"frozen ({', '.join(sorted(extra)[:3])}{', ...' if len(extra) > 3 else ''}): "

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol, cast, runtime_checkable
 import torch
 from torch import nn
 
-from ._index import ModelIndex, current
+from ._index import ModelIndex, covering_paths, current
 from ._options import choice
 from .errors import InvalidArgumentError
 from .freezing import Freezing, ModeName, apply_indexed, freeze, unfreeze
@@ -114,7 +114,8 @@ def _timm_groups(model: nn.Module, spec: Any) -> list[list[str]]:
         for pattern, suffix in entries:
             rules.append((re.compile(pattern), (float(ordinal),), tuple(map(float, suffix or ()))))
     keys: dict[tuple[float, ...], list[str]] = {}
-    for name, _ in model.named_parameters():
+    index = ModelIndex(model)
+    for name in index.params:
         key: tuple[float, ...] = (float("inf"),)
         for rx, prefix, suffix in rules:
             m = rx.match(name)
@@ -129,32 +130,15 @@ def _timm_groups(model: nn.Module, spec: Any) -> list[list[str]]:
             groups[-1] += keys[key]
         else:
             groups.append(list(keys[key]))
-    return [_cover(model, g) for g in groups]
+    return [_cover(index, g) for g in groups]
 
 
-def _cover(model: nn.Module, names: list[str]) -> list[str]:
-    """The fewest module paths (or parameter names) that select exactly ``names``."""
-    chosen = set(names)
-    under: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
-        parts = name.split(".")
-        for k in range(1, len(parts)):
-            under.setdefault(".".join(parts[:k]), []).append(name)
-    out: list[str] = []
-    covered: set[str] = set()
-    for name in names:
-        if name in covered:
-            continue
-        parts = name.split(".")
-        best = name
-        for k in range(1, len(parts)):
-            path = ".".join(parts[:k])
-            if all(n in chosen for n in under[path]):
-                best = path
-                break
-        covered.update(under.get(best, [best]))
-        out.append(best if not re.search(r"[*?\[\]]", best) else "re:" + re.escape(best))
-    return out
+def _cover(index: ModelIndex, names: list[str]) -> list[str]:
+    """The fewest module paths (or parameter names) that select exactly ``names``, as selectors."""
+    return [
+        p if not re.search(r"[*?\[\]]", p) else "re:" + re.escape(p)
+        for p in covering_paths(index, names)
+    ]
 
 
 def _is_step(value: object) -> bool:
