@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._events import Change, announce
@@ -250,6 +251,16 @@ class TrainableRows(nn.Module):
         assert r is not None
         return base.index_copy(0, self.index, r if r.dtype == base.dtype else r.to(base.dtype))
 
+    def position_of(self, row: int | None) -> int | None:
+        """Where ``row`` sits among the trainable rows (``None`` if it is frozen or ``None``)."""
+        if row is None:
+            return None
+        cache: dict[int, int | None] = self.__dict__.setdefault("_positions", {})
+        if row not in cache:
+            found = (self.index == row).nonzero()
+            cache[row] = int(found[0, 0]) if found.numel() else None
+        return cache[row]
+
     def numel(self) -> tuple[int, int]:
         """``(trainable, frozen)`` element counts of the partial tensor."""
         train = self.trainable.numel()
@@ -343,6 +354,72 @@ def _merged_property(attr: str) -> property:
     return property(get, doc=f"``{attr}`` with its trainable rows merged in (gg.rows).")
 
 
+def _rows_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Embedding.forward`` on a partial weight, without the full-size merge.
+
+    Looks tokens up in the frozen ``W`` and, for tokens among the trainable
+    rows, in ``R``: the same values as ``F.embedding(input, W merged)``, but
+    the backward fills a ``k x d`` gradient for ``R`` instead of a full-size
+    one for the merged tensor (and no merged copy is made).
+    """
+    rows: TrainableRows = self._modules["weight" + _ROWS_SUFFIX]  # type: ignore[assignment]
+    base: torch.Tensor = self._parameters["weight"]  # type: ignore[assignment]
+    if self.max_norm is not None or self.scale_grad_by_freq:
+        # max_norm renormalises the looked-up rows in place, scale_grad_by_freq counts
+        # over the whole vocabulary: both need the merged tensor.
+        return F.embedding(
+            input,
+            rows.merge(base),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+    r = rows.trainable
+    if r.dtype != base.dtype:
+        r = r.to(base.dtype)  # type: ignore[assignment]
+    index = rows.index
+    pos = torch.searchsorted(index, input.to(index.dtype).contiguous())  # place among the rows
+    pos = pos.clamp_(max=index.shape[0] - 1)
+    hit = index[pos] == input
+    trained = F.embedding(pos, r, rows.position_of(self.padding_idx), sparse=self.sparse)
+    return torch.where(hit.unsqueeze(-1), trained, F.embedding(input, base))
+
+
+def _rows_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` on a partial weight, without the full-size merge.
+
+    ``W`` holds zeros in the trainable rows, so ``F.linear(input, W, bias)``
+    gives the frozen outputs (and the bias alone in the trainable rows'
+    columns); ``F.linear(input, R)`` is added into those columns. The
+    backward computes ``R``'s ``k x d`` gradient, not a full-size one.
+    With a third or more of the rows trainable the merged tensor is cheaper.
+    """
+    rows: TrainableRows = self._modules["weight" + _ROWS_SUFFIX]  # type: ignore[assignment]
+    base: torch.Tensor = self._parameters["weight"]  # type: ignore[assignment]
+    index = rows.index
+    if 3 * index.shape[0] >= base.shape[0]:
+        return F.linear(input, rows.merge(base), self.bias)
+    r = rows.trainable
+    if r.dtype != base.dtype:
+        r = r.to(base.dtype)  # type: ignore[assignment]
+    out = F.linear(input, base, self.bias)
+    # In place: F.linear's backward does not need its output, and no logits-size copy is made.
+    return out.index_add_(-1, index, F.linear(input, r))
+
+
+def _fast_forward(plain: type[nn.Module], names: tuple[str, ...]) -> Any:
+    """The rows-aware forward for a stock ``nn.Embedding`` / ``nn.Linear`` with a partial weight."""
+    if "weight" not in names:
+        return None
+    if issubclass(plain, nn.Embedding) and plain.forward is nn.Embedding.forward:
+        return _rows_embedding_forward
+    if issubclass(plain, nn.Linear) and plain.forward is nn.Linear.forward:
+        return _rows_linear_forward
+    return None
+
+
 class _RowsOwner(nn.Module):
     """Mixed into an owner's class: ``W``'s ``state_dict`` key holds the full current tensor."""
 
@@ -402,6 +479,9 @@ def _rows_class(plain: type[nn.Module], names: tuple[str, ...]) -> type[nn.Modul
         cls = _classes.get(key)
         if cls is None:
             body: dict[str, Any] = {n: _merged_property(n) for n in names}
+            fast = _fast_forward(plain, names)
+            if fast is not None:
+                body["forward"] = fast
             body.update(
                 {
                     _NAMES: names,

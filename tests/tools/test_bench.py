@@ -128,7 +128,9 @@ def test_rows_tiny_run_shows_who_is_exact(tmp_path: Path) -> None:
     exact = {name: row["frozen_rows_bit_identical"] for name, row in strategies.items()}
     assert exact == {"full": False, "mask_hook": False, "peft_tokens": True, "gg_rows": True}
     assert all(row["trainable_rows_moved"] for row in strategies.values())
-    assert strategies["peft_tokens"]["max_abs_diff_vs_gg_rows"] == 0.0
+    # Same update up to float rounding: gg.rows sums R's output-layer gradient in a k-row
+    # matmul, PEFT in the full-size one (the embedding's gradient is bit-identical).
+    assert strategies["peft_tokens"]["max_abs_diff_vs_gg_rows"] <= 1e-6
     c = result["config"]
     adam_rows = 2 * c["trainable_rows"] * c["dim"] * 4  # exp_avg and exp_avg_sq, float32
     assert strategies["gg_rows"]["optimizer_state_bytes"] == adam_rows
