@@ -121,8 +121,7 @@ def test_the_record_sees_partial_tensors_through_subtensor() -> None:
     r = record.partials[id(w)].trainable
     assert record.element_counts() == {id(w): (r.numel(), w.numel() - r.numel()), id(r): (0, 0)}
     assert sorted(record.trainable_state()) == [
-        "__rows__.embed.weight",
-        "embed.weight_rows.index",  # the rows module's buffer (it trains)
+        "__rows__.embed.weight",  # the row numbers, once (not the rows module's index too)
         "embed.weight_rows.weight",
     ]
     assert torch.equal(record.trainable_state()["__rows__.embed.weight"], torch.tensor([2, 5]))

@@ -299,6 +299,8 @@ def test_save_and_load_only_the_rows(tmp_path: Path) -> None:
         assert f.get_tensor("embed.weight_rows.weight").shape == (4, DIM)
         assert "embed.weight" not in list(f.keys())  # only the trainable rows are stored
         assert f.get_tensor("__rows__.embed.weight").tolist() == NEW
+        # the row numbers once: no copy of the rows module's index buffer
+        assert "embed.weight_rows.index" not in list(f.keys())
 
     fresh = TiedLM()
     fresh.load_state_dict(model.state_dict())
@@ -325,6 +327,40 @@ def test_save_and_load_only_the_rows(tmp_path: Path) -> None:
     gg.train_only(other_base, gg.rows("embed.weight", NEW))
     with pytest.raises(gg.FingerprintMismatchError, match=r"values differ: embed\.weight\b"):
         gg.load_trainable(other_base, path)
+
+
+def test_a_file_with_the_index_buffer_too_still_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files written before the row numbers were stored once also hold ``<name>_rows.index``."""
+    from safetensors import safe_open
+
+    from gradgate._state import ModelState
+
+    model = TiedLM()
+    gg.train_only(model, gg.rows("embed.weight", NEW))
+    opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.5)
+    _lm_loss(model, _tokens()).backward()
+    opt.step()
+    current = ModelState.trainable_state
+    index = _rows_of(model.embed).index
+
+    def old_state(self: ModelState) -> dict[str, torch.Tensor]:  # what the old code saved
+        return {**current(self), "embed.weight_rows.index": index}
+
+    monkeypatch.setattr(ModelState, "trainable_state", old_state)
+    path = gg.save_trainable(model, tmp_path / "old.safetensors")
+    monkeypatch.undo()
+    with safe_open(str(path), framework="pt") as f:
+        assert "embed.weight_rows.index" in list(f.keys())
+    fresh = TiedLM()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        fresh.embed.weight[NEW] = 0.0
+    gg.train_only(fresh, gg.rows("embed.weight", NEW))
+    result = gg.load_trainable(fresh, path)  # strict: the duplicate is no unexpected key
+    assert set(result.loaded) == {"embed.weight_rows.weight", "__rows__.embed.weight"}
+    assert torch.equal(fresh.embed.weight, model.embed.weight)
 
 
 class WithInts(TiedLM):
@@ -572,3 +608,34 @@ def test_autofreeze_takes_an_optimizer_built_on_a_row_frozen_model() -> None:
     opt.step()
     assert torch.equal(net[0].weight.detach(), before)  # frozen now, trained rows kept
     assert not torch.equal(before[6:], conv[6:])
+
+
+def _rows_of(module: nn.Module) -> gg.subtensor.TrainableRows:
+    rows = module.get_submodule("weight_rows")
+    assert isinstance(rows, gg.subtensor.TrainableRows)
+    return rows
+
+
+def test_other_rows_leave_the_old_rows_inert_in_an_earlier_optimizer() -> None:
+    """Choosing other rows makes a new ``R``; ``gg.sync`` adds it, the old one stays inert."""
+    emb = nn.Embedding(10, 3)
+    gg.train_only(emb, gg.rows("weight", [8, 9]))
+    opt = torch.optim.AdamW(gg.param_groups(emb, lr=1e-2, weight_decay=0.5))
+    emb(torch.tensor([8, 9])).sum().backward()
+    opt.step()
+    old = _rows_of(emb).trainable
+    old_values = old.detach().clone()
+    gg.train_only(emb, gg.rows("weight", [7, 8, 9]))
+    new = _rows_of(emb).trainable
+    assert new is not old and not old.requires_grad and old.grad is None
+    assert gg.sync(opt, emb) == {"removed": [], "added": ["weight_rows.weight"], "left": []}
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert any(p is new for p in held) and any(p is old for p in held)  # old stays held
+    w0 = emb.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        emb(torch.tensor([7, 8, 1])).sum().backward()
+        opt.step()
+    assert torch.equal(old.detach(), old_values)  # no gradient: AdamW (decay too) skips it
+    assert torch.equal(emb.weight.detach()[:7], w0[:7])  # and nothing reaches the model
+    assert not torch.equal(emb.weight.detach()[7:], w0[7:])

@@ -195,7 +195,7 @@ class ModelState:
         """Trainable parameters plus buffers of modules that are not frozen, by name.
 
         A partial tensor's trainable rows are a trainable parameter like any
-        other; their row numbers are added under ``__rows__.<name>``.
+        other; their row numbers are stored once, under ``__rows__.<name>``.
         """
         frozen = {id(m) for _, m in self.frozen_modules()}
         out: dict[str, torch.Tensor] = {}
@@ -204,5 +204,5 @@ class ModelState:
             if trains:
                 out[e.name] = e.tensor
         if self.partials:
-            out.update(subtensor.trainable_rows_state(self.model, self.index))
+            out = subtensor.trainable_rows_state(self.model, out, self.index)
         return out

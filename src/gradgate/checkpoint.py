@@ -553,7 +553,7 @@ def load_trainable(
     with gc_paused():
         record = ModelState(model)
         state = record.trainable_state()
-    subtensor.check_rows(state, tensors)  # rows: the file's row sets are the model's
+    tensors = subtensor.check_rows(state, tensors)  # rows: the file's row sets are the model's
     if strict:
         _check_base(record, meta, src)
     sharded = [k for k, v in state.items() if callable(getattr(v, "full_tensor", None))]

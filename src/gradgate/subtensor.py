@@ -905,37 +905,50 @@ def _refuse_other_rows_of_a_tied_name(
 
 
 def trainable_rows_state(
-    model: nn.Module, index: ModelIndex | None = None
+    model: nn.Module, state: dict[str, torch.Tensor], index: ModelIndex | None = None
 ) -> dict[str, torch.Tensor]:
-    """For each partial tensor, its trainable row numbers under ``"__rows__.<name>"``.
+    """``state`` with each partial tensor's row numbers stored once, as ``"__rows__.<name>"``.
 
     The rows themselves are the parameter ``R`` (saved under its own name like
     any trainable parameter); the numbers let a load check that the file's
-    rows are the model's.
+    rows are the model's. The ``TrainableRows`` child's ``index`` buffer holds
+    the same numbers and is left out (files before it was, still load: see
+    ``check_rows``).
 
     Example:
         >>> import torch, gradgate as gg
         >>> emb = torch.nn.Embedding(6, 2)
         >>> _ = gg.train_only(emb, gg.rows("weight", [2, 4]))
-        >>> {k: v.tolist() for k, v in trainable_rows_state(emb).items()}
+        >>> state = dict(emb.weight_rows.named_parameters(prefix="weight_rows"))
+        >>> state["weight_rows.index"] = emb.weight_rows.index  # a buffer of a training module
+        >>> {k: v.tolist() for k, v in trainable_rows_state(emb, state).items() if "__" in k}
         {'__rows__.weight': [2, 4]}
+        >>> sorted(state)  # the index is stored once
+        ['__rows__.weight', 'weight_rows.weight']
     """
     found = partials(model, index)
-    out: dict[str, torch.Tensor] = {}
     if not found:
-        return out
-    for name, p in (index if index is not None else ModelIndex(model)).params.items():
+        return state
+    index = index if index is not None else ModelIndex(model)
+    for name, m in zip(index.names, index.mods, strict=True):
+        if isinstance(m, TrainableRows):
+            state.pop((name + "." if name else "") + "index", None)
+    for name, p in index.params.items():
         part = found.get(id(p))
         if part is not None:
-            out[_ROWS_KEY + name] = part.index.detach().cpu().clone()
-    return out
+            state[_ROWS_KEY + name] = part.index.detach().cpu().clone()
+    return state
 
 
-def check_rows(state: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:
+def check_rows(
+    state: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Refuse a checkpoint whose trained rows are not the model's trainable rows.
 
     ``state`` is what the model would save (``trainable_state``), ``saved``
-    the file's tensors; a ``CheckpointError`` names both row sets.
+    the file's tensors; a ``CheckpointError`` names both row sets. Returns
+    ``saved`` without the duplicate ``<name>_rows.index`` entries that files
+    written before the row numbers were stored once still hold.
 
     Example:
         >>> import torch
@@ -944,6 +957,9 @@ def check_rows(state: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tens
         Traceback (most recent call last):
         ...
         gradgate.errors.CheckpointError: 'w': the checkpoint holds rows [2] but the model ...
+        >>> old = {"__rows__.w": torch.tensor([1]), "w_rows.index": torch.tensor([1])}
+        >>> sorted(check_rows({"__rows__.w": torch.tensor([1])}, old))
+        ['__rows__.w']
     """
 
     def ours_of(name: str) -> str:
@@ -970,6 +986,14 @@ def check_rows(state: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tens
             f"{name!r}: the checkpoint holds {held} but the model trains {ours_of(name)}; "
             "apply the same gg.rows(...) before loading"
         )
+    duplicates = set()
+    for key, numbers in saved.items():
+        if key.startswith(_ROWS_KEY):
+            legacy = key[len(_ROWS_KEY) :] + _ROWS_SUFFIX + ".index"
+            old = saved.get(legacy)
+            if legacy not in state and old is not None and torch.equal(old.cpu(), numbers.cpu()):
+                duplicates.add(legacy)
+    return {k: v for k, v in saved.items() if k not in duplicates}
 
 
 def _preview(t: torch.Tensor) -> str:

@@ -136,6 +136,8 @@ def test_rows_tiny_run_shows_who_is_exact(tmp_path: Path) -> None:
     assert strategies["gg_rows"]["optimizer_state_bytes"] == adam_rows
     assert strategies["mask_hook"]["optimizer_state_bytes"] == 2 * c["vocab"] * c["dim"] * 4
     assert set(result["ratios"]) == {"gg_rows/full", "gg_rows/mask_hook", "gg_rows/peft_tokens"}
+    for key, (low, high) in result["ratio_ranges"].items():
+        assert low <= result["ratios"][key] <= high
     page = md.read_text()
     assert page.startswith("### `rows`\n\nCommand: `gradgate bench rows --tiny --threads 1")
     assert "| mask_hook |" in page and "| **no** |" in page

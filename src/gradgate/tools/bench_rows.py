@@ -260,6 +260,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "config": config,
         "strategies": {},
         "ratios": {},
+        "ratio_ranges": {},  # min and max of the per-repetition ratios
     }
     reference = runs["gg_rows"].matrix()
     for name in STRATEGIES:
@@ -274,6 +275,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "median": statistics.median(run.times),
                 "min": min(run.times),
                 "max": max(run.times),
+                "per_repetition": list(run.times),
             },
             "optimizer_state_bytes": state_bytes(run.opt),
             "state_vs_trainable_rows_adamw": state_bytes(run.opt) / (2 * rows_bytes),
@@ -284,6 +286,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if other in runs:
             per_rep = [a / b for a, b in zip(runs["gg_rows"].times, runs[other].times, strict=True)]
             result["ratios"][f"gg_rows/{other}"] = statistics.median(per_rep)
+            result["ratio_ranges"][f"gg_rows/{other}"] = [min(per_rep), max(per_rep)]
     return result
 
 
@@ -322,8 +325,16 @@ def table(result: dict[str, Any]) -> str:
     """
     rows = [_cells(n, row) for n, row in result["strategies"].items()]
     lines = [render_table(HEADERS, rows, right={2, 3})]
-    lines += [f"{k}: {v:.3f}" for k, v in result["ratios"].items()]
+    ranges = result.get("ratio_ranges", {})
+    for k, v in result["ratios"].items():
+        span = _span(ranges.get(k))
+        lines.append(f"{k}: {v:.3f}" + (f" (per repetition {span})" if span != "-" else ""))
     return "\n".join(lines)
+
+
+def _span(pair: list[float] | None) -> str:
+    """``"min-max"`` of per-repetition ratios, ``"-"`` for a result written without them."""
+    return "-" if not pair else f"{pair[0]:.3f}-{pair[1]:.3f}"
 
 
 def to_markdown(result: dict[str, Any], command: str) -> str:
@@ -355,7 +366,14 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
     for name, row in result["strategies"].items():
         lines.append("| " + " | ".join(_cells(name, row)) + " |")
     if result["ratios"]:
-        lines += ["", "| step-time ratio (median of per-repetition ratios) | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+        ranges = result.get("ratio_ranges", {})
+        lines += [
+            "",
+            "| step-time ratio | median of per-repetition ratios | min-max |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v:.3f} | {_span(ranges.get(k))} |" for k, v in result["ratios"].items()
+        ]
         lines += ["", RATIO_NOTE]
     return "\n".join(lines) + "\n"
