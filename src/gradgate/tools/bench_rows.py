@@ -260,7 +260,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "config": config,
         "strategies": {},
         "ratios": {},
-        "ratio_ranges": {},  # min and max of the per-repetition ratios
+        "ratio_ranges": {},  # min, median and max of the per-repetition ratios
     }
     reference = runs["gg_rows"].matrix()
     for name in STRATEGIES:
@@ -286,7 +286,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if other in runs:
             per_rep = [a / b for a, b in zip(runs["gg_rows"].times, runs[other].times, strict=True)]
             result["ratios"][f"gg_rows/{other}"] = statistics.median(per_rep)
-            result["ratio_ranges"][f"gg_rows/{other}"] = [min(per_rep), max(per_rep)]
+            result["ratio_ranges"][f"gg_rows/{other}"] = {
+                "min": min(per_rep),
+                "median": statistics.median(per_rep),
+                "max": max(per_rep),
+            }
     return result
 
 
@@ -332,9 +336,9 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _span(pair: list[float] | None) -> str:
+def _span(spread: dict[str, float] | None) -> str:
     """``"min-max"`` of per-repetition ratios, ``"-"`` for a result written without them."""
-    return "-" if not pair else f"{pair[0]:.3f}-{pair[1]:.3f}"
+    return "-" if not spread else f"{spread['min']:.3f}-{spread['max']:.3f}"
 
 
 def to_markdown(result: dict[str, Any], command: str) -> str:
