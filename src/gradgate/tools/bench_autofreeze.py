@@ -246,31 +246,32 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
 
 
 def extend_cache(source: Dataset[Any], stages: nn.Module) -> Dataset[Any]:
-    """The training set as seen after ``stages``, computed from ``source`` (the moving cache).
+    """The training set as seen after ``stages``: the moving cache boundary (issue 26.2).
 
-    Uses ``FeatureCache.extend`` where this gradgate has it (issue 26.2): the
-    newly frozen stages run once over the cached features, labels kept. Until
-    then, a plain tensor cache: the stages run once over ``source``'s inputs
-    (in eval mode: they are frozen) and the labels are carried over as they are.
+    The first move caches the newly frozen ``stages`` over the raw training set
+    (``gg.FeatureCache``); every later move is ``FeatureCache.extend``: only the
+    newly frozen stages run, once, over the features cached so far, labels kept.
 
     Example:
+        >>> front, more = nn.Flatten(), nn.Identity()
         >>> data = TensorDataset(torch.ones(3, 2), torch.arange(3))
-        >>> moved = extend_cache(data, nn.Sequential(nn.Flatten(), nn.Identity()))
-        >>> moved.tensors[0].shape, moved.tensors[1].tolist()
-        (torch.Size([3, 2]), [0, 1, 2])
+        >>> first = extend_cache(data, front)
+        >>> moved = extend_cache(first, more)
+        >>> type(moved).__name__, moved[2][0].shape, moved[2][1].item()
+        ('FeatureCache', torch.Size([2]), 2)
     """
-    extend = getattr(source, "extend", None)
-    if callable(extend):
-        moved: Dataset[Any] = extend(stages)
-        return moved
-    assert isinstance(source, TensorDataset), type(source)
-    x, y = source.tensors
-    was = stages.training
-    stages.eval()
-    with torch.no_grad():
-        feats = torch.cat([stages(x[i : i + 256]) for i in range(0, len(y), 256)])
-    stages.train(was)
-    return TensorDataset(feats, y)
+    if isinstance(source, gg.FeatureCache):
+        return source.extend(stages)
+    return gg.FeatureCache(stages, source, progress=False)
+
+
+def _batch(source: Dataset[Any], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch ``(x, y)`` of ``source`` (a TensorDataset or a FeatureCache)."""
+    if isinstance(source, gg.FeatureCache):
+        x, y = source.collate_fn(source.__getitems__(idx))
+        return x, y
+    x, y = source[idx]
+    return x, y
 
 
 def run(
@@ -311,7 +312,7 @@ def run(
         while i < len(batches):
             for idx in batches[i:]:
                 start, start_cpu = time.perf_counter(), time.process_time()
-                x, y = source[idx]
+                x, y = _batch(source, idx)
                 loss = F.cross_entropy(net(x), y)
                 opt.zero_grad()
                 loss.backward()
