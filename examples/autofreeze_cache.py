@@ -2,8 +2,9 @@
 
 ``gg.AutoFreeze`` freezes the leading stages of an MLP once their gradients stop
 changing; at the next epoch the loop serves the newly frozen stages from a
-``gg.FeatureCache`` (built from the previous cache, so each stage runs once
-more over the data, never again), and only the rest of the network runs.
+``gg.FeatureCache`` (moved with ``FeatureCache.extend``: built from the previous
+cache, so each stage runs once more over the data, never again), and only the
+rest of the network runs.
 
 The baseline it must beat: the same network untrained (chance on ten digits).
 
@@ -53,8 +54,11 @@ def main(epochs: int = 12, every: int = 10, threshold: float = 0.1) -> dict[str,
                 prints[name] = gg.fingerprint(model.get_submodule(name))
         head, rest = af.split()
         if len(head) > cached:
-            # only the newly frozen stages run, over the features cached so far
-            source = gg.FeatureCache(head[cached:], source, progress=False)
+            if isinstance(source, gg.FeatureCache):
+                # only the newly frozen stages run, over the features cached so far
+                source = source.extend(head[cached:])
+            else:  # the first freeze: cache the frozen prefix over the raw data
+                source = gg.FeatureCache(head, source, progress=False)
             cached, net = len(head), rest
             print(f"epoch {epoch}: frozen {af.frozen}; the cache now covers model[:{cached}]")
     model.eval()

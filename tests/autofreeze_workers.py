@@ -16,7 +16,7 @@ from torch import nn
 import gradgate as gg
 from spawn_harness import run_ranks
 
-SCENARIOS = ["wrapped", "local"]
+SCENARIOS = ["wrapped", "local", "rank_rule"]
 
 
 def _model() -> nn.Sequential:
@@ -84,6 +84,40 @@ def local(rank: int) -> dict[str, Any]:
         "frozen": af.frozen,
         "local_change": abs(local_sums[0] - local_sums[1]) / local_sums[0],
     }
+
+
+def rank_norms(rank: int) -> list[list[float]]:
+    """Per step, per stage: the gradient norms rank ``rank`` sees (rank rule scenario).
+
+    Windows of 2 steps. Windows 0-1 are the baseline (all 1.0). In windows 2-3
+    rank 0's first stage decays to 0.5, in windows 4-5 to 0.2; rank 1's never
+    does. Alone, rank 0 would freeze stage 0 at step 8 (decay 0.5 < 0.7 x the
+    median 1.0, twice) and rank 1 never; the all-reduced decay is 0.75 (not
+    settled) and then 0.6 (settled), so both ranks freeze it at step 12.
+    """
+    front = [1.0, 1.0, 0.5, 0.5, 0.2, 0.2]
+    return [[front[step // 2] if rank == 0 else 1.0, 1.0, 1.0] for step in range(2 * len(front))]
+
+
+def feed_rank_rule(norms: list[list[float]]) -> gg.AutoFreeze:
+    """AutoFreeze (rank rule, windows of 2) fed exactly these per-stage gradient norms."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    af = gg.AutoFreeze(model, optimizer=opt, every=2)
+    for row in norms:
+        for path, norm in zip(["0", "2", "4"], row, strict=True):
+            params = [p for p in model.get_submodule(path).parameters() if p.requires_grad]
+            total = sum(p.numel() for p in params)
+            for p in params:
+                p.grad = torch.full_like(p, norm / math.sqrt(total))
+        af.step()
+    return af
+
+
+def rank_rule(rank: int) -> dict[str, Any]:
+    """The default rank rule under gloo: ranks with different gradients decide alike."""
+    af = feed_rank_rule(rank_norms(rank))
+    return {"history": [d.to_dict() for d in af.history], "frozen": af.frozen, "rule": af.rule}
 
 
 def run(rank: int, init: str, out: str) -> None:

@@ -558,3 +558,143 @@ def test_rank_rule_resume_is_bit_identical_across_a_freeze(tmp_path: Path) -> No
     assert resumed_af.history == ref_af.history and resumed_af.frozen == ref_af.frozen
     for (name, a), b in zip(ref_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# -- resume across a moving cache boundary (issue 26) --------------------------
+
+
+def _cache_run(total: int, state: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """``_rank_run``'s settling trend, read from a FeatureCache that moves with each freeze.
+
+    A resumed run rebuilds the cache at the restored boundary from the raw data
+    (docs/adaptive.md, "Resuming"); the moves after it go through ``extend``.
+    """
+
+    def trend(i: int, s: int) -> float:
+        start = {0: 0, 1: 60}.get(i)
+        return 1.0 if start is None else max(0.15, 1.0 - max(0, s - start) / 40)
+
+    norms = _noisy_norms(30, 4, 7, trend)[:total]
+    g = torch.Generator().manual_seed(5)
+    x_all = torch.randn(256, 8, generator=g)
+    data = torch.utils.data.TensorDataset(x_all, (x_all[:, :4] * 2).tanh())
+    model = _model()
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=1e-2, weight_decay=0.1))
+    sched = lrs.CosineAnnealingLR(opt, T_max=120, eta_min=1e-4)
+    af = gg.AutoFreeze(model, optimizer=opt, scheduler=sched, every=4)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        af.load_state_dict(state["af"])  # re-freezes the prefix: before the optimizer's state
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = af.steps
+    head, net = af.split()
+    source: Any = gg.FeatureCache(head, data, progress=False) if len(head) else data
+    cached, moves = len(head), []
+    for step in range(start, total):
+        idx = torch.randperm(256, generator=torch.Generator().manual_seed(step))[:32].tolist()
+        if isinstance(source, gg.FeatureCache):
+            x, y = source.collate_fn(source.__getitems__(idx))
+        else:
+            x, y = source[idx]
+        opt.zero_grad()
+        F.mse_loss(net(x), y).backward()
+        for i, path in enumerate(STAGES):  # the measured norm follows the trend
+            for p in model.get_submodule(path).parameters():
+                if p.grad is not None:
+                    p.grad.mul_(norms[step][i] / 4)
+        opt.step()
+        af.step()
+        sched.step()
+        head, rest = af.split()
+        if len(head) > cached:
+            if isinstance(source, gg.FeatureCache):
+                source = source.extend(head[cached:])  # only the newly frozen stages run
+            else:
+                source = gg.FeatureCache(head, data, progress=False)
+            cached, net = len(head), rest
+            moves.append((step + 1, cached))
+    return model, opt, sched, af, source, moves
+
+
+def test_resume_is_bit_identical_across_a_cache_boundary_move(tmp_path: Path) -> None:
+    total = 120
+    ref_model, _, _, ref_af, ref_cache, ref_moves = _cache_run(total)
+    assert len(ref_moves) >= 2, ref_moves  # a first cache, then a move through extend
+    stop = ref_moves[0][0] + 6  # after the first move, inside a window, before the next
+    assert stop < ref_moves[1][0] and stop % 4
+    model, opt, sched, af, _, moves = _cache_run(stop)
+    assert moves == ref_moves[:1]
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+         "af": af.state_dict()},
+        path,
+    )  # fmt: skip
+    resumed = _cache_run(total, torch.load(path, weights_only=True))
+    resumed_model, _, _, resumed_af, resumed_cache, resumed_moves = resumed
+    assert resumed_moves == ref_moves[1:]
+    assert resumed_af.history == ref_af.history and resumed_af.frozen == ref_af.frozen
+    assert isinstance(ref_cache, gg.FeatureCache) and isinstance(resumed_cache, gg.FeatureCache)
+    assert torch.equal(resumed_cache.features(), ref_cache.features())
+    assert torch.equal(resumed_cache[7][1], ref_cache[7][1])  # the labels came along
+    for (name, a), b in zip(ref_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert gg.fingerprint(resumed_model) == gg.fingerprint(ref_model)
+
+
+# -- GradScaler (AMP): the norms AutoFreeze reads --------------------------------
+
+
+def _amp_run(scaler: torch.amp.GradScaler | None, before_step: bool = False) -> gg.AutoFreeze:
+    """A real training run in which step 9 overflows (an inf in the loss) and is skipped.
+
+    With ``scaler`` the loss scale doubles every step (halving at the overflow)
+    and the scaler skips step 9; without, the loop skips it by hand.
+    """
+    model = _model()
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=1e-2))
+    af = gg.AutoFreeze(model, optimizer=opt, every=4)
+    for step in range(24):
+        x, y = _batch(step)
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        if step == 9:
+            loss = loss * float("inf")  # an overflowing step
+        if scaler is None:
+            loss.backward()
+            if step != 9:
+                opt.step()
+            af.step()
+            continue
+        scaler.scale(loss).backward()
+        if before_step:
+            af.step()  # the gradients are still multiplied by the loss scale here
+        scaler.step(opt)  # unscales the gradients in place, skips the step on inf
+        scaler.update()
+        if not before_step:
+            af.step()
+    return af
+
+
+def test_after_scaler_step_the_norms_are_the_unscaled_ones() -> None:
+    plain = _amp_run(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    amp = _amp_run(scaler)
+    assert scaler.get_scale() != 2.0**8  # the scale moved during the run
+    # every window reads exactly the unscaled run's norms (power-of-two scaling is
+    # exact); the overflowing step's window (steps 9-12) is used, its inf step left out
+    assert [d.grad_norm for d in amp.history] == [d.grad_norm for d in plain.history]
+    assert amp.history[2].skipped is None and amp.history[2].grad_norm[0] is not None
+    assert amp.history == plain.history
+
+
+def test_before_scaler_step_the_norms_carry_the_loss_scale() -> None:
+    # the documented misuse, as a test of what happens: the recorded norms are the
+    # scaled ones (2**8 and more times larger), and they jump as the scale grows
+    plain = _amp_run(None)
+    scaled = _amp_run(torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1), True)
+    first_plain, first_scaled = plain.history[0].grad_norm, scaled.history[0].grad_norm
+    assert first_plain[0] is not None and first_scaled[0] is not None
+    assert first_scaled[0] > 2.0**8 * first_plain[0] * 0.99

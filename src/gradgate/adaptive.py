@@ -172,9 +172,10 @@ class AutoFreeze:
     """Freeze the longest prefix of stages that has stopped learning, measured on gradients.
 
     Call ``af.step()`` after each ``optimizer.step()`` (before ``zero_grad``:
-    it reads the gradients). It adds each trainable stage's gradient norm to
-    a window; every ``every`` steps it takes the window's mean norm ``g`` per
-    stage and decides:
+    it reads the gradients); with a ``GradScaler``, after
+    ``scaler.step(optimizer)``, which unscales the gradients in place. It
+    adds each trainable stage's gradient norm to a window; every ``every``
+    steps it takes the window's mean norm ``g`` per stage and decides:
 
     - ``rule="rank"`` (the default): each stage's ``g`` is divided by its
       baseline (its mean over the first two usable windows): the *decay* of

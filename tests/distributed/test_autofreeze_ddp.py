@@ -39,3 +39,18 @@ def test_decisions_come_from_all_reduced_statistics(results: dict[str, Any]) -> 
     assert r0["history"] == r1["history"]
     assert r0["history"][1]["change"][0] == pytest.approx(0.15)
     assert r0["frozen"] == r1["frozen"] == ["0", "2"]
+
+
+def test_rank_rule_ranks_with_different_gradients_freeze_alike(results: dict[str, Any]) -> None:
+    # alone (no process group here), each rank would decide differently ...
+    alone = [autofreeze_workers.feed_rank_rule(autofreeze_workers.rank_norms(r)) for r in (0, 1)]
+    assert [(d.step, d.froze) for d in alone[0].history if d.froze] == [(8, ["0"])]
+    assert alone[1].frozen == []
+    # ... under gloo both rank the all-reduced decays: the same freeze at the same step
+    r0, r1 = results["rank_rule"]
+    assert r0["rule"] == r1["rule"] == "rank"
+    assert r0["history"] == r1["history"]
+    assert [(d["step"], d["froze"]) for d in r0["history"] if d["froze"]] == [(12, ["0"])]
+    assert r0["history"][3]["decay"][0] == pytest.approx(0.75)  # not settled: 0.75 > 0.7
+    assert r0["history"][5]["decay"][0] == pytest.approx(0.6)
+    assert r0["frozen"] == r1["frozen"] == ["0"]
