@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gradgate as gg
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def _row(name: str, model: nn.Module, folder: Path) -> dict[str, object]:

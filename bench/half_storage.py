@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import gradgate as gg
+from gradgate.tools.agent import Agent, FeatureExtractor
 from gradgate.tools.demo import load_digits_28, split_classes
-from gradgate.tools.seed import Agent, FeatureExtractor
 from gradgate.tools.training import accuracy, train_epochs
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 class TiedLM(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import gradgate as gg
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def _data(n: int = 100, seed: int = 0) -> TensorDataset:

@@ -9,7 +9,7 @@ import torch
 
 import gradgate as gg
 from cases import CASES, Case
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def _trained(seed: int = 0) -> tuple[Agent, torch.optim.Optimizer]:

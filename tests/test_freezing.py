@@ -11,7 +11,7 @@ from torch import nn
 import gradgate as gg
 from cases import CASES, Case, TiedLM, state_of
 from gradgate.freezing import frozen_modules
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def _backward(model: nn.Module, case: Case) -> None:

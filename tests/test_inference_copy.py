@@ -6,7 +6,7 @@ from torch import nn
 
 import gradgate as gg
 from cases import Block
-from gradgate.tools.seed import FeatureExtractor
+from gradgate.tools.agent import FeatureExtractor
 
 
 def _warm_bn(model: nn.Module, x: torch.Tensor) -> None:

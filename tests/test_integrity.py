@@ -10,7 +10,7 @@ from torch import nn
 
 import gradgate as gg
 from cases import CASES, Case
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def _step(agent: nn.Module, opt: torch.optim.Optimizer, set_to_none: bool = True) -> None:

@@ -56,3 +56,13 @@ def test_the_old_inference_copy_name_still_works() -> None:
     gg.freeze(net)
     copy = gg.accelerate(net)
     assert isinstance(copy, gg.InferenceCopy) and copy.folded == [("0", "1")]
+
+
+def test_the_old_module_name_of_the_example_agent_still_imports() -> None:
+    from gradgate.tools import agent, seed
+
+    assert (seed.Agent, seed.FeatureExtractor, seed.PolicyNetwork) == (
+        agent.Agent,
+        agent.FeatureExtractor,
+        agent.PolicyNetwork,
+    )

@@ -9,7 +9,7 @@ from torch import nn
 
 import gradgate as gg
 from cases import CASES, Case, TiedLM
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def test_summary_golden(golden: Callable[[str, str], None]) -> None:

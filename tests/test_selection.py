@@ -10,7 +10,7 @@ from torch import nn
 
 import gradgate as gg
 from gradgate.selection import glob_to_regex
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def test_module_name_selects_subtree() -> None:

@@ -10,7 +10,7 @@ import torch
 
 import gradgate as gg
 from cases import CASES, Case, state_of
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -10,7 +10,7 @@ from torch import nn
 
 import gradgate as gg
 from cases import state_of
-from gradgate.tools.seed import Agent
+from gradgate.tools.agent import Agent
 
 
 def _flags(model: nn.Module) -> dict[str, bool]:

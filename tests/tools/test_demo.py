@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import gradgate as gg
 from gradgate._progress import progress
 from gradgate.tools import demo
+from gradgate.tools.agent import Agent
 from gradgate.tools.cli import main
-from gradgate.tools.seed import Agent
 from gradgate.tools.training import train_epochs
 
 pytest.importorskip("sklearn")
