@@ -171,10 +171,13 @@ def step_autograd_grad(run: Run, x: torch.Tensor) -> None:
     run.opt.step()
 
 
-def step_compiled(run: Run, x: torch.Tensor) -> None:
-    if run.call is None:
-        run.call = torch.compile(run.model, backend="aot_eager")  # autograd through dynamo
-    step_plain(run, x)
+def _step_compiled(backend: str) -> Callable[[Run, torch.Tensor], None]:
+    def step(run: Run, x: torch.Tensor) -> None:
+        if run.call is None:
+            run.call = torch.compile(run.model, backend=backend)  # autograd through dynamo
+        step_plain(run, x)
+
+    return step
 
 
 # -- the transforms: what happens to the model between two halves of training ---
@@ -273,7 +276,9 @@ OPERATIONS: dict[str, tuple[Callable[..., None], Callable[..., Any]]] = {
     "clip_grad_norm_": (step_clip_norm, t_none),
     "clip_grad_value_": (step_clip_value, t_none),
     "autograd_grad": (step_autograd_grad, t_none),
-    "torch_compile": (step_compiled, t_none),
+    "torch_compile": (_step_compiled("aot_eager"), t_none),
+    # inductor (CPU) generates and builds C++ kernels: it needs a C compiler (gcc here)
+    "torch_compile_inductor": (_step_compiled("inductor"), t_none),
     "state_dict_strict": (step_plain, t_state_dict_strict),
     "state_dict_non_strict": (step_plain, t_state_dict_non_strict),
     "state_dict_assign": (step_plain, t_state_dict_assign),
