@@ -443,3 +443,23 @@ def test_a_plain_dataloader_returns_exactly_the_batches_of_cache_loader(
     # and both are what torch's own collation of the rows gives
     rows = [cache[i] for i in range(8)]
     _same_batches(next(iter(cache.loader(batch_size=8))), default_collate(rows))
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_plain_dataloader_rows_are_the_same_from_the_table_of_row_views_or_without(
+    monkeypatch: pytest.MonkeyPatch, table: bool
+) -> None:
+    from gradgate.cache import feature_cache
+
+    if not table:  # too many rows for a table: rows are views of the batch read per column
+        monkeypatch.setattr(feature_cache, "_TABLE_VIEWS", 0)
+    cache = gg.FeatureCache(nn.Identity(), _Mixed(), progress=False)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    plain = list(DataLoader(cache, batch_size=8, shuffle=True, generator=g1))
+    assert (cache._reader._table is not None) is table
+    _same_batches(plain, list(cache.loader(batch_size=8, shuffle=True, generator=g2)))
+    rows = cache.__getitems__([9, 2])
+    _same_batches(default_collate(list(rows)), default_collate([cache[9], cache[2]]))
+    # rows hold no references to a gathered batch but the stored rows themselves
+    feats = cache.features()
+    assert (rows[0][0].data_ptr() == feats[9].data_ptr()) is table

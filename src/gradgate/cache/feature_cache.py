@@ -124,28 +124,93 @@ def _take(col: Column, idx: torch.Tensor, indices: Sequence[int]) -> Column:
     return col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in indices]
 
 
+# A memory cache of at most this many row views (features plus each tensor
+# column, about 640 bytes each: ~42 MB at the cap) keeps one view per row, so
+# a batch's rows are looked up instead of made (see ``_Reader.table``).
+_TABLE_VIEWS = 1 << 16
+
+
+class _Reader:
+    """Reads batches from one stored build: as columns, or as rows of views.
+
+    ``columns`` indexes each column once (``cache.loader()`` hands them back
+    as they are). ``table`` is for a plain ``DataLoader``, whose
+    ``default_collate`` re-stacks rows: one view per stored row, made once
+    per process, so a batch's rows are picked from it (no gather, no per-batch
+    ``unbind``) and the stack is the batch's only copy. It exists for a memory
+    store read in its own dtype, up to ``_TABLE_VIEWS`` views; otherwise rows
+    are views of the gathered columns.
+    """
+
+    __slots__ = ("_table", "resident", "stored")
+
+    def __init__(self, stored: Stored, resident: bool) -> None:
+        self.stored = stored
+        self.resident = resident
+        self._table: list[Sequence[Any]] | None = None
+
+    def features(self, index: Any) -> torch.Tensor:
+        rows = self.stored.rows(index)
+        dtype = self.stored.shape.dtype
+        return rows if rows.dtype == dtype else rows.to(dtype)
+
+    def columns(self, indices: Sequence[int]) -> list[Column]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return [self.features(idx), *(_take(col, idx, indices) for col in self.stored.rest)]
+
+    def table(self) -> list[Sequence[Any]] | None:
+        if self._table is None and self.resident:
+            shape, rest = self.stored.shape, self.stored.rest
+            views = shape.n * (1 + sum(isinstance(c, torch.Tensor) for c in rest))
+            if shape.storage == shape.dtype and views <= _TABLE_VIEWS:
+                whole = self.stored.rows(slice(None))
+                self._table = [
+                    c.unbind(0) if isinstance(c, torch.Tensor) else c for c in (whole, *rest)
+                ]
+        return self._table
+
+    def __getstate__(self) -> tuple[Stored, bool]:
+        return self.stored, self.resident  # each process makes its own table
+
+    def __setstate__(self, state: tuple[Stored, bool]) -> None:
+        self.stored, self.resident = state
+        self._table = None
+
+
 class _Rows(Sequence[tuple[Any, ...]]):
     """The samples of one batch read by ``FeatureCache.__getitems__``.
 
-    It holds the batch as columns (one indexing operation each). Read as a
-    sequence it is a list of ``(features, *rest)`` tuples, made once on first
-    access with ``unbind`` (views, no copies), so torch's ``default_collate``
-    and any user collate see plain rows; ``collate_rows`` hands the columns
-    back without making rows at all.
+    Nothing is read until asked: ``columns`` (what ``collate_rows`` hands
+    back) indexes each column once; read as a sequence it is a list of
+    ``(features, *rest)`` tuples, so torch's ``default_collate`` and any user
+    collate see plain rows. The rows are picked from the reader's table of
+    row views where it has one, else made from the columns with ``unbind``
+    (views, no copies).
     """
 
-    __slots__ = ("_tuples", "columns", "n")
+    __slots__ = ("_columns", "_reader", "_tuples", "indices")
 
-    def __init__(self, columns: list[Column], n: int) -> None:
-        self.columns = columns
-        self.n = n
+    def __init__(self, reader: _Reader, indices: Sequence[int]) -> None:
+        self._reader = reader
+        self.indices = indices
+        self._columns: list[Column] | None = None
         self._tuples: list[tuple[Any, ...]] | None = None
+
+    @property
+    def columns(self) -> list[Column]:
+        if self._columns is None:
+            self._columns = self._reader.columns(self.indices)
+        return self._columns
 
     def _rows(self) -> list[tuple[Any, ...]]:
         if self._tuples is None:
-            cells = [
-                col.unbind(0) if isinstance(col, torch.Tensor) else col for col in self.columns
-            ]
+            table = self._reader.table() if self._columns is None else None
+            if table is not None:
+                cells: list[Sequence[Any]] = [[col[i] for i in self.indices] for col in table]
+            else:
+                cells = [
+                    col.unbind(0) if isinstance(col, torch.Tensor) else col for col in self.columns
+                ]
             self._tuples = list(zip(*cells, strict=True))
         return self._tuples
 
@@ -156,7 +221,7 @@ class _Rows(Sequence[tuple[Any, ...]]):
         return iter(self._rows())
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
 
 def collate_rows(rows: Sequence[Any]) -> Any:
@@ -170,7 +235,11 @@ def collate_rows(rows: Sequence[Any]) -> Any:
 
     Example:
         >>> import torch
-        >>> batch = _Rows([torch.zeros(2, 3), torch.tensor([4, 5]), ["a", "b"]], 2)
+        >>> from gradgate.cache.stores import MemoryStore, Shape
+        >>> w = MemoryStore().writer("k", Shape(2, (3,), torch.float32, torch.float32))
+        >>> w.write(0, torch.zeros(2, 3))
+        >>> stored = w.commit([torch.tensor([4, 5]), ["a", "b"]])
+        >>> batch = _Rows(_Reader(stored, resident=True), [0, 1])
         >>> collate_rows(batch)[1:]
         [tensor([4, 5]), ('a', 'b')]
         >>> collate_rows([batch[1]])[1]
@@ -525,6 +594,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                 "leaves parameters, buffers and attributes as they were"
             )
         self._stored = stored
+        self._reader = _Reader(stored, resident=self.store == _StoreKind.MEMORY.value)
         self._key = key
         self._front = front
         self._data = data
@@ -752,9 +822,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     # -- reading -----------------------------------------------------------
 
     def _rows(self, index: Any) -> torch.Tensor:
-        rows = self._stored.rows(index)
-        dtype = self._stored.shape.dtype
-        return rows if rows.dtype == dtype else rows.to(dtype)
+        return self._reader.features(index)
 
     def __len__(self) -> int:
         # A sampler calls len() several times as a pass starts: check at the
@@ -773,10 +841,13 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
 
         PyTorch's ``DataLoader`` calls this for every batch of a map-style
         dataset. The result reads as a list of ``(features, *rest)`` tuples
-        (views of the batch, made on first access), so ``default_collate`` and
-        any collate function work on it; ``collate_fn`` (``cache.loader()``)
-        hands the batch back whole instead of re-stacking rows. Both give the
-        same batches.
+        (views, made on first access: of the stored rows for a memory cache
+        of up to 65,536 row views, else of the batch indexed once per
+        column), so ``default_collate`` and any collate function work on it;
+        ``collate_fn`` (``cache.loader()``) hands the batch back whole, indexed
+        once per column, instead of re-stacking rows. Both give the same
+        batches. As with ``cache[i]``, a memory cache's rows are views of what
+        it stores: write to a copy.
 
         Example:
             >>> import torch, gradgate as gg
@@ -790,9 +861,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                     [0., 0.]]), tensor([2, 0])]
         """
         self._check(full=False)
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        columns = [self._rows(idx), *(_take(col, idx, indices) for col in self._stored.rest)]
-        return _Rows(columns, len(indices))
+        return _Rows(self._reader, indices)
 
     collate_fn = staticmethod(collate_rows)
 

@@ -111,7 +111,17 @@ def _is_library(obj: Any) -> bool:
     file = getattr(module, "__file__", None)
     if not file:
         return True  # builtin, frozen or made up at run time: nothing to read
-    return bool(os.path.realpath(file).startswith(_library_roots()))
+    return _library_file(file)
+
+
+@functools.lru_cache(maxsize=4096)
+def _library_file(file: str) -> bool:
+    """Whether a source file lies under an installed-package root (its real path, once).
+
+    Resolving the real path costs a system call per path component; every
+    cache key (each pass re-checks one) asks about the same few files.
+    """
+    return os.path.realpath(file).startswith(_library_roots())
 
 
 class Unkeyable(Exception):
