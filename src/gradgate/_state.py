@@ -14,6 +14,11 @@ What it answers, and the one place each answer is defined:
 - ``frozen_modules``: modules that hold no trainable parameter and are frozen
   (held in eval, or with parameters none of which trains);
 - ``partials``: partial (row-frozen) tensors, through ``subtensor``'s interface;
+- ``check_saved``: a file's row sets against the model's (a checkpoint load);
+- ``plan_freeze``: what a freeze walk leaves to the partial tensors (a ``FreezePlan``).
+
+This module is the one place the rest of the library meets rows: no other
+module imports ``subtensor`` (``gradgate/__init__`` re-exports ``gg.rows``).
 - ``entries`` / ``frozen_entries`` / ``trainable_state``: named tensors,
   the frozen ones (what a guard watches and a checkpoint fingerprints), the
   trainable ones (what a checkpoint stores).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +36,11 @@ from torch import nn
 from . import subtensor
 from ._index import ModelIndex, trainable_flags
 from ._sticky import sticky_flags
+from .selection import Selector
 
-__all__ = ["ModelState", "TensorEntry", "model_entries"]
+__all__ = ["FreezePlan", "ModelState", "TensorEntry", "model_entries", "plan_freeze"]
+
+FreezePlan = subtensor.FreezePlan
 
 
 @dataclass
@@ -123,13 +132,13 @@ class ModelState:
             self._has_params = flags
         return self._has_params
 
-    def held(self, rows: Sequence[int] | None = None) -> dict[int, bool]:
-        """For modules at positions ``rows`` (default all): whether a freeze holds them in eval."""
-        if rows is not None and self._held is None:
-            return sticky_flags(self.index, rows, trains=self.trains)
+    def held(self, positions: Sequence[int] | None = None) -> dict[int, bool]:
+        """For modules at ``positions`` (default all): whether a freeze holds them in eval."""
+        if positions is not None and self._held is None:
+            return sticky_flags(self.index, positions, trains=self.trains)
         if self._held is None:
             self._held = sticky_flags(self.index, trains=self.trains)
-        return self._held if rows is None else {i: self._held[i] for i in rows}
+        return self._held if positions is None else {i: self._held[i] for i in positions}
 
     def frozen_modules(self) -> list[tuple[str, nn.Module]]:
         """Modules that hold no trainable parameter and are frozen, each once, in pre-order.
@@ -156,6 +165,24 @@ class ModelState:
         if self._partials is None:
             self._partials = subtensor.partials(self.model, self.index)
         return self._partials
+
+    def check_saved(
+        self, state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``saved`` (a file's tensors) once its row sets are checked against ``state``.
+
+        ``state`` is this record's ``trainable_state()``. A file whose trained
+        rows differ from the model's trainable rows raises ``CheckpointError``
+        naming both; older files' duplicate row-number entries are dropped.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(1, 1)
+            >>> record = ModelState(lin)
+            >>> sorted(record.check_saved(record.trainable_state(), {"weight": lin.weight}))
+            ['weight']
+        """
+        return subtensor.check_rows(state, saved)
 
     def element_counts(self) -> dict[int, tuple[int, int]]:
         """``id(tensor) -> (trainable, frozen)`` elements of partial tensors (``W`` and ``R``)."""
@@ -206,3 +233,24 @@ class ModelState:
         if self.partials:
             out = subtensor.trainable_rows_state(self.model, out, self.index)
         return out
+
+
+def plan_freeze(
+    index: ModelIndex,
+    action: str,
+    selectors: Sequence[Selector],
+    exclude: Selector | None = None,
+) -> tuple[list[Any], FreezePlan]:
+    """The selectors a freeze walk resolves, and what it leaves to the partial tensors.
+
+    ``gg.rows`` items are replaced by the tensors they name; the plan is
+    empty (and the walk sees only plain flags) unless rows are given or in
+    force. Raises before anything changes.
+
+    Example:
+        >>> import torch
+        >>> selectors, plan = plan_freeze(ModelIndex(torch.nn.Linear(1, 1)), "freeze", ["weight"])
+        >>> selectors, plan.fixed, plan.trains
+        (['weight'], {}, set())
+    """
+    return subtensor.plan(index.model, action, selectors, exclude, index)

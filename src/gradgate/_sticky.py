@@ -139,13 +139,13 @@ def is_sticky(module: nn.Module) -> bool:
 
 
 def sticky_flags(
-    index: ModelIndex, rows: Iterable[int] | None = None, trains: list[bool] | None = None
+    index: ModelIndex, positions: Iterable[int] | None = None, trains: list[bool] | None = None
 ) -> dict[int, bool]:
-    """For modules at positions ``rows`` (default all): whether a freeze holds them in eval."""
+    """For modules at ``positions`` (default all): whether a freeze holds them in eval."""
     out: dict[int, bool] = {}
     position: dict[int, int] | None = None
     mods = index.mods
-    for i in range(len(mods)) if rows is None else rows:
+    for i in range(len(mods)) if positions is None else positions:
         m = mods[i]
         mark = m.__dict__.get("train")
         if not isinstance(mark, StickyEval):

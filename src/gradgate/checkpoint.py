@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from . import subtensor
 from ._index import ModelIndex, covering_paths, gc_paused
 from ._optimizers import unwrap_optimizer
 from ._state import ModelState
@@ -553,7 +552,7 @@ def load_trainable(
     with gc_paused():
         record = ModelState(model)
         state = record.trainable_state()
-    tensors = subtensor.check_rows(state, tensors)  # rows: the file's row sets are the model's
+    tensors = record.check_saved(state, tensors)  # the file's row sets are the model's
     if strict:
         _check_base(record, meta, src)
     sharded = [k for k, v in state.items() if callable(getattr(v, "full_tensor", None))]

@@ -11,11 +11,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import subtensor
 from ._events import Change, announce
 from ._index import ModelIndex, gc_paused, is_float, owner_of
 from ._options import choice
-from ._state import ModelState
+from ._state import FreezePlan, ModelState, plan_freeze
 from ._sticky import FollowParent, StickyEval, attach_follower, attach_mark, is_sticky, remove_mark
 from .errors import GradgateError, InvalidArgumentError, SharedParameterError
 from .selection import Selection, Selector, describe_selectors, resolve
@@ -93,8 +92,8 @@ class Freezing:
         selection: what the selectors matched.
         frozen: names of parameters this call froze.
         unfrozen: names of parameters this call made trainable.
-        undo_hooks: reverts of sub-tensor (``gg.rows``) changes, run first by ``undo``
-            and by a failed call's roll-back.
+        undo_hooks: reverts of what the call's ``FreezePlan`` did after the walk
+            (partial tensors), run first by ``undo`` and by a failed call's roll-back.
 
     Example:
         >>> import torch, gradgate as gg
@@ -143,14 +142,14 @@ class Freezing:
         self.unfrozen += other.unfrozen
         self._params += other._params
         self._modes += other._modes
-        self.undo_hooks += other.undo_hooks  # rows (issue 16)
+        self.undo_hooks += other.undo_hooks
         other._params, other._modes, other.undo_hooks = [], [], []
 
     def _revert(self, notify: bool) -> None:
         if self._undone:
             return
         self._undone = True
-        for revert in reversed(self.undo_hooks):  # rows (issue 16): partial tensors first
+        for revert in reversed(self.undo_hooks):  # what came after the walk goes first
             revert()
         frozen: list[nn.Parameter] = []
         unfrozen: list[nn.Parameter] = []
@@ -199,12 +198,11 @@ def _check_shared(
     action: str,
     shared: Shared | None,
     selectors: Sequence[object],
-    rows: subtensor.RowsPlan,
+    plan: FreezePlan,
 ) -> dict[int, bool]:
     """Find tied parameters split across the selection boundary.
 
-    A partial tensor (``gg.rows``) counts as trainable and its rows' leaf
-    follows it (``rows.tied_as``).
+    A tensor in ``plan.ties`` counts as the plan says (trainable, or not at all).
 
     Returns the forced ``requires_grad`` for each such parameter (when
     ``shared`` decides) and raises ``SharedParameterError`` otherwise.
@@ -217,14 +215,14 @@ def _check_shared(
         if id(p) in index.shared:
             by_id.setdefault(id(p), []).append(name)
     for key, names in by_id.items():
-        flag = rows.tied_as.get(key, True)
-        if flag is None:
+        counts = plan.ties.get(key, False)
+        if counts is None:
             continue
         inside = [n for n in names if n in sel.aliases]
         outside = [n for n in names if n not in sel.aliases]
         if not inside or not outside:
             continue
-        trains = index.params[index.canonical[key]].requires_grad or key in rows.tied_as
+        trains = index.params[index.canonical[key]].requires_grad or counts
         if action == "freeze" and not trains:
             continue
         if action == "unfreeze" and trains:
@@ -284,34 +282,29 @@ def apply_indexed(
     """
     mode_e: Mode = choice(Mode, "mode", mode)
     shared_e: Shared | None = None if shared is None else choice(Shared, "shared", shared)
-    model = index.model
-    selectors, rows_plan = subtensor.plan(model, action, selectors, exclude, index)  # rows
-    return _apply_walk(index, action, selectors, exclude, mode_e, shared_e, rows_plan)
+    selectors, plan = plan_freeze(index, action, selectors, exclude)
+    return _apply_walk(index, action, selectors, exclude, mode_e, shared_e, plan)
 
 
 def _plan_flags(
     index: ModelIndex,
     sel: Selection,
     action: str,
-    forced: dict[int, bool],
-    rows_want: dict[int, bool],
+    fixed: dict[int, bool],
 ) -> list[tuple[str, nn.Parameter, bool]]:
-    """The ``(name, parameter, new requires_grad)`` changes a call makes."""
+    """The ``(name, parameter, new requires_grad)`` changes a call makes.
+
+    ``fixed`` flags (a tied-weight choice, a plan's) win over the selection.
+    """
     selected_ids = {id(p) for _, p in sel.named_parameters()}
     changes = []
-    # Only the selection can change unless train_only, a tied-weight choice or
-    # a partial tensor reaches further: then every parameter is looked at.
-    scope = (
-        index.params
-        if forced or rows_want or action == "train_only"
-        else dict(sel.named_parameters())
-    )
+    # Only the selection can change unless train_only or a fixed flag reaches
+    # further: then every parameter is looked at.
+    scope = index.params if fixed or action == "train_only" else dict(sel.named_parameters())
     for name, p in scope.items():
         key = id(p)
-        if key in forced:
-            want = forced[key]
-        elif key in rows_want:  # rows (issue 16): a partial tensor keeps requires_grad
-            want = rows_want[key]
+        if key in fixed:
+            want = fixed[key]
         elif key in selected_ids:
             want = action != "freeze"
         elif action == "train_only":
@@ -330,13 +323,13 @@ def _plan_modes(
     action: str,
     mode: Mode,
     unfrozen: set[int],
-    partial: set[int],
+    also_trains: set[int],
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Which modules a call releases, and which it holds in eval (with their anchors).
 
     Runs after the call has set the parameter flags; ``unfrozen`` holds the
-    ids of the parameters it made trainable, ``partial`` those of the tensors
-    whose rows train once the call is done (``gg.rows``): they count as trainable.
+    ids of the parameters it made trainable, ``also_trains`` those of tensors
+    that count as trainable whatever their flag (a plan's ``trains``).
 
     A module is frozen when no parameter under it trains; a parameter-free
     module takes the state of its parent (or is frozen when it is itself a
@@ -380,7 +373,7 @@ def _plan_modes(
     trains = [False] * n
     for (_, p), o in zip(index.aliases, index.alias_owner, strict=True):
         has_params[o] = True
-        if p.requires_grad or id(p) in partial:
+        if p.requires_grad or id(p) in also_trains:
             trains[o] = True
     for i in range(n - 1, 0, -1):
         up = parent[i]
@@ -466,15 +459,15 @@ def _apply_walk(
     exclude: Selector | None,
     mode_e: Mode,
     shared_e: Shared | None,
-    rows_plan: subtensor.RowsPlan,  # rows (issue 16)
+    plan: FreezePlan,
 ) -> Freezing:
     # Selectors (predicates included: their exceptions keep their type) and
     # tied-weight checks run before anything changes; what fails later (a
     # TorchScript module that cannot be held, Ctrl-C) is rolled back.
     model = index.model
     sel = resolve(index, selectors, exclude)
-    forced = _check_shared(index, sel, action, shared_e, selectors, rows_plan)
-    changes = _plan_flags(index, sel, action, forced, rows_plan.want)
+    forced = _check_shared(index, sel, action, shared_e, selectors, plan)
+    changes = _plan_flags(index, sel, action, {**plan.fixed, **forced})
     _warn_nothing(action, shared_e, sel, forced, selectors)
     handle = Freezing(model, action, sel)
     mods, parent = index.mods, index.parent
@@ -493,8 +486,8 @@ def _apply_walk(
             else:
                 p.grad = None
                 handle.frozen.append(name)
-        unfrozen = {id(p) for _, p, want in changes if want} | rows_plan.gained
-        release, stick = _plan_modes(index, sel, action, mode_e, unfrozen, rows_plan.partial)
+        unfrozen = {id(p) for _, p, want in changes if want} | plan.gains
+        release, stick = _plan_modes(index, sel, action, mode_e, unfrozen, plan.trains)
         _refuse_script(index, stick, action)
         # Each released module follows the nearest ancestor this call did not release.
         leader: dict[int, nn.Module] = {}
@@ -524,7 +517,7 @@ def _apply_walk(
                     tuple(params[n] for n in handle.unfrozen),
                 )
             )
-        rows_plan.carry_out(handle)  # rows (issue 16): install the partial tensors
+        plan.carry_out(handle.undo_hooks.append)
     except BaseException as e:
         # Roll back, then let the exception out with its own type (Ctrl-C
         # must stay a KeyboardInterrupt); only our own errors get context.

@@ -24,7 +24,7 @@ No hook, process-global or per tensor, is installed; nothing is patched.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -605,32 +605,44 @@ def has_rows(selectors: Sequence[Any]) -> bool:
 
 
 @dataclass
-class RowsPlan:
-    """What a freeze call does to partial tensors, checked before anything changes.
+class FreezePlan:
+    """What a freeze call must leave to the partial tensors, checked before anything changes.
 
-    The freezing walk leaves the flag of every tensor that is partial before
-    or after the call to ``carry_out`` (``want`` keeps it as it is), and
-    ``want`` keeps ``R`` of a partial that stays trainable; ``carry_out``
-    then installs, changes or releases the partials and sets ``W``'s flag
-    (False while partial, ``final`` once whole).
+    The one interface between the freezing walk and rows (reached through
+    ``_state.plan_freeze``). The walk reads four generic facts and runs one
+    step after its own changes; it never asks whether a tensor is partial:
+
+    - ``fixed``: ``requires_grad`` the walk sets as given (ahead of the
+      selection): a partial ``W`` keeps its flag (``carry_out`` sets it), and
+      ``R`` of a partial that keeps its rows keeps training;
+    - ``ties``: how a tensor counts in the tied-weight check: ``True`` as
+      trainable (a partial ``W``), ``None`` not at all (``R``), absent by its flag;
+    - ``trains``: tensors that count as trainable for module modes (every
+      tensor partial once the call is done);
+    - ``gains``: tensors that start to train in this call without their flag
+      changing (rows of a wholly frozen tensor);
+    - ``carry_out``: installs, changes or releases the partials after the
+      walk and registers their undo.
+
+    An empty plan (no ``gg.rows`` given or in force) changes nothing.
     """
 
     model: nn.Module | None = None
     action: str = ""
-    want: dict[int, bool] = field(default_factory=dict)
+    fixed: dict[int, bool] = field(default_factory=dict)
     masks: dict[int, tuple[nn.Parameter, torch.Tensor | None]] = field(default_factory=dict)
     final: dict[int, bool] = field(default_factory=dict)
     """``requires_grad`` of a tensor that ends the call whole."""
-    tied_as: dict[int, bool | None] = field(default_factory=dict)
+    ties: dict[int, bool | None] = field(default_factory=dict)
     """For tied-weight checks: a partial ``W`` counts as trainable (True), its ``R`` not at all."""
-    partial: set[int] = field(default_factory=set)
+    trains: set[int] = field(default_factory=set)
     """``id(W)`` of every tensor partial once the call is done (its module trains)."""
-    gained: set[int] = field(default_factory=set)
+    gains: set[int] = field(default_factory=set)
     """``id(W)`` of the tensors whose rows start to train in this call (were wholly frozen)."""
     index: ModelIndex | None = None  # the calling freeze's read of the model (not re-walked)
 
-    def carry_out(self, handle: Any) -> None:
-        """Apply the planned partials and register their undo on ``handle``.
+    def carry_out(self, register_undo: Callable[[Callable[[], None]], None]) -> None:
+        """Apply the planned partials, handing their undo to ``register_undo`` first.
 
         Runs inside the freezing call's roll-back: the undo is registered
         before the first change and records each change as it is made, so a
@@ -640,7 +652,7 @@ class RowsPlan:
             return
         model = self.model
         undo = _Undo(model)
-        handle.undo_hooks.append(undo)
+        register_undo(undo)
         if self.index is not None:
             self.index.reshaped = True  # row modules come and go: the walk is stale
         _install(model, self.masks, self.final, undo.done, self.index)
@@ -763,12 +775,12 @@ def plan(
     selectors: Sequence[Any],
     exclude: Any = None,
     index: ModelIndex | None = None,
-) -> tuple[list[Any], RowsPlan]:
+) -> tuple[list[Any], FreezePlan]:
     """Check every ``Rows`` item and work out the partial tensors of a freeze call.
 
     Returns the selectors with each ``Rows`` item replaced by the parameters
     it names (so modes and tied-weight checks treat them as selected) and the
-    ``RowsPlan``. Raises before anything changes.
+    ``FreezePlan``. Raises before anything changes.
     """
     if exclude is not None and has_rows([exclude]):
         raise InvalidArgumentError(
@@ -778,7 +790,7 @@ def plan(
     given = has_rows(selectors)
     current = partials(model, index)
     if not given and not current:
-        return list(selectors), RowsPlan()
+        return list(selectors), FreezePlan()
     plain: list[Any] = [s for s in _flatten(selectors) if not isinstance(s, Rows)]
     items = [s for s in _flatten(selectors) if isinstance(s, Rows)]
     if index is None:
@@ -826,12 +838,12 @@ def plan(
             prev = picked.get(id(p))
             merged = idx if prev is None else torch.unique(torch.cat([prev[2], idx]))
             picked[id(p)] = (n, p, merged)
-    out = RowsPlan(model=model, action=action, index=index)
+    out = FreezePlan(model=model, action=action, index=index)
     for key, live in current.items():
-        out.tied_as[key] = True
-        out.tied_as[id(live.trainable)] = None
+        out.ties[key] = True
+        out.ties[id(live.trainable)] = None
     for key, settled in current.items():
-        out.want[key] = False  # a partial W's flag is carry_out's
+        out.fixed[key] = False  # a partial W's flag is carry_out's
         # A partial tensor named whole, or frozen by train_only, stops being partial.
         if key not in picked and (key in plain_ids or action == "train_only"):
             out.final[key] = key in plain_ids and action != "freeze"
@@ -856,16 +868,16 @@ def plan(
         whole = new.numel() == n_rows
         partial_after = not whole and new.numel() > 0
         # The walk sets the flag of a tensor whole before and after; carry_out the others'.
-        out.want[key] = weight.requires_grad if part is not None or partial_after else whole
+        out.fixed[key] = weight.requires_grad if part is not None or partial_after else whole
         out.final[key] = whole
         out.masks[key] = (weight, new if partial_after else None)
         if part is not None and not whole and torch.equal(now, new):
-            out.want[id(part.trainable)] = True  # the same rows stay: R keeps training
+            out.fixed[id(part.trainable)] = True  # the same rows stay: R keeps training
         if partial_after:
-            out.partial.add(key)
+            out.trains.add(key)
             if part is None and not weight.requires_grad:
-                out.gained.add(key)
-    out.partial |= {key for key in current if key not in out.masks}
+                out.gains.add(key)
+    out.trains |= {key for key in current if key not in out.masks}
     replaced = plain + [picked[key][1] for key in picked]
     return replaced, out
 
