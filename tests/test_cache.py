@@ -445,21 +445,25 @@ def test_a_plain_dataloader_returns_exactly_the_batches_of_cache_loader(
     _same_batches(next(iter(cache.loader(batch_size=8))), default_collate(rows))
 
 
+@pytest.mark.parametrize("store", ["memory", "disk"])
 @pytest.mark.parametrize("table", [True, False])
 def test_plain_dataloader_rows_are_the_same_from_the_table_of_row_views_or_without(
-    monkeypatch: pytest.MonkeyPatch, table: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: bool, store: Literal["memory", "disk"]
 ) -> None:
     from gradgate.cache import feature_cache
 
     if not table:  # too many rows for a table: rows are views of the batch read per column
         monkeypatch.setattr(feature_cache, "_TABLE_VIEWS", 0)
-    cache = gg.FeatureCache(nn.Identity(), _Mixed(), progress=False)
+    cache = gg.FeatureCache(nn.Identity(), _Mixed(), store=store, path=tmp_path, progress=False)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     plain = list(DataLoader(cache, batch_size=8, shuffle=True, generator=g1))
     assert (cache._reader._table is not None) is table
     _same_batches(plain, list(cache.loader(batch_size=8, shuffle=True, generator=g2)))
     rows = cache.__getitems__([9, 2])
     _same_batches(default_collate(list(rows)), default_collate([cache[9], cache[2]]))
-    # rows hold no references to a gathered batch but the stored rows themselves
-    feats = cache.features()
-    assert (rows[0][0].data_ptr() == feats[9].data_ptr()) is table
+    if store == "memory":  # from the table, rows are views of the stored rows themselves
+        assert (rows[0][0].data_ptr() == cache.features()[9].data_ptr()) is table
+    else:  # a write to a row read from a disk table stays in this process, off the file
+        rows[0][0].fill_(-1.0)
+        again = gg.FeatureCache(nn.Identity(), _Mixed(), store=store, path=tmp_path)
+        assert not again.rebuilt and torch.equal(again[9][0], torch.full((3,), 9.0))

@@ -124,9 +124,9 @@ def _take(col: Column, idx: torch.Tensor, indices: Sequence[int]) -> Column:
     return col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in indices]
 
 
-# A memory cache of at most this many row views (features plus each tensor
-# column, about 640 bytes each: ~42 MB at the cap) keeps one view per row, so
-# a batch's rows are looked up instead of made (see ``_Reader.table``).
+# A cache of at most this many row views (features plus each tensor column,
+# about 640 bytes each: ~42 MB at the cap) keeps one view per row, so a
+# batch's rows are looked up instead of made (see ``_Reader.table``).
 _TABLE_VIEWS = 1 << 16
 
 
@@ -137,16 +137,16 @@ class _Reader:
     as they are). ``table`` is for a plain ``DataLoader``, whose
     ``default_collate`` re-stacks rows: one view per stored row, made once
     per process, so a batch's rows are picked from it (no gather, no per-batch
-    ``unbind``) and the stack is the batch's only copy. It exists for a memory
-    store read in its own dtype, up to ``_TABLE_VIEWS`` views; otherwise rows
-    are views of the gathered columns.
+    ``unbind``) and the stack is the batch's only copy. It exists for
+    features read in their storage dtype, up to ``_TABLE_VIEWS`` views (a
+    disk store's are views of a copy-on-write mapping of its file); otherwise
+    rows are views of the gathered columns.
     """
 
-    __slots__ = ("_table", "resident", "stored")
+    __slots__ = ("_table", "stored")
 
-    def __init__(self, stored: Stored, resident: bool) -> None:
+    def __init__(self, stored: Stored) -> None:
         self.stored = stored
-        self.resident = resident
         self._table: list[Sequence[Any]] | None = None
 
     def features(self, index: Any) -> torch.Tensor:
@@ -159,21 +159,21 @@ class _Reader:
         return [self.features(idx), *(_take(col, idx, indices) for col in self.stored.rest)]
 
     def table(self) -> list[Sequence[Any]] | None:
-        if self._table is None and self.resident:
+        if self._table is None:
             shape, rest = self.stored.shape, self.stored.rest
             views = shape.n * (1 + sum(isinstance(c, torch.Tensor) for c in rest))
             if shape.storage == shape.dtype and views <= _TABLE_VIEWS:
-                whole = self.stored.rows(slice(None))
+                whole = self.stored.whole()
                 self._table = [
                     c.unbind(0) if isinstance(c, torch.Tensor) else c for c in (whole, *rest)
                 ]
         return self._table
 
-    def __getstate__(self) -> tuple[Stored, bool]:
-        return self.stored, self.resident  # each process makes its own table
+    def __getstate__(self) -> Stored:
+        return self.stored  # each process makes its own table
 
-    def __setstate__(self, state: tuple[Stored, bool]) -> None:
-        self.stored, self.resident = state
+    def __setstate__(self, state: Stored) -> None:
+        self.stored = state
         self._table = None
 
 
@@ -239,7 +239,7 @@ def collate_rows(rows: Sequence[Any]) -> Any:
         >>> w = MemoryStore().writer("k", Shape(2, (3,), torch.float32, torch.float32))
         >>> w.write(0, torch.zeros(2, 3))
         >>> stored = w.commit([torch.tensor([4, 5]), ["a", "b"]])
-        >>> batch = _Rows(_Reader(stored, resident=True), [0, 1])
+        >>> batch = _Rows(_Reader(stored), [0, 1])
         >>> collate_rows(batch)[1:]
         [tensor([4, 5]), ('a', 'b')]
         >>> collate_rows([batch[1]])[1]
@@ -594,7 +594,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
                 "leaves parameters, buffers and attributes as they were"
             )
         self._stored = stored
-        self._reader = _Reader(stored, resident=self.store == _StoreKind.MEMORY.value)
+        self._reader = _Reader(stored)
         self._key = key
         self._front = front
         self._data = data
@@ -841,13 +841,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
 
         PyTorch's ``DataLoader`` calls this for every batch of a map-style
         dataset. The result reads as a list of ``(features, *rest)`` tuples
-        (views, made on first access: of the stored rows for a memory cache
-        of up to 65,536 row views, else of the batch indexed once per
-        column), so ``default_collate`` and any collate function work on it;
-        ``collate_fn`` (``cache.loader()``) hands the batch back whole, indexed
-        once per column, instead of re-stacking rows. Both give the same
+        (views, made on first access: of the stored rows for a cache of up to
+        65,536 row views, else of the batch indexed once per column), so
+        ``default_collate`` and any collate function work on it; ``collate_fn``
+        (``cache.loader()``) hands the batch back whole, indexed once per
+        column, instead of re-stacking rows. Both give the same
         batches. As with ``cache[i]``, a memory cache's rows are views of what
-        it stores: write to a copy.
+        it stores: write to a copy (a disk cache's rows are copy-on-write:
+        its file is never written).
 
         Example:
             >>> import torch, gradgate as gg

@@ -57,6 +57,13 @@ class Stored(Protocol):
     def readable(self, key: str) -> bool:
         """Whether this process can still read what was opened as ``key``."""
 
+    def whole(self) -> torch.Tensor:
+        """Every row as one tensor in storage dtype, without copying what is stored.
+
+        Writes to it never reach what other processes read (memory: this
+        process's own copy; disk: a copy-on-write mapping of the file).
+        """
+
 
 class Writer(Protocol):
     """Receives the rows of one build in order; ``commit`` makes them readable."""
@@ -129,6 +136,9 @@ class _MemoryStored:
 
     def readable(self, key: str) -> bool:
         return True
+
+    def whole(self) -> torch.Tensor:
+        return self.features
 
 
 class _MemoryWriter:
@@ -213,6 +223,10 @@ class _DiskStored:
         if not arr.flags.writeable or not arr.flags.c_contiguous:
             arr = np.array(arr)
         rows = torch.from_numpy(arr)
+        return rows.view(torch.bfloat16) if self.shape.storage == torch.bfloat16 else rows
+
+    def whole(self) -> torch.Tensor:
+        rows = torch.from_numpy(np.load(self.path, mmap_mode="c"))  # writes stay private
         return rows.view(torch.bfloat16) if self.shape.storage == torch.bfloat16 else rows
 
     def readable(self, key: str) -> bool:
