@@ -43,6 +43,7 @@ from ..selection import Selector
 
 __all__ = [
     "FinetuneCore",
+    "Live",
     "ScheduleFactory",
     "Unfreeze",
     "per_optimizer_step",
@@ -65,6 +66,10 @@ class Unfreeze:
 
     epoch: int
     selector: Selector
+
+
+Live = Callable[[], tuple[Any, Sequence[Any]]]
+"""The trainer's current DDP wrapper (or module) and optimizers, read after a schedule change."""
 
 
 def _constant(value: float, stage: int) -> float:
@@ -307,23 +312,34 @@ class FinetuneCore:
         """Whether the schedule steps after each optimizer step (else at each epoch start)."""
         return self.schedule is not None and per_optimizer_step(self.schedule)
 
-    def on_epoch(self, model: nn.Module, epoch: int) -> bool:
-        """Step an epoch schedule at the start of ``epoch``; say if the trainable set changed."""
+    def on_epoch(self, model: nn.Module, epoch: int, live: Live | None = None) -> bool:
+        """Step an epoch schedule at the start of ``epoch``; say if the trainable set changed.
+
+        With ``live`` (the trainer's current DDP wrapper and optimizers), a
+        change is followed by the one rewrap both callbacks need (see ``_step``).
+        """
         if self.schedule is None or self.steps_per_optimizer_step:
             return False
-        return self._step(model, lambda: self.schedule.step(epoch))
+        return self._step(model, lambda: self.schedule.step(epoch), live)
 
-    def on_optimizer_step(self, model: nn.Module) -> bool:
+    def on_optimizer_step(self, model: nn.Module, live: Live | None = None) -> bool:
         """Step a per-step schedule (``AutoFreeze``) after an optimizer step (gradients still
-        there); say if the trainable set changed."""
+        there); say if the trainable set changed (``live`` as in ``on_epoch``)."""
         if not self.steps_per_optimizer_step:
             return False
-        return self._step(model, self.schedule.step)
+        return self._step(model, self.schedule.step, live)
 
-    def _step(self, model: nn.Module, step: Callable[[], Any]) -> bool:
+    def _step(self, model: nn.Module, step: Callable[[], Any], live: Live | None) -> bool:
+        """Step the schedule; after a change check the optimizer and, given the trainer's
+        wrapper and optimizers, check the guard, rebuild DDP and watch the new sets."""
         changed = bool(step())
         if changed:
             self.ensure_complete(model)
+            if live is not None:
+                wrapper, optimizers = live()
+                self.stop_guard(check=True)
+                rebuild_ddp(wrapper)
+                self.start_guard(model, optimizers)
         return changed
 
     def ensure_complete(self, model: nn.Module) -> None:

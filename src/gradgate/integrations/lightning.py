@@ -14,6 +14,7 @@ from ..selection import Selector
 from ._core import (
     FinetuneCore,
     GuardOption,
+    Live,
     ModeOption,
     ScheduleFactory,
     UnfreezeSpec,
@@ -151,8 +152,7 @@ class GradgateFinetuning(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Step an epoch schedule."""
-        if self.core.on_epoch(pl_module, trainer.current_epoch):
-            self._changed(trainer, pl_module)
+        self.core.on_epoch(pl_module, trainer.current_epoch, _live(trainer))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
@@ -161,13 +161,7 @@ class GradgateFinetuning(pl.Callback):
         if trainer.global_step == self._global_step:
             return  # accumulating: no optimizer step in this batch
         self._global_step = trainer.global_step
-        if self.core.on_optimizer_step(pl_module):
-            self._changed(trainer, pl_module)
-
-    def _changed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.core.stop_guard(check=True)
-        rebuild_ddp(trainer.strategy.model)
-        self.core.start_guard(pl_module, trainer.optimizers)
+        self.core.on_optimizer_step(pl_module, _live(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The guard's last check."""
@@ -186,6 +180,11 @@ class GradgateFinetuning(pl.Callback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the schedule's state; it is re-applied at ``on_fit_start``."""
         self.core.load_state_dict(state_dict)
+
+
+def _live(trainer: pl.Trainer) -> Live:
+    """The trainer's DDP wrapper and optimizers, read when a schedule changed something."""
+    return lambda: (trainer.strategy.model, trainer.optimizers)
 
 
 def _single_optimizer(trainer: pl.Trainer) -> tuple[Any, Any]:

@@ -19,6 +19,7 @@ from ..selection import Selector
 from ._core import (
     FinetuneCore,
     GuardOption,
+    Live,
     ModeOption,
     ScheduleFactory,
     UnfreezeSpec,
@@ -196,8 +197,7 @@ class GradgateFinetuning(TrainerCallback):
         # state.epoch is a float that counts finished steps; it is whole at an epoch start
         # except on a resume in the middle of one.
         epoch = math.floor((state.epoch or 0.0) + 1e-6)
-        if self.core.on_epoch(model, epoch):
-            self._changed(model, optimizer)
+        self.core.on_epoch(model, epoch, self._live(optimizer))
 
     def on_optimizer_step(
         self,
@@ -210,13 +210,11 @@ class GradgateFinetuning(TrainerCallback):
     ) -> None:
         """Step a per-step schedule (``AutoFreeze``): after the step, before ``zero_grad``."""
         assert model is not None
-        if self.core.on_optimizer_step(model):
-            self._changed(model, optimizer)
+        self.core.on_optimizer_step(model, self._live(optimizer))
 
-    def _changed(self, model: nn.Module, optimizer: Any) -> None:
-        self.core.stop_guard(check=True)
-        rebuild_ddp(self._wrapper())
-        self.core.start_guard(model, [optimizer])
+    def _live(self, optimizer: Any) -> Live:
+        """The Trainer's DDP wrapper and optimizer, read when a schedule changed something."""
+        return lambda: (self._wrapper(), [optimizer])
 
     def _wrapper(self) -> Any:
         trainer = self._trainer() if self._trainer is not None else None
