@@ -120,6 +120,6 @@ def rank_rule(rank: int) -> dict[str, Any]:
     return {"history": [d.to_dict() for d in af.history], "frozen": af.frozen, "rule": af.rule}
 
 
-def run(rank: int, init: str, out: str) -> None:
+def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:
     """Entry point for ``torch.multiprocessing.spawn``."""
-    run_ranks(rank, init, out, SCENARIOS, lambda name, r, _: globals()[name](r))
+    run_ranks(rank, init, out, scenarios, lambda name, r, _: globals()[name](r))

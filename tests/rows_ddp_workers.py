@@ -6,6 +6,7 @@ Each scenario writes ``<out>/<scenario>.<rank>.json``; the pytest side asserts.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,80 +72,73 @@ def _report(model: TiedLM, reference: TiedLM, start: torch.Tensor) -> dict[str, 
     }
 
 
-def rows_exact(rank: int) -> dict[str, Any]:
-    """AdamW with weight decay, 10 steps, each rank its half of the global batch."""
-    model, reference, start = _setup()
+def _train(
+    rank: int,
+    steps: int,
+    local_step: Callable[[Any, torch.Tensor, torch.Tensor], None],
+    *,
+    body: bool = True,
+    clip: float | None = None,
+) -> dict[str, Any]:
+    """The wrapped model and the single-process reference, trained side by side.
+
+    ``local_step(ddp, x, y)`` runs this rank's forward and backward on its
+    share of the global batch ``x, y``; the reference trains on all of it.
+    AdamW with weight decay on both; ``clip`` clips both over ``parameters()``.
+    """
+    model, reference, start = _setup(body)
     ddp = ggd.wrap(model)
     counter = ggd.track_communication(ddp)
     opt = torch.optim.AdamW(gg.param_groups(model, lr=0.05, weight_decay=0.1))
     ref_opt = torch.optim.AdamW(gg.param_groups(reference, lr=0.05, weight_decay=0.1))
-    steps = 10
     for step in range(steps):
         x, y = _batch(step)
         opt.zero_grad()
-        _loss(ddp, x.chunk(2)[rank], y.chunk(2)[rank]).backward()
+        local_step(ddp, x, y)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), clip)  # sees R, as on a plain model
         opt.step()
         ref_opt.zero_grad()
         _loss(reference, x, y).backward()  # single process, the concatenated batch
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
         ref_opt.step()
-    body = sum(p.numel() for p in model.body.parameters())
+    trained = len(NEW) * DIM + (sum(p.numel() for p in model.body.parameters()) if body else 0)
     return {
         **_report(model, reference, start),
         "elements_communicated": counter.elements,
-        "rows_and_body_times_steps": (body + len(NEW) * DIM) * steps,
+        "rows_and_body_times_steps": trained * steps,
     }
+
+
+def rows_exact(rank: int) -> dict[str, Any]:
+    """AdamW with weight decay, 10 steps, each rank its half of the global batch."""
+
+    def local(ddp: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        _loss(ddp, x.chunk(2)[rank], y.chunk(2)[rank]).backward()
+
+    return _train(rank, 10, local)
 
 
 def rows_no_sync(rank: int) -> dict[str, Any]:
     """Gradient accumulation: a no_sync micro-batch, then a synchronised one, per step."""
-    model, reference, start = _setup()
-    ddp = ggd.wrap(model)
-    counter = ggd.track_communication(ddp)
-    opt = torch.optim.AdamW(gg.param_groups(model, lr=0.05, weight_decay=0.1))
-    ref_opt = torch.optim.AdamW(gg.param_groups(reference, lr=0.05, weight_decay=0.1))
-    steps = 3
-    for step in range(steps):
-        x, y = _batch(step)
+
+    def local(ddp: Any, x: torch.Tensor, y: torch.Tensor) -> None:
         micro = list(zip(x.chunk(4), y.chunk(4), strict=True))[2 * rank : 2 * rank + 2]
-        opt.zero_grad()
         with ddp.no_sync():
             (_loss(ddp, *micro[0]) / 2).backward()
         (_loss(ddp, *micro[1]) / 2).backward()
-        opt.step()
-        ref_opt.zero_grad()
-        _loss(reference, x, y).backward()
-        ref_opt.step()
-    body = sum(p.numel() for p in model.body.parameters())
-    return {
-        **_report(model, reference, start),
-        "elements_communicated": counter.elements,
-        "rows_and_body_times_steps": (body + len(NEW) * DIM) * steps,
-    }
+
+    return _train(rank, 3, local)
 
 
 def rows_only(rank: int) -> dict[str, Any]:
-    """Nothing but the rows trains: DDP manages R alone (k x d per step)."""
-    model, reference, start = _setup(body=False)
-    ddp = ggd.wrap(model)
-    counter = ggd.track_communication(ddp)
-    opt = torch.optim.AdamW(gg.param_groups(model, lr=0.05, weight_decay=0.1))
-    ref_opt = torch.optim.AdamW(gg.param_groups(reference, lr=0.05, weight_decay=0.1))
-    steps = 4
-    for step in range(steps):
-        x, y = _batch(step)
-        opt.zero_grad()
+    """Nothing but the rows trains: DDP manages R alone (k x d per step), clipped."""
+
+    def local(ddp: Any, x: torch.Tensor, y: torch.Tensor) -> None:
         _loss(ddp, x.chunk(2)[rank], y.chunk(2)[rank]).backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.05)  # sees R, as on a plain model
-        opt.step()
-        ref_opt.zero_grad()
-        _loss(reference, x, y).backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
-        ref_opt.step()
-    return {
-        **_report(model, reference, start),
-        "elements_communicated": counter.elements,
-        "rows_and_body_times_steps": len(NEW) * DIM * steps,
-    }
+
+    return _train(rank, 4, local, body=False, clip=0.05)
 
 
 def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:

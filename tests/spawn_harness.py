@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.spawn import spawn
 
 
 def run_ranks(
@@ -44,3 +45,23 @@ def run_ranks(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def read_results(out: Path, scenarios: Sequence[str]) -> dict[str, list[Any]]:
+    """What each rank wrote: ``{scenario: [rank 0's result, rank 1's result]}``."""
+    return {
+        name: [json.loads((out / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
+        for name in scenarios
+    }
+
+
+def spawn_scenarios(
+    run: Callable[[int, str, str, list[str]], None], out: Path, scenarios: Sequence[str]
+) -> dict[str, list[Any]]:
+    """Run ``scenarios`` on 2 spawned gloo ranks (``run(rank, init, out, scenarios)``).
+
+    ``run`` is a worker module's entry point (it calls ``run_ranks``); returns
+    ``read_results``. A rank that raises makes ``spawn`` raise here.
+    """
+    spawn(run, args=(str(out / "init"), str(out), list(scenarios)), nprocs=2, join=True)
+    return read_results(out, scenarios)

@@ -81,18 +81,25 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, t: int) -> N
         sched.step()
 
 
+def _trained_with_0_frozen(name: str, steps: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """``_model()`` with layer 0 frozen, its optimizer at PEAK and a ``name`` scheduler, after
+    ``steps`` steps."""
+    model = _model()
+    gg.freeze(model, "0")
+    opt = torch.optim.SGD(gg.param_groups(model, lr=PEAK))
+    sched = FACTORIES[name](opt)
+    for t in range(steps):
+        _step(model, opt, sched, t)
+    return model, opt, sched
+
+
 def _lrs(opt: torch.optim.Optimizer) -> list[float]:
     return [float(g["lr"]) for g in opt.param_groups]
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_a_late_group_keeps_its_ratio_to_group_0_at_every_step(name: str) -> None:
-    model = _model()
-    gg.freeze(model, "0")
-    opt = torch.optim.SGD(gg.param_groups(model, lr=PEAK))
-    sched = FACTORIES[name](opt)
-    for t in range(5):
-        _step(model, opt, sched, t)
+    model, opt, sched = _trained_with_0_frozen(name, 5)
     gg.unfreeze(model, "0")
     if name == "ReduceLROnPlateau":
         # It keeps no record of the rate it started from: a new group without
@@ -112,12 +119,7 @@ def test_a_late_group_keeps_its_ratio_to_group_0_at_every_step(name: str) -> Non
 
 
 def test_a_group_added_during_a_sequential_warm_up_sits_on_the_warm_up() -> None:
-    model = _model()
-    gg.freeze(model, "0")
-    opt = torch.optim.SGD(gg.param_groups(model, lr=PEAK))
-    sched = FACTORIES["SequentialLR"](opt)
-    for t in range(4):
-        _step(model, opt, sched, t)
+    model, opt, sched = _trained_with_0_frozen("SequentialLR", 4)
     warm = _lrs(opt)[0]
     assert warm < 0.5 * PEAK  # still warming up
     gg.unfreeze(model, "0")
@@ -126,12 +128,7 @@ def test_a_group_added_during_a_sequential_warm_up_sits_on_the_warm_up() -> None
 
 
 def test_reduce_lr_on_plateau_new_group_inherits_the_reductions() -> None:
-    model = _model()
-    gg.freeze(model, "0")
-    opt = torch.optim.SGD(gg.param_groups(model, lr=PEAK))
-    sched = FACTORIES["ReduceLROnPlateau"](opt)
-    for t in range(3):
-        _step(model, opt, sched, t)
+    model, opt, sched = _trained_with_0_frozen("ReduceLROnPlateau", 3)
     assert _lrs(opt)[0] == pytest.approx(PEAK / 4)  # the first metric is a best
     gg.unfreeze(model, "0")
     gg.sync(opt, model, sched)
@@ -142,12 +139,7 @@ def test_reduce_lr_on_plateau_new_group_inherits_the_reductions() -> None:
 
 @pytest.mark.parametrize("name", ["CosineAnnealingLR", "CosineAnnealingWarmRestarts"])
 def test_cosine_floor_scales_with_the_new_group_and_survives_a_resume(name: str) -> None:
-    model = _model()
-    gg.freeze(model, "0")
-    opt = torch.optim.SGD(gg.param_groups(model, lr=PEAK))
-    sched = FACTORIES[name](opt)
-    for t in range(3):
-        _step(model, opt, sched, t)
+    model, opt, sched = _trained_with_0_frozen(name, 3)
     gg.unfreeze(model, "0")
     gg.sync(opt, model, sched, rules={"0": {"lr": PEAK / 10}})
     assert isinstance(sched, getattr(lrs, name))  # still the user's scheduler type

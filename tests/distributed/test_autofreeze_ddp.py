@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
-from torch.multiprocessing.spawn import spawn
 
 import autofreeze_workers
+from spawn_harness import spawn_scenarios
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("autofreeze_ddp")
-    spawn(autofreeze_workers.run, args=(str(out / "init"), str(out)), nprocs=2, join=True)
-    return {
-        name: [json.loads((out / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
-        for name in autofreeze_workers.SCENARIOS
-    }
+    return spawn_scenarios(
+        autofreeze_workers.run,
+        tmp_path_factory.mktemp("autofreeze_ddp"),
+        autofreeze_workers.SCENARIOS,
+    )
 
 
 def test_wrapped_ranks_freeze_alike_and_stay_identical(results: dict[str, Any]) -> None:

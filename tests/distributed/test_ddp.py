@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +9,14 @@ import pytest
 from torch.multiprocessing.spawn import ProcessRaisedException, spawn
 
 import ddp_workers
+from spawn_harness import spawn_scenarios
 
 SCENARIOS = ["frozen_before_wrap", "gradual_unfreeze", "fsdp2", "cache"]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("ddp")
-    spawn(ddp_workers.run, args=(str(out / "init"), str(out), SCENARIOS), nprocs=2, join=True)
-    return {
-        name: [json.loads((out / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
-        for name in SCENARIOS
-    }
+    return spawn_scenarios(ddp_workers.run, tmp_path_factory.mktemp("ddp"), SCENARIOS)
 
 
 def test_frozen_before_wrap_matches_single_process(results: dict[str, Any]) -> None:

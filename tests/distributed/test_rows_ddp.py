@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
-from torch.multiprocessing.spawn import spawn
 
 import rows_ddp_workers
+from spawn_harness import spawn_scenarios
 
 SCENARIOS = ["rows_exact", "rows_no_sync", "rows_only"]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("rows_ddp")
-    spawn(rows_ddp_workers.run, args=(str(out / "init"), str(out), SCENARIOS), nprocs=2, join=True)
-    return {
-        name: [json.loads((out / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
-        for name in SCENARIOS
-    }
+    return spawn_scenarios(rows_ddp_workers.run, tmp_path_factory.mktemp("rows_ddp"), SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -33,6 +33,17 @@ class DestroyProcessGroup(pl.Callback):
             dist.destroy_process_group()
 
 
+def _ddp_trainer(tmp_path: Path, *callbacks: Any) -> Any:
+    """3 epochs under ddp_spawn on 2 CPU ranks, each leaving its group at teardown."""
+    return fw.lightning_trainer(
+        tmp_path,
+        epochs=3,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[*callbacks, DestroyProcessGroup()],
+    )
+
+
 class EpochFingerprints(pl.Callback):
     """Each rank writes the fingerprint of every part after every epoch."""
 
@@ -52,16 +63,10 @@ class EpochFingerprints(pl.Callback):
 def test_ddp_ranks_identical_after_every_epoch_across_an_unfreeze(tmp_path: Path) -> None:
     before = fw.lightning_net()
     start = {n: gg.fingerprint(before.get_submodule(n)) for n in ("backbone", "late", "head")}
-    trainer = fw.lightning_trainer(
+    trainer = _ddp_trainer(
         tmp_path,
-        epochs=3,
-        strategy="ddp_spawn",
-        devices=2,
-        callbacks=[
-            GradgateFinetuning(["backbone", "late"], unfreeze=[(1, "late")], guard="both"),
-            EpochFingerprints(str(tmp_path)),
-            DestroyProcessGroup(),
-        ],
+        GradgateFinetuning(["backbone", "late"], unfreeze=[(1, "late")], guard="both"),
+        EpochFingerprints(str(tmp_path)),
     )
     data = fw.image_data()
     trainer.fit(
@@ -152,16 +157,10 @@ def test_ddp_ranks_agree_and_ddp_is_rebuilt_across_a_schedule_freeze(
     )
     before = fw.lightning_net()
     start = {n: gg.fingerprint(before.get_submodule(n)) for n in PARTS}
-    trainer = fw.lightning_trainer(
+    trainer = _ddp_trainer(
         tmp_path,
-        epochs=3,
-        strategy="ddp_spawn",
-        devices=2,
-        callbacks=[
-            GradgateFinetuning("backbone", schedule=schedule, guard="both"),
-            Witness(str(tmp_path)),
-            DestroyProcessGroup(),
-        ],
+        GradgateFinetuning("backbone", schedule=schedule, guard="both"),
+        Witness(str(tmp_path)),
     )
     trainer.fit(fw.lightning_net(), fw.DataLoader(fw.image_data(), batch_size=4))
     ranks = [json.loads((tmp_path / f"witness{r}.json").read_text()) for r in (0, 1)]
