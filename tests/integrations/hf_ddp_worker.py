@@ -35,9 +35,11 @@ def _scenario(name: str, rank: int, out: Path) -> Any:
             prints.append({p: gg.fingerprint(model.get_submodule(p)) for p in PARTS})
 
     frozen = ["bert.embeddings", "bert.encoder.layer.0"]
+    stages = ["bert.encoder.layer.1", ["bert.encoder.layer.2", "bert.pooler", "classifier"]]
     if name == "autofreeze":
-        stages = ["bert.encoder.layer.1", ["bert.encoder.layer.2", "bert.pooler", "classifier"]]
         callback = GradgateFinetuning(frozen, schedule=fw.autofreeze(stages, every=2))
+    elif name == "progressive":  # layer 1 trains in epochs 0 and 1, frozen from epoch 2
+        callback = GradgateFinetuning(frozen, schedule=fw.progressive(stages, start=0, end=2))
     else:
         callback = GradgateFinetuning(
             [*frozen, "bert.encoder.layer.1"], unfreeze=[(1, "bert.encoder.layer.1")]

@@ -2,9 +2,9 @@
 
 DDP registers only the parameters that train when it is built; the
 ``GradgateFinetuning`` callback rebuilds the Trainer's wrapper (in place,
-through ``GradgateTrainer``) after an unfreeze and after an AutoFreeze
-freeze. Without it, the unfrozen layer is never all-reduced (the ranks drift
-apart) and the frozen one stalls DDP's reducer.
+through ``GradgateTrainer``) after an unfreeze, a ProgressiveFreeze freeze
+and an AutoFreeze freeze. Without it, the unfrozen layer is never
+all-reduced (the ranks drift apart) and the frozen one stalls DDP's reducer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.multiprocessing.spawn import spawn
 
 from integrations import hf_ddp_worker
 
-SCENARIOS = ["gradual", "autofreeze", "plain_trainer"]
+SCENARIOS = ["gradual", "progressive", "autofreeze", "plain_trainer"]
 
 
 def _free_port() -> int:
@@ -41,7 +41,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
 
 
 @pytest.mark.timeout(600)  # two spawned ranks import torch and transformers: slow under load
-@pytest.mark.parametrize("scenario", ["gradual", "autofreeze"])
+@pytest.mark.parametrize("scenario", ["gradual", "progressive", "autofreeze"])
 def test_hf_ddp_ranks_identical_after_every_epoch_across_a_schedule_change(
     results: dict[str, list[Any]], scenario: str
 ) -> None:
@@ -56,6 +56,8 @@ def test_hf_ddp_ranks_identical_after_every_epoch_across_a_schedule_change(
     layer1 = [e["bert.encoder.layer.1"] for e in epochs]
     if scenario == "gradual":  # frozen in epoch 0, unfrozen at the start of epoch 1
         assert layer1[2] != layer1[0]
+    elif scenario == "progressive":  # trains in epochs 0 and 1, frozen at the start of epoch 2
+        assert layer1[1] != layer1[0] and layer1[2] == layer1[1]
     else:  # trains, then AutoFreeze freezes it after optimizer step 4 (mid-epoch 0)
         assert ranks[0]["frozen"] == ["bert.encoder.layer.1"]
         assert layer1[0] == layer1[1] == layer1[2]
