@@ -264,6 +264,14 @@ class TokenData(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+def hf_args(output_dir: Path | str, **kwargs: Any) -> Any:
+    """``TrainingArguments`` for a quiet CPU run (no reports, no progress bar), then ``kwargs``."""
+    from transformers import TrainingArguments
+
+    quiet: dict[str, Any] = {"report_to": [], "use_cpu": True, "disable_tqdm": True}
+    return TrainingArguments(output_dir=str(output_dir), **{**quiet, **kwargs})
+
+
 def fit_hf(
     tmp: Path,
     callback: Any,
@@ -275,7 +283,7 @@ def fit_hf(
     optimizers: Callable[[nn.Module], Any] | None = None,
     trainer_cls: type[Any] | None = None,
 ) -> Run:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model = hf_model(poke)
@@ -289,8 +297,8 @@ def fit_hf(
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             run.epoch_states.append(_copy_state(kw["model"]))
 
-    args = TrainingArguments(
-        output_dir=str(tmp / "hf"),
+    args = hf_args(
+        tmp / "hf",
         num_train_epochs=epochs,
         per_device_train_batch_size=8,
         learning_rate=1e-2,
@@ -299,10 +307,7 @@ def fit_hf(
         warmup_steps=2,
         logging_strategy="no",
         save_strategy="epoch" if save_every_epoch else "no",
-        report_to=[],
-        use_cpu=True,
         seed=0,
-        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     kwargs: dict[str, Any] = {}

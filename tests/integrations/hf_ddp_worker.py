@@ -21,7 +21,7 @@ PARTS = ("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "cla
 
 
 def _scenario(name: str, rank: int, out: Path) -> Any:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     import gradgate as gg
     from gradgate.integrations.transformers import GradgateFinetuning, GradgateTrainer
@@ -44,17 +44,14 @@ def _scenario(name: str, rank: int, out: Path) -> Any:
         callback = GradgateFinetuning(
             [*frozen, "bert.encoder.layer.1"], unfreeze=[(1, "bert.encoder.layer.1")]
         )
-    args = TrainingArguments(
-        output_dir=str(out / f"{name}-{rank}"),
+    args = fw.hf_args(
+        out / f"{name}-{rank}",
         num_train_epochs=3,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
         ddp_backend="gloo",
         save_strategy="no",
         logging_strategy="no",
-        disable_tqdm=True,
         seed=rank,  # the ranks start apart: DDP's broadcast must make them one
         dataloader_num_workers=0,
     )

@@ -83,7 +83,6 @@ def test_lightning_resumes_the_same_model_object_from_its_checkpoint(tmp_path: P
 
 @pytest.mark.usefixtures("no_gc")
 def test_hf_second_train_of_the_same_model_trains_the_unfrozen_part(tmp_path: Path) -> None:
-    from transformers import TrainingArguments
 
     model = fw.hf_model()
     trainers = []
@@ -93,13 +92,10 @@ def test_hf_second_train_of_the_same_model_trains_the_unfrozen_part(tmp_path: Pa
             ["bert.encoder.layer.0", "bert.encoder.layer.1"],
             unfreeze=[(1, "bert.encoder.layer.1")],
         )
-        args = TrainingArguments(
-            output_dir=str(tmp_path / run),
+        args = fw.hf_args(
+            tmp_path / run,
             num_train_epochs=2,
             per_device_train_batch_size=8,
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
             save_strategy="no",
         )
         trainer = transformers.GradgateTrainer(

@@ -85,7 +85,6 @@ def _param_groups_decay(model: torch.nn.Module, decay: float) -> dict[str, float
 
 
 def test_hf_groups_the_callback_adds_get_param_groups_weight_decay(tmp_path: Path) -> None:
-    from transformers import TrainingArguments
 
     model = fw.hf_model()
     layer1 = model.get_submodule("bert.encoder.layer.1")
@@ -95,14 +94,11 @@ def test_hf_groups_the_callback_adds_get_param_groups_weight_decay(tmp_path: Pat
     callback = transformers.GradgateFinetuning(
         ["bert.encoder.layer.0", "bert.encoder.layer.1"], unfreeze=[(1, "bert.encoder.layer.1")]
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = fw.hf_args(
+        tmp_path,
         num_train_epochs=2,
         per_device_train_batch_size=8,
         weight_decay=0.25,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
         save_strategy="no",
     )
     trainer = transformers.GradgateTrainer(

@@ -122,11 +122,7 @@ def test_a_restored_unfreeze_is_replayed_into_the_first_optimizer() -> None:
 
 
 def hf_trainer(tmp_path: Path, callback: Any, **kwargs: Any) -> Any:
-    from transformers import TrainingArguments
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"), report_to=[], use_cpu=True, disable_tqdm=True, **kwargs
-    )
+    args = fw.hf_args(tmp_path / "hf", **kwargs)
     return transformers.GradgateTrainer(
         model=fw.hf_model(), args=args, train_dataset=fw.TokenData(), callbacks=[callback]
     )

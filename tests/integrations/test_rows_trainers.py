@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 import cases
 import gradgate as gg
+from integrations import frameworks as fw
 
 VOCAB, DIM = 40, 8
 NEW = [36, 37, 38, 39]
@@ -104,7 +105,7 @@ def test_transformers_trainer_accumulates_and_clips_rows_like_a_plain_loop(
 
     mode = "train_only"
     pytest.importorskip("transformers")
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -114,8 +115,8 @@ def test_transformers_trainer_accumulates_and_clips_rows_like_a_plain_loop(
             return SequentialSampler(data)
 
     model = _row_model(mode)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"),
+    args = fw.hf_args(
+        tmp_path / "hf",
         num_train_epochs=2,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=4,
@@ -126,10 +127,7 @@ def test_transformers_trainer_accumulates_and_clips_rows_like_a_plain_loop(
         lr_scheduler_type="constant",
         logging_strategy="no",
         save_strategy="no",
-        report_to=[],
-        use_cpu=True,
         seed=0,
-        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     InOrder(model=model, args=args, train_dataset=Tokens()).train()
