@@ -21,8 +21,8 @@ COMMANDS = {
     "--plot OUT/reverse.png",
     "guard": "gradgate bench guard --epochs 2 --repeats 5 --json OUT/guard.json "
     "--plot OUT/guard.png",
-    "cache": "gradgate bench cache --repeats 5 --samples 4096 --epochs 5 --json OUT/cache.json "
-    "--plot OUT/cache.png",
+    "cache": "gradgate bench cache --threads 1 --repeats 7 --samples 4096 --epochs 5 "
+    "--json OUT/cache.json --plot OUT/cache.png",
     "bn_cnn": "gradgate bench bn_cnn --samples 1024 --epochs 3 --repeats 3 --json OUT/bn_cnn.json "
     "--plot OUT/bn_cnn.png",
     "bn_cnn_pass": "gradgate bench bn_cnn_pass --samples 1024 --epochs 1 --repeats 5 "
@@ -33,8 +33,8 @@ COMMANDS = {
     "--json OUT/progressive.json --plot OUT/progressive.png",
     "checkpoint": "python bench/checkpoint_size.py OUT/checkpoint.json",
     "half_storage": "python bench/half_storage.py OUT/half_storage.json",
-    "scale": "gradgate bench scale --sizes 10000 100000 --repeats 5 --json OUT/scale.json "
-    "--plot OUT/scale.png",
+    "scale": "gradgate bench scale --threads 1 --sizes 10000 100000 1000000 --repeats 5 "
+    "--json OUT/scale.json --plot OUT/scale.png",
     "autofreeze": "gradgate bench autofreeze --threads 1 --json OUT/autofreeze.json "
     "--plot OUT/autofreeze.png",
     "integrations": "gradgate bench integrations --repeats 3 --json OUT/integrations.json",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -282,53 +284,51 @@ def hand_loop(model: nn.Module) -> None:
             m.eval()
 
 
-def _scale_round(model: nn.Module) -> dict[str, float]:
-    """One interleaved round: every strategy once on ``model``, each left as it found it."""
+def _scale_round(model: nn.Module) -> dict[str, dict[str, float]]:
+    """One interleaved round: every strategy once on ``model``, each left as it found it.
+
+    Each is timed twice: ``wall`` (``time.perf_counter``) and ``cpu`` (this
+    process's CPU time, ``time.process_time``): on a loaded machine the wall
+    clock also counts the time other processes held the core.
+    """
     import gradgate as gg
 
-    out: dict[str, float] = {}
-    clock = time.perf_counter
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+
+    def timed(name: str, call: Callable[[], Any]) -> Any:
+        w, c = time.perf_counter(), time.process_time()
+        result = call()
+        wall[name], cpu[name] = time.perf_counter() - w, time.process_time() - c
+        return result
 
     def freeze() -> Any:
         return gg.freeze(model, *SCALE_SELECTORS, exclude=SCALE_EXCLUDE)
 
-    start = clock()
-    hand_loop(model)
-    out["hand_loop"] = clock() - start
+    timed("hand_loop", lambda: hand_loop(model))
     model.requires_grad_(True).train()
-    start = clock()
-    handle = freeze()
-    out["freeze"] = clock() - start
-    start = clock()
-    gg.summary(model, depth=2)
-    out["summary"] = clock() - start
-    out["freeze+summary"] = out["freeze"] + out["summary"]
-    start = clock()
-    later = gg.unfreeze(model, "layers.*.attn")
-    out["unfreeze"] = clock() - start
+    handle = timed("freeze", freeze)
+    timed("summary", lambda: gg.summary(model, depth=2))
+    for clock in (wall, cpu):
+        clock["freeze+summary"] = clock["freeze"] + clock["summary"]
+    later = timed("unfreeze", lambda: gg.unfreeze(model, "layers.*.attn"))
     later.undo()
-    start = clock()
-    groups = gg.param_groups(model, lr=1e-3, weight_decay=0.01)
-    out["param_groups"] = clock() - start
-    start = clock()
-    handle.undo()
-    out["undo"] = clock() - start
+    groups = timed("param_groups", lambda: gg.param_groups(model, lr=1e-3, weight_decay=0.01))
+    timed("undo", handle.undo)
     opt = torch.optim.SGD(groups[:1], lr=1e-3)  # holds only part: sync adds the rest
-    start = clock()
-    gg.sync(opt, model)
-    out["sync"] = clock() - start
+    timed("sync", functools.partial(gg.sync, opt, model))
     handle = freeze()
-    start = clock()
     # save_trainable's inventory: what is stored and what is fingerprinted (meta has no bytes).
-    gg.checkpoint.trainable_state(model)
-    gg.integrity.frozen_tensors(model)
-    out["inventory"] = clock() - start
+    timed(
+        "inventory",
+        lambda: (gg.checkpoint.trainable_state(model), gg.integrity.frozen_tensors(model)),
+    )
     handle.undo()
     # sync keeps a registry of live optimizers (a parameter held by two is refused):
     # drop this round's before the next, or each round would check all earlier ones.
     del opt, groups
     gc.collect()
-    return out
+    return {"wall": wall, "cpu": cpu}
 
 
 def _scale(args: argparse.Namespace) -> dict[str, Any]:
@@ -338,39 +338,51 @@ def _scale(args: argparse.Namespace) -> dict[str, Any]:
         n = len(list(model.parameters()))
         for _ in range(getattr(args, "warmup", 1)):
             _scale_round(model)
-        rounds: list[dict[str, float]] = []
+        rounds: list[dict[str, dict[str, float]]] = []
         reps = progress(
             range(args.repeats), enabled=not args.no_progress, desc=f"scale {n:,} tensors"
         )
         for _ in reps:
             rounds.append(_scale_round(model))
-        strategies = {k: {"seconds": _stats([r[k] for r in rounds])} for k in rounds[0]}
-        ratios = {
-            "freeze / hand_loop": _stats([r["freeze"] / r["hand_loop"] for r in rounds]),
-            "freeze+summary / hand_loop": _stats(
-                [r["freeze+summary"] / r["hand_loop"] for r in rounds]
-            ),
+        walls, cpus = [r["wall"] for r in rounds], [r["cpu"] for r in rounds]
+        strategies = {
+            k: {
+                "seconds": _stats([r[k] for r in walls]),
+                "cpu_seconds": _stats([r[k] for r in cpus]),
+            }
+            for k in walls[0]
         }
+        ratios = {}
+        for suffix, per in (("", walls), (" (CPU)", cpus)):
+            ratios[f"freeze / hand_loop{suffix}"] = _stats(
+                [r["freeze"] / r["hand_loop"] for r in per]
+            )
+            ratios[f"freeze+summary / hand_loop{suffix}"] = _stats(
+                [r["freeze+summary"] / r["hand_loop"] for r in per]
+            )
         both = strategies["freeze+summary"]["seconds"]
         results[str(n)] = {
             "tensors": n,
             "seconds": both,
+            "cpu_seconds": strategies["freeze+summary"]["cpu_seconds"],
             "us_per_tensor": 1e6 * both["median"] / n,
             "strategies": strategies,
             "ratios": ratios,
         }
-        ratio = ratios["freeze / hand_loop"]
+        ratio, cpu_ratio = ratios["freeze / hand_loop"], ratios["freeze / hand_loop (CPU)"]
+        both_cpu = strategies["freeze+summary"]["cpu_seconds"]
         print(
-            f"{n:>9,} tensors: select+freeze+summary median {both['median']:.3f} s "
-            f"({1e6 * both['median'] / n:.2f} us/tensor); freeze / hand loop "
-            f"{ratio['median']:.2f}x (min {ratio['min']:.2f}, max {ratio['max']:.2f})"
+            f"{n:>9,} tensors: select+freeze+summary median {both['median']:.3f} s wall, "
+            f"{both_cpu['median']:.3f} s CPU; freeze / hand loop {ratio['median']:.2f}x wall "
+            f"(min {ratio['min']:.2f}, max {ratio['max']:.2f}), {cpu_ratio['median']:.2f}x CPU "
+            f"(min {cpu_ratio['min']:.2f}, max {cpu_ratio['max']:.2f})"
         )
         for name, data in strategies.items():
-            sec = data["seconds"]
+            sec, c = data["seconds"], data["cpu_seconds"]
             print(
                 f"{'':>11}{name:<16} median {sec['median']:.4f} s "
-                f"(min {sec['min']:.4f}, max {sec['max']:.4f}; "
-                f"{1e6 * sec['median'] / n:.2f} us/tensor)"
+                f"(min {sec['min']:.4f}, max {sec['max']:.4f}); CPU {c['median']:.4f} s "
+                f"({1e6 * c['median'] / n:.2f} us/tensor)"
             )
     return {"workload": "scale", "sizes": results}
 
@@ -900,7 +912,8 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
         f"### `{result['workload']}`",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}",
+        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}"
+        + _load_text(m),
         "",
     ]
     if "strategies" in result:
@@ -937,6 +950,21 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_text(machine: dict[str, Any]) -> str:
+    """The machine's 1-minute load average at the start and end of the run, if recorded.
+
+    Example:
+        >>> _load_text({"load_average": {"start": 1.5, "end": 2.25}})
+        '; load average (1 min) 1.50 at start, 2.25 at end'
+        >>> _load_text({})
+        ''
+    """
+    load = machine.get("load_average")
+    if not load:
+        return ""
+    return f"; load average (1 min) {load['start']:.2f} at start, {load['end']:.2f} at end"
+
+
 def _scale_markdown(sizes: dict[str, Any]) -> list[str]:
     """Per strategy and size: median seconds (min-max) and us per tensor; then the ratios."""
     measured = [d for d in sizes.values() if "strategies" in d]
@@ -944,7 +972,7 @@ def _scale_markdown(sizes: dict[str, Any]) -> list[str]:
         return []
     names = list(measured[0]["strategies"])
     head = " | ".join(f"{d['tensors']:,} tensors: median s (min-max), us/tensor" for d in measured)
-    lines = ["", f"| strategy | {head} |", "|---|" + "---|" * len(measured)]
+    lines = ["", f"| strategy (wall clock) | {head} |", "|---|" + "---|" * len(measured)]
     for name in names:
         cells = []
         for d in measured:
@@ -954,6 +982,17 @@ def _scale_markdown(sizes: dict[str, Any]) -> list[str]:
                 f"{1e6 * sec['median'] / d['tensors']:.2f}"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all("cpu_seconds" in d["strategies"][names[0]] for d in measured):
+        lines += ["", f"| strategy (CPU time) | {head} |", "|---|" + "---|" * len(measured)]
+        for name in names:
+            cells = []
+            for d in measured:
+                sec = d["strategies"][name]["cpu_seconds"]
+                cells.append(
+                    f"{sec['median']:.4f} ({sec['min']:.4f}-{sec['max']:.4f}), "
+                    f"{1e6 * sec['median'] / d['tensors']:.2f}"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| ratio (median of per-repetition ratios, min-max) | "
@@ -1019,6 +1058,7 @@ def run_bench(args: argparse.Namespace) -> int:
         args.epochs = 5
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     if args.workload == "scale":
         result = _scale(args)
     elif args.workload == "cache":
@@ -1026,6 +1066,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         result = run_training(args)
     result["machine"] = machine_info(args.threads)
+    result["machine"]["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
     if args.workload != "scale":
         _print_table(result)
     argv = getattr(args, "argv", None) or ["bench", args.workload]
