@@ -22,10 +22,22 @@ def test_records_the_argv_it_was_given(tmp_path: Path, monkeypatch: pytest.Monke
     out = tmp_path / "scale.json"
     argv = ["bench", "scale", "--sizes", "50", "--repeats", "1", "--json", str(out)]
     assert main(argv) == 0
-    assert json.loads(out.read_text())["argv"] == argv
+    result = json.loads(out.read_text())
+    assert result["argv"] == argv
+    load = result["machine"]["load_average"]
+    assert sorted(load) == ["end", "start"] and min(load.values()) >= 0
+    (size,) = result["sizes"].values()
+    for name, timing in size["strategies"].items():  # wall clock and CPU time, each stats
+        assert sorted(timing) == ["cpu_seconds", "seconds"], name
+        assert all(sorted(t) == ["max", "median", "min"] for t in timing.values())
+    assert sorted(size["ratios"]) == sorted(
+        f"{r} / hand_loop{c}" for r in ("freeze", "freeze+summary") for c in ("", " (CPU)")
+    )
     md = tmp_path / "scale.md"
     assert main([*argv[:-2], "--markdown", str(md)]) == 0
-    assert "Command: `gradgate bench scale --sizes 50 --repeats 1 --markdown" in md.read_text()
+    text = md.read_text()
+    assert "Command: `gradgate bench scale --sizes 50 --repeats 1 --markdown" in text
+    assert "; load average (1 min) " in text and "| strategy (CPU time) |" in text
 
 
 def test_threads_default_is_fixed_not_the_core_count() -> None:
