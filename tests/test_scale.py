@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import nn
 
@@ -23,6 +24,7 @@ def _snapshot(model: nn.Module) -> tuple[list[bool], list[bool], list[int], list
     )
 
 
+@pytest.mark.slow  # ~70 s of CPU: building and walking a million tensors twice
 def test_a_million_tensors_freeze_and_undo_round_trip_exactly() -> None:
     model = build_scale_model(1_000_000)
     tensors = sum(1 for _ in model.parameters())

@@ -312,10 +312,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     Read it in batches with ``cache.loader(...)`` (a ``DataLoader`` with
     ``collate_fn=cache.collate_fn``): each batch is one indexing operation
     per column, handed back whole. A plain ``DataLoader(cache, batch_size=...)``
-    reads the same way through ``__getitems__`` and returns exactly the same
-    batches; its ``default_collate`` re-stacks views of the batch (see
-    docs/BENCHMARKS.md, ``cache``, for what each path costs). No collate
-    function is registered anywhere in torch.
+    reads through ``__getitems__`` and returns exactly the same batches; its
+    ``default_collate`` stacks each batch from views of the stored rows, kept
+    once per process for a cache of up to 65,536 row views (about 640 bytes
+    each), so the stack is the batch's one copy (see docs/BENCHMARKS.md,
+    ``cache``, for what each path costs). No collate function is registered
+    anywhere in torch. DataLoader workers (``num_workers=``) do not make a
+    cached read faster: each batch then crosses into the main process through
+    shared memory, which costs more than the read.
 
     Args:
         front_end: the frozen module; no trainable parameter allowed, and
