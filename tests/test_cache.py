@@ -467,3 +467,19 @@ def test_plain_dataloader_rows_are_the_same_from_the_table_of_row_views_or_witho
         rows[0][0].fill_(-1.0)
         again = gg.FeatureCache(nn.Identity(), _Mixed(), store=store, path=tmp_path)
         assert not again.rebuilt and torch.equal(again[9][0], torch.full((3,), 9.0))
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_worker_gathers_the_batch_straight_into_shared_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: Literal["memory", "disk"]
+) -> None:
+    from gradgate.cache import feature_cache
+
+    cache = gg.FeatureCache(nn.Identity(), _Mixed(), store=store, path=tmp_path, progress=False)
+    here = cache.collate_fn(cache.__getitems__([4, 1, 30]))
+    assert not any(isinstance(c, torch.Tensor) and c.is_shared() for c in here)
+    monkeypatch.setattr(feature_cache, "get_worker_info", lambda: "a worker")
+    there = cache.collate_fn(cache.__getitems__([4, 1, 30]))
+    _same_batches(there, here)
+    tensors = [c for c in there if isinstance(c, torch.Tensor)]
+    assert len(tensors) == 3 and all(c.is_shared() for c in tensors)  # features, int, float

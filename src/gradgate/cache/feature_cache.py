@@ -121,7 +121,16 @@ def _plain_tensor_dataset(dataset: Any) -> bool:
 
 
 def _take(col: Column, idx: torch.Tensor, indices: Sequence[int]) -> Column:
-    return col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in indices]
+    if not isinstance(col, torch.Tensor):
+        return [col[i] for i in indices]
+    if get_worker_info() is None:
+        return col[idx]
+    # In a DataLoader worker the batch crosses into the main process through
+    # shared memory: gather straight into it (as default_collate's stack does)
+    # rather than into private memory that pickling then copies again.
+    numel = len(idx) * math.prod(col.shape[1:])
+    out = col.new(col._typed_storage()._new_shared(numel, device=col.device))
+    return torch.index_select(col, 0, idx, out=out.resize_(len(idx), *col.shape[1:]))
 
 
 # A cache of at most this many row views (features plus each tensor column,
@@ -140,14 +149,23 @@ class _Reader:
     ``unbind``) and the stack is the batch's only copy. It exists for
     features read in their storage dtype, up to ``_TABLE_VIEWS`` views (a
     disk store's are views of a copy-on-write mapping of its file); otherwise
-    rows are views of the gathered columns.
+    rows are views of the gathered columns. In a DataLoader worker ``columns``
+    gathers straight into shared memory, which is how a batch reaches the
+    main process.
     """
 
-    __slots__ = ("_table", "stored")
+    __slots__ = ("_table", "_whole", "stored")
 
     def __init__(self, stored: Stored) -> None:
         self.stored = stored
         self._table: list[Sequence[Any]] | None = None
+        self._whole: torch.Tensor | None = None
+
+    def whole(self) -> torch.Tensor:
+        """Every stored row (storage dtype), mapped once per process."""
+        if self._whole is None:
+            self._whole = self.stored.whole()
+        return self._whole
 
     def features(self, index: Any) -> torch.Tensor:
         rows = self.stored.rows(index)
@@ -156,14 +174,19 @@ class _Reader:
 
     def columns(self, indices: Sequence[int]) -> list[Column]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return [self.features(idx), *(_take(col, idx, indices) for col in self.stored.rest)]
+        shape = self.stored.shape
+        if shape.storage == shape.dtype and get_worker_info() is not None:
+            features = _take(self.whole(), idx, indices)
+        else:
+            features = self.features(idx)
+        return [features, *(_take(col, idx, indices) for col in self.stored.rest)]
 
     def table(self) -> list[Sequence[Any]] | None:
         if self._table is None:
             shape, rest = self.stored.shape, self.stored.rest
             views = shape.n * (1 + sum(isinstance(c, torch.Tensor) for c in rest))
             if shape.storage == shape.dtype and views <= _TABLE_VIEWS:
-                whole = self.stored.whole()
+                whole = self.whole()
                 self._table = [
                     c.unbind(0) if isinstance(c, torch.Tensor) else c for c in (whole, *rest)
                 ]
@@ -174,7 +197,7 @@ class _Reader:
 
     def __setstate__(self, state: Stored) -> None:
         self.stored = state
-        self._table = None
+        self._table = self._whole = None
 
 
 class _Rows(Sequence[tuple[Any, ...]]):
