@@ -133,9 +133,9 @@ def _take(col: Column, idx: torch.Tensor, indices: Sequence[int]) -> Column:
     return torch.index_select(col, 0, idx, out=out.resize_(len(idx), *col.shape[1:]))
 
 
-# A cache of at most this many row views (features plus each tensor column,
-# about 640 bytes each: ~42 MB at the cap) keeps one view per row, so a
-# batch's rows are looked up instead of made (see ``_Reader.table``).
+# A cache of at most this many row views (features plus each tensor column;
+# each view is one Python tensor object) keeps one view per row, so a batch's
+# rows are looked up instead of made (see ``_Reader.table``).
 _TABLE_VIEWS = 1 << 16
 
 
@@ -337,7 +337,7 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     per column, handed back whole. A plain ``DataLoader(cache, batch_size=...)``
     reads through ``__getitems__`` and returns exactly the same batches; its
     ``default_collate`` stacks each batch from views of the stored rows, kept
-    once per process for a cache of up to 65,536 row views (about 640 bytes
+    once per process for a cache of up to 65,536 row views (one tensor object
     each), so the stack is the batch's one copy (see docs/BENCHMARKS.md,
     ``cache``, for what each path costs). No collate function is registered
     anywhere in torch. DataLoader workers (``num_workers=``) do not make a
