@@ -186,10 +186,19 @@ def test_bench_cache_reports_every_reading_path_against_the_floor(tmp_path: Path
     assert main(argv) == 0
     result = json.loads(out.read_text())
     paths = ["loader", "dataloader", "disk_loader", "disk_dataloader"]
-    paths += ["workers2_loader", "workers2_dataloader"]
+    paths += ["workers2_floor", "workers2_loader", "workers2_dataloader"]
     assert list(result["strategies"]) == ["floor", *paths]
-    for name in paths:
-        ratio = result["ratio_ranges"][f"{name}/floor"]
+    # the cache's worker paths are also set against the 2-worker TensorDataset floor
+    against = [f"{name}/floor" for name in paths]
+    against += ["workers2_loader/workers2_floor", "workers2_dataloader/workers2_floor"]
+    assert list(result["ratio_ranges"]) == against
+    assert list(result["ratios"]) == against
+    for key in against:
+        ratio = result["ratio_ranges"][key]
         assert ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert result["ratios"][key] == ratio["median"]
+    for name in paths:
         assert len(result["strategies"][name]["seconds"]) == 3
-    assert "| loader/floor |" in md.read_text()
+    text = md.read_text()
+    assert "| loader/floor |" in text and "| workers2_floor |" in text
+    assert "| workers2_loader/workers2_floor |" in text

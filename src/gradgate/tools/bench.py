@@ -765,8 +765,13 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
     ``dataloader`` a plain ``DataLoader(cache, batch_size=64, shuffle=True)``;
     ``disk_`` the same on a disk store; ``workers2_`` the memory store with
     ``num_workers=2`` (persistent workers, one DataLoader for all epochs).
-    All interleaved in one process; ratios are per-repetition ratios to
-    ``floor``, median with min and max.
+    ``workers2_floor`` is the like-for-like floor for those: the same
+    precomputed tensors served by ``DataLoader(TensorDataset(features,
+    labels), batch_size=64, shuffle=True, num_workers=2,
+    persistent_workers=True)``, so every batch crosses from a worker the way
+    the cache's do. All interleaved in one process; ratios are
+    per-repetition ratios to ``floor``, median with min and max, and the
+    cache's worker paths also to ``workers2_floor``.
     """
     import copy
     import tempfile
@@ -818,6 +823,14 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Callable[[], None]] = {"floor": floor}
     runs |= loaders(mem, 0)
     runs |= {f"disk_{k}": v for k, v in loaders(disk, 0).items()}
+    tensors = torch.utils.data.DataLoader(
+        TensorDataset(feats, labels),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=True,
+    )
+    runs["workers2_floor"] = lambda: train(lambda: tensors)
     runs |= {f"workers2_{k}": v for k, v in loaders(mem, 2).items()}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for r in progress(range(args.warmup + args.repeats), enabled=not args.no_progress):
@@ -830,6 +843,12 @@ def run_cache_reads(args: argparse.Namespace) -> dict[str, Any]:
         f"{k}/floor": _stats([a / b for a, b in zip(v, times["floor"], strict=True)])
         for k, v in times.items()
         if k != "floor"
+    }
+    ranges |= {
+        f"{k}/workers2_floor": _stats(
+            [a / b for a, b in zip(times[k], times["workers2_floor"], strict=True)]
+        )
+        for k in ("workers2_loader", "workers2_dataloader")
     }
     return {
         "workload": "cache",
