@@ -202,3 +202,20 @@ def test_bench_cache_reports_every_reading_path_against_the_floor(tmp_path: Path
     text = md.read_text()
     assert "| loader/floor |" in text and "| workers2_floor |" in text
     assert "| workers2_loader/workers2_floor |" in text
+
+
+def test_benchmarks_page_has_the_cache_section_with_the_two_worker_floor() -> None:
+    page = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    result = json.loads((ROOT / "docs" / "bench" / "cache.json").read_text())
+    for key in ("workers2_loader/workers2_floor", "workers2_dataloader/workers2_floor"):
+        spread = result["ratio_ranges"][key]
+        row = f"| {key} | {spread['median']:.3f} | {spread['min']:.3f} | {spread['max']:.3f} |"
+        assert row in page  # the page shows the JSON's figures
+    # a result recorded before the 2-worker floor existed still renders
+    old = json.loads(json.dumps(result))
+    del old["strategies"]["workers2_floor"]
+    old["ratio_ranges"] = {
+        k: v for k, v in old["ratio_ranges"].items() if "workers2_floor" not in k
+    }
+    text = bench.to_markdown(old, "gradgate bench cache")
+    assert "workers2_floor" not in text and "| workers2_loader/floor |" in text

@@ -342,7 +342,10 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
     ``cache``, for what each path costs). No collate function is registered
     anywhere in torch. DataLoader workers (``num_workers=``) do not make a
     cached read faster: each batch then crosses into the main process through
-    shared memory, which costs more than the read.
+    shared memory, which costs more than the read. That cost is the
+    DataLoader's, paid as much by a ``TensorDataset`` of the same features
+    read with workers (``workers2_floor`` in docs/BENCHMARKS.md, ``cache``);
+    read a cache with ``num_workers=0``.
 
     Args:
         front_end: the frozen module; no trainable parameter allowed, and

@@ -1047,6 +1047,8 @@ def _plot(result: dict[str, Any], path: str) -> None:
         ]
         ax.bar(names, med, yerr=[lo, hi], capsize=4, color="#4c72b0")
         ax.set_ylabel("seconds (median, min-max)")
+        if len(names) > 5:  # long names side by side would overlap
+            plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     else:
         sizes = [d["tensors"] for d in result["sizes"].values()]
         med = [d["seconds"]["median"] for d in result["sizes"].values()]
