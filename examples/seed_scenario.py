@@ -4,7 +4,8 @@ The seed's Agent (a convolutional front-end, an MLP back-end) on scikit-learn's
 handwritten digits, upsampled to the Agent's 3x28x28 input:
 
 1. Freeze the front-end (as initialised) and train only the back-end on its
-   features; under ``gg.guard`` the front-end stays bit-identical.
+   features (Adam at 1e-2); under ``gg.guard`` the front-end stays
+   bit-identical.
 2. The seed's title direction: ``gg.train_only(agent, "front_end")`` and adapt
    only the front-end to *inverted* digits (white on black becomes black on
    white), through the frozen back-end, which stays bit-identical.
@@ -70,7 +71,8 @@ def main(epochs: int = 3, seed: int = 0) -> dict[str, float]:
     gg.freeze(agent, "front_end")  # the seed's body
     print(gg.summary(agent, depth=1))
     before = gg.fingerprint(agent.front_end)
-    train(agent, x, y, epochs, lr=1e-3)
+    # Random convolutional features are weak: at 1e-3 the back-end reached only 0.504 on seed 2
+    train(agent, x, y, epochs, lr=1e-2)
     back_acc = accuracy(agent, x_test, y_test)
     front_same = gg.fingerprint(agent.front_end) == before
     print(f"back-end direction: held-out accuracy {back_acc:.3f} (chance 0.10)")
