@@ -468,14 +468,14 @@ def plot(result: dict[str, Any], path: str) -> None:
         target = [0.99 * r["final_acc"] for r in runs.get("full", [])]
         if target:
             row[0].axhline(statistics.mean(target), color="gray", ls="--", lw=0.8)
-        row[0].set(title=f"{name}: held-out accuracy, mean and min-max over seeds "
+        row[0].set(title=f"{name}: held-out accuracy, mean and min-max over seeds\n"
                    "(dashed: 99% of full's final)",
                    xlabel="training CPU seconds (1 thread; evaluation excluded), mean",
                    ylabel="accuracy")  # fmt: skip
         lo = min((p["acc"] for rs in runs.values() for r in rs for p in r["curve"][1:]),
                  default=0.0)  # fmt: skip
         row[0].set_ylim(max(0.0, lo - 0.02), 1.0)
-        row[1].set(title=f"{name}: frozen leading stages, mean and min-max over seeds",
+        row[1].set(title=f"{name}: frozen leading stages,\nmean and min-max over seeds",
                    xlabel="fraction of the training steps", ylabel="frozen stages")  # fmt: skip
         row[0].legend(fontsize=8)
         row[1].legend(fontsize=8)
