@@ -286,6 +286,29 @@ def test_exact_check_blames_a_data_write_on_data() -> None:
         opt.step()
 
 
+def test_a_buffer_rewritten_with_the_same_values_is_not_a_violation_in_any_mode() -> None:
+    """DDP (torch 2.8) rewrites every buffer in place at each forward with the same values."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    gg.freeze(model, "0", "1")
+    opt = torch.optim.SGD(gg.trainable_parameters(model), lr=0.1)
+    mean = model.get_buffer("1.running_mean")
+    for check in ("fast", "exact"):
+        with gg.guard(model, opt, check=check) as g, torch.no_grad():
+            for _ in range(3):
+                mean.copy_(mean.clone())  # what DDP's buffer broadcast does
+                opt.step()
+        assert g.violations == [], check
+    with (
+        pytest.raises(gg.FrozenTensorChangedError, match=r"'1\.running_mean'.*written in place"),
+        gg.guard(model, opt),
+        torch.no_grad(),
+    ):
+        mean.copy_(mean.clone())
+        opt.step()  # the same values: accepted
+        mean.add_(1.0)  # other values: reported
+        opt.step()
+
+
 def test_exact_check_ignores_a_version_bump_that_keeps_the_values() -> None:
     model = _frozen_head()
     weight = model.get_parameter("0.weight")

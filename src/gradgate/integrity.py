@@ -216,7 +216,9 @@ class Guard:
                 leaf=e.leaf,
                 position=e.position,
                 version=e.tensor._version,
-                digest=named_digest(e.name, e.tensor) if exact else None,
+                # Buffers get a baseline in every mode: DDP rewrites them in place with the
+                # same values at each forward on some torch versions (2.8 bumps the version).
+                digest=named_digest(e.name, e.tensor) if exact or e.kind == "buffer" else None,
             )
         self._relink(state)
 
@@ -374,7 +376,12 @@ class Guard:
                                 w, "bumped" if bumped else "unversioned", where, stepped
                             )
                     elif versions and bumped:
-                        self._violation(w, "bumped", where, stepped)
+                        if w.kind == "buffer" and tensor_digest(w.tensor) == w.digest:
+                            # rewritten with the very same values (DDP's buffer broadcast)
+                            w.version = w.tensor._version
+                            self._fast = None
+                        else:
+                            self._violation(w, "bumped", where, stepped)
             finally:
                 if replaced:  # watch what the names hold now; report a replacement once
                     self._rebase(now_state)
