@@ -991,22 +991,15 @@ def _scale_markdown(sizes: dict[str, Any]) -> list[str]:
         return []
     names = list(measured[0]["strategies"])
     head = " | ".join(f"{d['tensors']:,} tensors: median s (min-max), us/tensor" for d in measured)
-    lines = ["", f"| strategy (wall clock) | {head} |", "|---|" + "---|" * len(measured)]
-    for name in names:
-        cells = []
-        for d in measured:
-            sec = d["strategies"][name]["seconds"]
-            cells.append(
-                f"{sec['median']:.4f} ({sec['min']:.4f}-{sec['max']:.4f}), "
-                f"{1e6 * sec['median'] / d['tensors']:.2f}"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if all("cpu_seconds" in d["strategies"][names[0]] for d in measured):
-        lines += ["", f"| strategy (CPU time) | {head} |", "|---|" + "---|" * len(measured)]
+    lines: list[str] = []
+    for key, clock in (("seconds", "wall clock"), ("cpu_seconds", "CPU time")):
+        if not all(key in d["strategies"][names[0]] for d in measured):
+            continue
+        lines += ["", f"| strategy ({clock}) | {head} |", "|---|" + "---|" * len(measured)]
         for name in names:
             cells = []
             for d in measured:
-                sec = d["strategies"][name]["cpu_seconds"]
+                sec = d["strategies"][name][key]
                 cells.append(
                     f"{sec['median']:.4f} ({sec['min']:.4f}-{sec['max']:.4f}), "
                     f"{1e6 * sec['median'] / d['tensors']:.2f}"
