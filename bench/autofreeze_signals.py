@@ -1,0 +1,167 @@
+"""Which per-stage signal could tell a settled front from a learning one? Measured per window.
+
+Trains one ``gradgate bench autofreeze`` workload with everything trainable
+(the ``full`` strategy) and records, for every stage and every window of
+``every`` steps, five candidate signals for an adaptive freezing rule:
+
+- ``gnorm``: the mean gradient norm (what AutoFreeze's rules read today);
+- ``coh``: gradient coherence ``||sum g|| / sum ||g||`` over the window; for
+  gradients that are pure noise (zero mean) it is about ``1/sqrt(every)``
+  (0.25 for 16 steps), for a steady gradient it is 1;
+- ``adam``: AdamW's own signal-to-noise ``||exp_avg||^2 / sum(exp_avg_sq)``;
+- ``cons``: update consistency ``||net move|| / sum ||step||`` of the weights;
+- ``move``: relative movement ``||net move|| / ||weights||`` over the window.
+
+Then it replays the rank rule (freeze the leading stages below ``ratio`` times
+the median of the trainable stages in 2 consecutive windows, keep the last
+one) on each low-is-settled signal. Findings are in bench/notes/autofreeze.md.
+
+Run: python bench/autofreeze_signals.py image OUT.json   (or text; --seed N; --replay)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import gradgate as gg
+from gradgate.tools import bench_autofreeze as auto
+
+SIGNALS = ("gnorm", "coh", "adam", "cons", "move")
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    return float(torch.stack(torch._foreach_norm(list(tensors))).norm())
+
+
+def record(task: str, seed: int) -> dict[str, Any]:
+    """Train ``task`` fully once; per window, per stage, every signal in ``SIGNALS``."""
+    torch.set_num_threads(1)
+    w = (auto.text_workload if task == "text" else auto.image_workload)(False)
+    torch.manual_seed(seed)
+    model = w.make_model()
+    model.train()
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=w.lr, weight_decay=0.01))
+    stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+    params = [[p for p in model.get_submodule(n).parameters() if p.requires_grad] for n in stages]
+    every, n = w.every, len(stages)
+    grad_sum = [[torch.zeros_like(p) for p in ps] for ps in params]
+    norm_sum, path = [0.0] * n, [0.0] * n
+    start_of_window = [[p.detach().clone() for p in ps] for ps in params]
+    before_step = [[p.detach().clone() for p in ps] for ps in params]
+    rows: list[dict[str, Any]] = []
+    accs: list[tuple[int, float]] = []
+    per_epoch = -(-len(w.train) // w.batch)
+    step, clock = 0, time.process_time()
+    for epoch in range(w.epochs):
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for idx in torch.randperm(len(w.train), generator=g).split(w.batch):
+            x, y = w.train[idx]
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            for i, ps in enumerate(params):
+                grads = [p.grad for p in ps if p.grad is not None]
+                norm_sum[i] += _norm(grads)
+                torch._foreach_add_(grad_sum[i], grads)
+            opt.step()
+            step += 1
+            for i, ps in enumerate(params):
+                now = [p.detach() for p in ps]
+                path[i] += _norm(torch._foreach_sub(now, before_step[i]))
+                torch._foreach_copy_(before_step[i], now)
+            if step % every == 0:
+                row = _window(step, every, params, opt, grad_sum, norm_sum, path, start_of_window)
+                rows.append(row)
+                norm_sum, path = [0.0] * n, [0.0] * n
+            if step % (per_epoch // w.evals_per_epoch) == 0:
+                accs.append((step, auto.accuracy(model, w.held_out)))
+    return {"task": task, "seed": seed, "stages": stages, "every": every, "rows": rows,
+            "accs": accs, "cpu_seconds": time.process_time() - clock}  # fmt: skip
+
+
+def _window(
+    step: int,
+    every: int,
+    params: list[list[torch.nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    grad_sum: list[list[torch.Tensor]],
+    norm_sum: list[float],
+    path: list[float],
+    start_of_window: list[list[torch.Tensor]],
+) -> dict[str, Any]:
+    """The signals of the window that ends at ``step``; resets the window's tensors."""
+    row: dict[str, Any] = {"step": step, **{k: [] for k in SIGNALS}}
+    for i, ps in enumerate(params):
+        now = [p.detach() for p in ps]
+        net = _norm(torch._foreach_sub(now, start_of_window[i]))
+        m = [opt.state[p]["exp_avg"] for p in ps]
+        v = float(sum(float(opt.state[p]["exp_avg_sq"].sum()) for p in ps))
+        row["gnorm"].append(norm_sum[i] / every)
+        row["coh"].append(_norm(grad_sum[i]) / norm_sum[i])
+        row["adam"].append(_norm(m) ** 2 / v)
+        row["cons"].append(net / path[i] if path[i] else 0.0)
+        row["move"].append(net / _norm(now))
+        torch._foreach_zero_(grad_sum[i])
+        torch._foreach_copy_(start_of_window[i], now)
+    return row
+
+
+def replay(values: list[list[float]], ratio: float, patience: int = 2, keep: int = 1) -> list[Any]:
+    """Rank rule on a low-is-settled signal: the ``(window, frozen stages)`` moves."""
+    n, boundary, streak, moves = len(values[0]), 0, [0] * len(values[0]), []
+    for t, v in enumerate(values, start=1):
+        bar = ratio * statistics.median(v[boundary:])
+        for i in range(boundary, n):
+            streak[i] = streak[i] + 1 if v[i] < bar else 0
+        k = boundary
+        while k < n - keep and streak[k] >= patience:
+            k += 1
+        if k > boundary:
+            moves.append((t, k))
+            boundary = k
+    return moves
+
+
+def replays(trace: dict[str, Any]) -> dict[str, Any]:
+    """Per signal (not ``gnorm``, whose rules autofreeze_trace.py replays) and ratio, the moves."""
+    out: dict[str, Any] = {}
+    for key in ("coh", "adam", "move"):
+        values = [r[key] for r in trace["rows"]]
+        for ratio in (0.5, 0.7):
+            out[f"{key}, ratio {ratio}"] = replay(values, ratio)
+    return out
+
+
+def main() -> None:
+    """Record one trace (or read a recorded one with ``--replay``), print the replays."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=["image", "text"])
+    parser.add_argument("out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay", action="store_true", help="read OUT instead of training")
+    args = parser.parse_args()
+    if args.replay:
+        with open(args.out) as f:
+            trace = json.load(f)
+    else:
+        trace = record(args.task, args.seed)
+    trace["replays"] = replays(trace)
+    with open(args.out, "w") as f:
+        json.dump(trace, f)
+    for name, moves in trace["replays"].items():
+        print(f"{name}: {moves}")
+    print("result: windows of", trace["every"], "steps; medians per stage of coh:",
+          [round(statistics.median(r["coh"][i] for r in trace["rows"][2:]), 3)
+           for i in range(len(trace["stages"]))])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
