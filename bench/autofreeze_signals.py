@@ -10,7 +10,11 @@ Trains one ``gradgate bench autofreeze`` workload with everything trainable
   (0.25 for 16 steps), for a steady gradient it is 1;
 - ``adam``: AdamW's own signal-to-noise ``||exp_avg||^2 / sum(exp_avg_sq)``;
 - ``cons``: update consistency ``||net move|| / sum ||step||`` of the weights;
-- ``move``: relative movement ``||net move|| / ||weights||`` over the window.
+- ``move``: relative movement ``||net move|| / ||weights||`` over the window;
+- ``lca``: loss change allocation, ``sum g_{t+1} . (w_t - w_{t-1})`` over the
+  window: the first-order change of the loss on the *next* batch caused by the
+  stage's own update (negative: the stage's steps reduce the loss; for
+  zero-mean gradients its expectation is 0). Per step too, in ``lca_steps``.
 
 Then it replays the rank rule (freeze the leading stages below ``ratio`` times
 the median of the trainable stages in 2 consecutive windows, keep the last
@@ -34,11 +38,20 @@ import torch.nn.functional as F
 import gradgate as gg
 from gradgate.tools import bench_autofreeze as auto
 
-SIGNALS = ("gnorm", "coh", "adam", "cons", "move")
+SIGNALS = ("gnorm", "coh", "adam", "cons", "move", "lca")
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
     return float(torch.stack(torch._foreach_norm(list(tensors))).norm())
+
+
+def _dot(params: Sequence[torch.nn.Parameter], delta: Sequence[torch.Tensor]) -> float:
+    """``sum g . d`` over the parameters that have a gradient."""
+    return sum(
+        float(torch.dot(p.grad.reshape(-1), d.reshape(-1)))
+        for p, d in zip(params, delta, strict=True)
+        if p.grad is not None
+    )
 
 
 def record(task: str, seed: int) -> dict[str, Any]:
@@ -56,6 +69,8 @@ def record(task: str, seed: int) -> dict[str, Any]:
     norm_sum, path = [0.0] * n, [0.0] * n
     start_of_window = [[p.detach().clone() for p in ps] for ps in params]
     before_step = [[p.detach().clone() for p in ps] for ps in params]
+    delta = [[torch.zeros_like(p) for p in ps] for ps in params]
+    lca_sum, lca_steps = [0.0] * n, []
     rows: list[dict[str, Any]] = []
     accs: list[tuple[int, float]] = []
     per_epoch = -(-len(w.train) // w.batch)
@@ -71,20 +86,26 @@ def record(task: str, seed: int) -> dict[str, Any]:
                 grads = [p.grad for p in ps if p.grad is not None]
                 norm_sum[i] += _norm(grads)
                 torch._foreach_add_(grad_sum[i], grads)
+            lca = [_dot(ps, delta[i]) for i, ps in enumerate(params)]
+            lca_steps.append(lca)
+            lca_sum = [a + b for a, b in zip(lca_sum, lca)]
             opt.step()
             step += 1
             for i, ps in enumerate(params):
                 now = [p.detach() for p in ps]
-                path[i] += _norm(torch._foreach_sub(now, before_step[i]))
+                delta[i] = torch._foreach_sub(now, before_step[i])
+                path[i] += _norm(delta[i])
                 torch._foreach_copy_(before_step[i], now)
             if step % every == 0:
                 row = _window(step, every, params, opt, grad_sum, norm_sum, path, start_of_window)
+                row["lca"] = lca_sum
                 rows.append(row)
-                norm_sum, path = [0.0] * n, [0.0] * n
+                norm_sum, path, lca_sum = [0.0] * n, [0.0] * n, [0.0] * n
             if step % (per_epoch // w.evals_per_epoch) == 0:
                 accs.append((step, auto.accuracy(model, w.held_out)))
     return {"task": task, "seed": seed, "stages": stages, "every": every, "rows": rows,
-            "accs": accs, "cpu_seconds": time.process_time() - clock}  # fmt: skip
+            "accs": accs, "lca_steps": lca_steps,
+            "cpu_seconds": time.process_time() - clock}  # fmt: skip
 
 
 def _window(
@@ -109,6 +130,7 @@ def _window(
         row["adam"].append(_norm(m) ** 2 / v)
         row["cons"].append(net / path[i] if path[i] else 0.0)
         row["move"].append(net / _norm(now))
+        row["lca"].append(0.0)
         torch._foreach_zero_(grad_sum[i])
         torch._foreach_copy_(start_of_window[i], now)
     return row

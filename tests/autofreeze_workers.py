@@ -16,7 +16,7 @@ from torch import nn
 import gradgate as gg
 from spawn_harness import run_ranks
 
-SCENARIOS = ["wrapped", "local", "rank_rule"]
+SCENARIOS = ["wrapped", "local", "rank_rule", "contribution"]
 
 
 def _model() -> nn.Sequential:
@@ -118,6 +118,27 @@ def rank_rule(rank: int) -> dict[str, Any]:
     """The default rank rule under gloo: ranks with different gradients decide alike."""
     af = feed_rank_rule(rank_norms(rank))
     return {"history": [d.to_dict() for d in af.history], "frozen": af.frozen, "rule": af.rule}
+
+
+def contribution(rank: int) -> dict[str, Any]:
+    """The contribution rule under DDP: each rank its half of every batch, 4 pooled windows."""
+    model = _model()
+    opt = torch.optim.AdamW(gg.param_groups(model, lr=2e-2, weight_decay=0.1))
+    af = gg.AutoFreeze(gg.distributed.wrap(model), optimizer=opt, every=2, rule="contribution")
+    for step in range(40):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(32, 8, generator=g)
+        y = (x[:, :4] * 2).tanh()
+        loss = F.mse_loss(af.wrapped(x.chunk(2)[rank]), y.chunk(2)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        af.step()
+    return {
+        "history": [d.to_dict() for d in af.history],
+        "frozen": af.frozen,
+        "fingerprint": gg.fingerprint(model),
+    }
 
 
 def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:

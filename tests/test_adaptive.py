@@ -414,7 +414,9 @@ def _nan_then_zero_windows(every: int, **kwargs: Any) -> tuple[gg.AutoFreeze, nn
     return af, model
 
 
-@pytest.mark.parametrize("kwargs", [{"threshold": 0.05}, {"threshold": 1e9}, {}])
+@pytest.mark.parametrize(
+    "kwargs", [{"threshold": 0.05}, {"threshold": 1e9}, {}, {"rule": "contribution"}]
+)
 def test_nan_and_zero_windows_never_freeze(kwargs: dict[str, Any]) -> None:
     every = 3
     af, model = _nan_then_zero_windows(every, **kwargs)
@@ -456,7 +458,7 @@ def test_rule_arguments_keep_the_old_keywords_working() -> None:
 
 
 BAD_RULES: list[tuple[dict[str, Any], str]] = [
-    ({"rule": "median"}, r"rule must be one of \['rank', 'threshold'\]; got 'median'"),
+    ({"rule": "median"}, r"rule must be one of \['contribution', 'rank', 'threshold'\]; got 'me"),
     ({"rule": "rank", "threshold": 0.1}, r"threshold=0.1 applies to rule='threshold' only"),
     ({"patience": 0}, r"patience must be a whole number >= 1; got 0"),
     ({"ratio": 0.0}, r"ratio must be a number in \(0, 1\].*got 0.0"),
@@ -698,3 +700,132 @@ def test_before_scaler_step_the_norms_carry_the_loss_scale() -> None:
     first_plain, first_scaled = plain.history[0].grad_norm, scaled.history[0].grad_norm
     assert first_plain[0] is not None and first_scaled[0] is not None
     assert first_scaled[0] > 2.0**8 * first_plain[0] * 0.99
+
+
+# -- the contribution rule (issue 26.1) ----------------------------------------
+
+
+def _contribution_run(
+    steps: int,
+    signal: Any,
+    seed: int = 0,
+    every: int = 8,
+    state: dict[str, Any] | None = None,
+    start: int = 0,
+) -> tuple[gg.AutoFreeze, nn.Sequential, torch.optim.Optimizer]:
+    """SGD fed gradients ``signal(stage, step) * G_stage + noise`` (noise of norm ~2.5x G).
+
+    The contribution ``-g_t . (w_{t-1} - w_{t-2}) = lr g_t . g_{t-1}`` has mean
+    ``lr signal^2 |G|^2``: zero where a stage's signal has gone, as for pure noise.
+    """
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    af = gg.AutoFreeze(model, optimizer=opt, every=every, rule="contribution")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        af.load_state_dict(state["af"])
+        opt.load_state_dict(state["opt"])
+    g = torch.Generator().manual_seed(seed)
+    shapes = {s: [p.shape for p in model.get_submodule(s).parameters()] for s in STAGES}
+    direction = {s: [torch.randn(sh, generator=g) * 0.4 for sh in shapes[s]] for s in STAGES}
+    for step in range(steps):
+        noise = {s: [torch.randn(sh, generator=g) for sh in shapes[s]] for s in STAGES}
+        if step < start:
+            continue  # the same random stream as an uninterrupted run
+        for i, s in enumerate(STAGES):
+            for p, d, z in zip(model.get_submodule(s).parameters(), direction[s], noise[s]):
+                p.grad = d * signal(i, step) + z if p.requires_grad else None
+        opt.step()
+        af.step()
+    return af, model, opt
+
+
+def test_contribution_rule_freezes_a_front_that_stops_learning_while_the_rest_learns() -> None:
+    for seed in range(3):
+        af, model, _ = _contribution_run(200, lambda i, s: 0.0 if i == 0 and s >= 60 else 1.0, seed)
+        assert (af.rule, af.patience) == ("contribution", 1)
+        assert af.frozen == ["0"], (seed, [d.contribution for d in af.history])
+        (freeze,) = [d for d in af.history if d.froze]
+        assert 60 + 2 * 8 <= freeze.step <= 60 + 5 * 8  # once the 4 pooled windows show it
+        t = freeze.contribution
+        assert t[0] is not None and t[0] < 2.0 and max(v for v in t if v is not None) >= 5.0
+        _frozen_prefix_holds(model, af)
+        # its weight copies are dropped; the trainable stages' are kept
+        assert af._last[0] is None and af._update[0] is None and af._last[1] is not None
+
+
+@pytest.mark.parametrize(
+    "signal",
+    [
+        lambda i, s: 0.0,  # pure noise: no stage learns
+        lambda i, s: 1.0,  # every stage keeps learning
+        lambda i, s: 1.0 + s / 100,  # every stage's gradients growing
+    ],
+    ids=["pure-noise", "all-learning", "all-growing"],
+)
+def test_contribution_rule_does_not_freeze_a_stage_that_learns_or_on_noise(signal: Any) -> None:
+    for seed in range(4):
+        af, model, _ = _contribution_run(320, signal, seed)
+        assert af.frozen == [], (seed, [d.contribution for d in af.history if d.contribution])
+        assert all(_flags(model).values())
+        assert af.history[-1].contribution[0] is not None  # it did measure
+
+
+def test_contribution_rule_is_the_one_that_tells_noise_apart() -> None:
+    # pure noise on the real AdamW update: the rank rule's signal-free sibling, the threshold
+    # rule, freezes on it; the contribution rule does not (its guard needs t >= 5 somewhere)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    af = gg.AutoFreeze(model, optimizer=opt, every=8, rule="contribution")
+    g = torch.Generator().manual_seed(3)
+    for _ in range(400):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        af.step()
+    assert af.frozen == []
+    ts = [v for d in af.history for v in d.contribution if v is not None]
+    assert ts and max(ts) < 5.0
+
+
+def test_contribution_rule_resume_is_bit_identical_across_a_freeze(tmp_path: Path) -> None:
+    def signal(i: int, s: int) -> float:
+        return 0.0 if (i == 0 and s >= 40) or (i == 1 and s >= 120) else 1.0
+
+    total = 220
+    ref_af, ref_model, _ = _contribution_run(total, signal, 1)
+    froze_at = [(d.step, d.froze) for d in ref_af.history if d.froze]
+    assert [f for _, f in froze_at] == [["0"], ["2"]], froze_at
+    stop = froze_at[0][0] + 5  # inside a window, between the two freezes
+    af, model, opt = _contribution_run(stop, signal, 1)
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "af": af.state_dict()}
+    assert state["af"]["last"][0] is None and isinstance(state["af"]["update"][1][0], torch.Tensor)
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+    resumed_af, resumed_model, _ = _contribution_run(total, signal, 1, state=loaded, start=stop)
+    assert resumed_af.history == ref_af.history and resumed_af.frozen == ref_af.frozen
+    for (name, a), b in zip(ref_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # without the weight copies the next contribution is unknown: the record would differ
+    lost = dict(loaded["af"], last=None, update=None)
+    partial, _, _ = _contribution_run(total, signal, 1, state=dict(loaded, af=lost), start=stop)
+    assert partial.history != ref_af.history
+
+
+def test_contribution_state_with_wrong_copies_is_refused_and_changes_nothing() -> None:
+    af, _, _ = _contribution_run(30, lambda i, s: 1.0)
+    state = af.state_dict()
+    bad = dict(state, update=[[torch.zeros(3)], *state["update"][1:]])
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fresh = gg.AutoFreeze(model, optimizer=opt, every=8, rule="contribution")
+    with pytest.raises(gg.InvalidArgumentError, match=r"update for stage '0' must be 2 tensors"):
+        fresh.load_state_dict(bad)
+    assert fresh.steps == 0 and fresh._update == [None] * 4 and fresh.history == []
+    with pytest.raises(gg.InvalidArgumentError, match=r"recent must hold finite numbers"):
+        fresh.load_state_dict(dict(state, recent=[[[float("nan")] * 4] * 3]))
+    fresh.load_state_dict(state)
+    kept, original = fresh._update[2], af._update[2]
+    assert fresh.steps == 30 and kept is not None and original is not None
+    assert torch.equal(kept[0], original[0]) and kept[0] is not original[0]

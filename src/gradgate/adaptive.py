@@ -55,6 +55,10 @@ class Decision:
         decay: per stage, ``grad_norm`` over the stage's baseline (the mean of
             the first two usable windows); ``None`` before the baseline is
             complete and for frozen stages. The rank rule's signal.
+        contribution: per stage, the t-statistic of the loss reduction its own
+            steps caused over the last ``CONTRIBUTION_WINDOWS`` windows (see
+            ``rule="contribution"``); ``None`` before there are that many
+            windows, for frozen stages and under the other rules.
 
     Example:
         >>> Decision(50, [1.0], [None], [], []).to_dict()["step"]
@@ -68,6 +72,7 @@ class Decision:
     frozen: list[str] = field(default_factory=list)
     skipped: str | None = None
     decay: list[float | None] = field(default_factory=list)
+    contribution: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the record."""
@@ -132,12 +137,44 @@ def _floats(name: str, value: object, n: int) -> list[float]:
     return [float(v) for v in out]
 
 
+def _dot(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``grad . update`` as one number, without a copy of either (a sparse gradient is
+    densified; half precision is summed in float32)."""
+    dense = grad.to_dense() if grad.is_sparse else grad
+    a, b = dense.reshape(-1), update.reshape(-1)
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.vdot(a, b)
+
+
+def _numbers(name: str, value: object, n: int) -> list[float]:
+    out = _seq(name, value, n)
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in out
+    ):
+        raise InvalidArgumentError(f"the state's {name} must hold finite numbers; got {value!r}")
+    return [float(v) for v in out]
+
+
+def _seq_any(name: str, value: object, most: int) -> list[Any]:
+    if not isinstance(value, (list, tuple)) or len(value) > most:
+        raise InvalidArgumentError(
+            f"the state's {name} must be a list of at most {most} windows; got {value!r}"
+        )
+    return list(value)
+
+
 def _shorten(names: Sequence[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-RULES = ("rank", "threshold")
+RULES = ("contribution", "rank", "threshold")
 BASE_WINDOWS = 2  # usable windows averaged into each stage's baseline gradient norm
+# The contribution rule (measurements in bench/notes/autofreeze.md):
+CONTRIBUTION_WINDOWS = 4  # windows pooled into each stage's t-statistic
+SETTLED_T = 2.0  # a stage whose steps reduce the loss with t below this is not helping ...
+EVIDENCE_T = 5.0  # ... provided some trainable stage's steps reduce it with t at least this
+T_CAP = 1e9  # the t-statistic of a constant, non-zero contribution (zero variance)
 
 
 def _check_threshold(value: object) -> float:
@@ -158,13 +195,13 @@ def _resolve_rule(rule: object, threshold: object) -> tuple[str, float | None]:
         rule = "rank" if threshold is None else "threshold"
     if rule not in RULES:
         raise InvalidArgumentError(f"rule must be one of {list(RULES)}; got {rule!r}")
-    if rule == "rank":
+    if rule != "threshold":
         if threshold is not None:
             raise InvalidArgumentError(
-                f"threshold={threshold!r} applies to rule='threshold' only; the rank rule "
+                f"threshold={threshold!r} applies to rule='threshold' only; the {rule} rule "
                 "compares the stages with each other: drop threshold, or pass rule='threshold'"
             )
-        return "rank", None
+        return str(rule), None
     return "threshold", _check_threshold(0.05 if threshold is None else threshold)
 
 
@@ -191,6 +228,19 @@ class AutoFreeze:
       ``threshold=``): a stage is settled when its window-to-window change
       is below ``threshold``; ``patience`` is 1 unless given. ``threshold=0``
       never freezes.
+    - ``rule="contribution"``: each step, each stage's *contribution* is the
+      loss reduction its own previous update caused on this step's batch, to
+      first order: ``-g_t . (w_{t-1} - w_{t-2})`` (loss change allocation,
+      Lan et al. 2019), measured on a batch the update never saw, so for
+      gradients that are pure noise its mean is 0. Over the last
+      ``CONTRIBUTION_WINDOWS`` (4) windows AutoFreeze takes each stage's
+      t-statistic (mean over standard error). A stage is settled when its
+      t is below ``SETTLED_T`` (2: its steps do not measurably reduce the
+      loss) *and* some trainable stage's t is at least ``EVIDENCE_T`` (5:
+      the model is measurably learning elsewhere), so pure noise never
+      freezes. ``patience`` is 1 unless given (each decision already pools
+      4 windows). It keeps two copies of the trainable stages' weights (the
+      last weights and the last update), freed as stages freeze.
 
     Either way it freezes a prefix only (never a stage behind a trainable
     one), never leaves fewer than ``min_trainable`` stages training and never
@@ -222,10 +272,10 @@ class AutoFreeze:
         threshold: the change under which a stage counts as settled; passing
             it selects ``rule="threshold"``.
         min_trainable: stages that always keep training (the last ones).
-        rule: ``"rank"`` or ``"threshold"``; by default ``"rank"`` unless
-            ``threshold`` is given.
+        rule: ``"rank"``, ``"contribution"`` or ``"threshold"``; by default
+            ``"rank"`` unless ``threshold`` is given.
         patience: consecutive settled windows before a stage freezes (default:
-            2 under the rank rule, 1 under the threshold rule).
+            2 under the rank rule, 1 under the others).
         ratio: the rank rule's margin: settled means a decay below ``ratio``
             times the median decay.
 
@@ -293,6 +343,13 @@ class AutoFreeze:
         self._settled = [0] * len(self.stages)
         self._base = [0.0] * len(self.stages)
         self._base_windows = 0
+        # the contribution rule: per window and stage the sum, sum of squares and count of
+        # the per-step contributions; the last CONTRIBUTION_WINDOWS usable windows; per
+        # stage the weights after the last step and the last update (None: not yet known)
+        self._c = [self._zeros(), self._zeros(), self._zeros()]
+        self._recent: list[list[list[float]]] = []
+        self._last: list[list[torch.Tensor] | None] = [None] * len(self.stages)
+        self._update: list[list[torch.Tensor] | None] = [None] * len(self.stages)
 
     def _zeros(self) -> list[torch.Tensor]:
         return [torch.zeros((), dtype=torch.float64) for _ in self.stages]
@@ -371,33 +428,96 @@ class AutoFreeze:
             )
         self._count += 1
 
-    def _window(self) -> tuple[list[float], list[float], int]:
-        """Per stage the sum of good norms and the count of good steps, over all ranks."""
-        totals = torch.stack([torch.stack([s.cpu() for s in self._sums]),
-                              torch.stack([v.cpu() for v in self._valid])])  # fmt: skip
+    def _contribute(self) -> None:
+        """Add each trainable stage's contribution ``-g_t . (w_{t-1} - w_{t-2})`` to the window.
+
+        ``g_t`` (this step's gradient) was computed at ``w_{t-1}``, before the
+        update it is dotted with could have fitted its batch. Then the weights
+        after this step and this step's update are kept for the next call.
+        """
+        for i in range(self.boundary, len(self.stages)):
+            params = self._params[i]
+            now = [p.detach() for p in params]
+            last, update = self._last[i], self._update[i]
+            if last is None:
+                self._last[i] = [t.clone() for t in now]
+                continue
+            if update is not None:
+                dots = [_dot(p.grad, u) for p, u in zip(params, update, strict=True)
+                        if p.grad is not None]  # fmt: skip
+                if dots:
+                    c = -torch.stack(dots).double().sum()
+                    good = torch.isfinite(c)
+                    c = torch.where(good, c, 0.0)
+                    for k, value in enumerate((c, c * c, good.double())):
+                        self._c[k][i] = self._c[k][i].to(c.device) + value
+            else:
+                update = [torch.empty_like(t) for t in now]
+                self._update[i] = update
+            torch._foreach_copy_(update, now)
+            torch._foreach_sub_(update, last)
+            torch._foreach_copy_(last, now)
+
+    def _window(self) -> tuple[list[float], list[float], int, list[list[float]]]:
+        """Per stage the sum of good norms and the count of good steps, over all ranks; and
+        the window's contribution sums, sums of squares and counts, averaged over the ranks."""
+        rows = [self._sums, self._valid, *self._c]
+        totals = torch.stack([torch.stack([v.cpu() for v in row]) for row in rows])
         count = self._count
         if dist.is_available() and dist.is_initialized():
             # every rank decides from the same numbers, so all freeze alike
             shared = totals.to("cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+            world = dist.get_world_size()
             totals = shared.cpu()
-            count *= dist.get_world_size()
-        sums, valid = totals.tolist()
-        return [float(v) for v in sums], [float(v) for v in valid], count
+            # DDP ranks see the same averaged gradient and weights: the same contributions
+            totals[2:] /= world
+            count *= world
+        sums, valid, *c = totals.tolist()
+        return [float(v) for v in sums], [float(v) for v in valid], count, c
 
     def step(self) -> list[str]:
         """Count one optimizer step; on every ``every``-th, decide. Return the stages frozen now."""
         self._accumulate()
+        if self.rule == "contribution":
+            self._contribute()
         self.steps += 1
         if self.steps % self.every:
             return []
         return self._decide()
 
+    def _t_values(self) -> list[float | None]:
+        """Per trainable stage the t-statistic of its contributions over the recent windows."""
+        out: list[float | None] = [None] * len(self.stages)
+        if len(self._recent) < CONTRIBUTION_WINDOWS:
+            return out
+        for i in range(self.boundary, len(self.stages)):
+            total, squares, n = (sum(w[k][i] for w in self._recent) for k in range(3))
+            if n < 2:
+                continue
+            mean = total / n
+            var = max(squares - n * mean * mean, 0.0) / (n - 1)
+            if var > 0:
+                out[i] = max(-T_CAP, min(T_CAP, mean / math.sqrt(var / n)))
+            else:
+                out[i] = 0.0 if mean == 0 else math.copysign(T_CAP, mean)
+        return out
+
     def _settled_now(
-        self, change: list[float | None], decay: list[float | None]
+        self,
+        change: list[float | None],
+        decay: list[float | None],
+        contribution: list[float | None],
     ) -> list[bool] | None:
         """Per stage whether this window counts as settled; ``None``: nothing to compare yet."""
         live = range(self.boundary, len(self.stages))
+        if self.rule == "contribution":
+            t = [contribution[i] for i in live]
+            if any(v is None for v in t):
+                return None
+            if max(v for v in t if v is not None) < EVIDENCE_T:
+                return [False] * len(self.stages)  # nothing measurably learns: no evidence
+            return [v is not None and v < SETTLED_T for v in contribution]
         if self.threshold is not None:  # the threshold rule
             if self._previous is None:
                 return None
@@ -410,7 +530,7 @@ class AutoFreeze:
         return [d is not None and d < bar for d in decay]
 
     def _decide(self) -> list[str]:
-        sums, valid, count = self._window()
+        sums, valid, count, c = self._window()
         live = range(self.boundary, len(self.stages))
         n = len(self.stages)
         short = [self.stages.names[i] for i in live if 2 * valid[i] < count]
@@ -419,6 +539,7 @@ class AutoFreeze:
         ]
         change: list[float | None] = [None] * n
         decay: list[float | None] = [None] * n
+        contribution: list[float | None] = [None] * n
         skipped: str | None = None
         froze: list[str] = []
         means: list[float] | None = None
@@ -428,6 +549,7 @@ class AutoFreeze:
                 f"than half of the window's {count} steps"
             )
             self._settled = [0] * n
+            self._recent = []  # the contribution rule pools only consecutive usable windows
             log.warning("AutoFreeze step %d: window not used: %s", self.steps, skipped)
         else:
             means = [sums[i] / valid[i] if i in live else 0.0 for i in range(n)]
@@ -437,7 +559,10 @@ class AutoFreeze:
             if self._base_windows >= BASE_WINDOWS:
                 for i in live:
                     decay[i] = means[i] * self._base_windows / self._base[i]
-            settled = self._settled_now(change, decay)
+            if self.rule == "contribution":
+                self._recent = [*self._recent, c][-CONTRIBUTION_WINDOWS:]
+                contribution = self._t_values()
+            settled = self._settled_now(change, decay, contribution)
             if settled is not None:
                 for i in live:
                     self._settled[i] = self._settled[i] + 1 if settled[i] else 0
@@ -448,8 +573,8 @@ class AutoFreeze:
                 if froze:
                     self._freeze_to(cut)
                     log.info(
-                        "AutoFreeze step %d: froze %s (decay %s, change %s)",
-                        self.steps, froze, decay, change,
+                        "AutoFreeze step %d: froze %s (decay %s, change %s, contribution %s)",
+                        self.steps, froze, decay, change, contribution,
                     )  # fmt: skip
             if self._base_windows < BASE_WINDOWS:
                 self._base = [b + m for b, m in zip(self._base, means, strict=True)]
@@ -457,15 +582,20 @@ class AutoFreeze:
         if not froze and skipped is None:
             log.debug("AutoFreeze step %d: nothing to freeze (decay %s)", self.steps, decay)
         self.history.append(
-            Decision(self.steps, grad_norm, change, froze, self.frozen, skipped, decay)
+            Decision(
+                self.steps, grad_norm, change, froze, self.frozen, skipped, decay, contribution
+            )
         )
         self._previous = means
         self._sums, self._valid, self._count = self._zeros(), self._zeros(), 0
+        self._c = [self._zeros(), self._zeros(), self._zeros()]
         return froze
 
     def _freeze_to(self, cut: int) -> None:
         index = ModelIndex(self.model)  # the one walk of this step: freeze, sync, rewrap
         apply_indexed(index, "freeze", list(self.stages[self.boundary : cut]))
+        for i in range(self.boundary, cut):  # the contribution rule's copies are not needed
+            self._last[i] = self._update[i] = None
         self.boundary = cut
         index = current(index)
         sync_indexed(self.optimizer, index, self.scheduler)
@@ -496,7 +626,12 @@ class AutoFreeze:
         return split_sequential(seq, self.stages, self.boundary)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: settings, step count, frozen prefix, window, history."""
+        """Everything needed to resume: settings, step count, frozen prefix, window, history.
+
+        Under ``rule="contribution"`` it holds tensors (``last``, ``update``:
+        the weights after the last step and the last update of each trainable
+        stage), so save it with ``torch.save``, not JSON.
+        """
         return {
             "stages": list(self.stages.names),
             "every": self.every,
@@ -514,6 +649,10 @@ class AutoFreeze:
             "settled": list(self._settled),
             "base": list(self._base),
             "base_windows": self._base_windows,
+            "contribution": [[float(v) for v in row] for row in self._c],
+            "recent": [[list(row) for row in w] for w in self._recent],
+            "last": [None if ts is None else [t.detach() for t in ts] for ts in self._last],
+            "update": [None if ts is None else [t.detach() for t in ts] for ts in self._update],
             "history": [d.to_dict() for d in self.history],
         }
 
@@ -575,6 +714,14 @@ class AutoFreeze:
             raise InvalidArgumentError(
                 f"the state's base must be > 0 for every trainable stage; got {base}"
             )
+        partial = state.get("contribution", [[0.0] * n] * 3)
+        contrib = [_numbers("contribution", row, n) for row in _seq("contribution", partial, 3)]
+        recent = [
+            [_numbers("recent", row, n) for row in _seq("recent", w, 3)]
+            for w in _seq_any("recent", state.get("recent", []), CONTRIBUTION_WINDOWS)
+        ]
+        last = self._copies("last", state.get("last"), boundary)
+        update = self._copies("update", state.get("update"), boundary)
         try:
             history = [Decision(**d) for d in state.get("history", [])]
         except TypeError as e:
@@ -591,4 +738,34 @@ class AutoFreeze:
         self._previous = previous
         self._settled = settled
         self._base, self._base_windows = base, base_windows
+        self._c = [[torch.tensor(v, dtype=torch.float64) for v in row] for row in contrib]
+        self._recent, self._last, self._update = recent, last, update
         self.history = history
+
+    def _copies(self, key: str, value: object, boundary: int) -> list[list[torch.Tensor] | None]:
+        """The state's per-stage weight copies, checked against the stages' parameters."""
+        n = len(self.stages)
+        if value is None:
+            return [None] * n
+        out: list[list[torch.Tensor] | None] = []
+        for i, ts in enumerate(_seq(key, value, n)):
+            params = self._params[i]
+            if ts is None or i < boundary:
+                out.append(None)
+                continue
+            if (
+                not isinstance(ts, (list, tuple))
+                or len(ts) != len(params)
+                or not all(
+                    isinstance(t, torch.Tensor) and t.shape == p.shape
+                    for t, p in zip(ts, params, strict=False)
+                )
+            ):
+                raise InvalidArgumentError(
+                    f"the state's {key} for stage {self.stages.names[i]!r} must be "
+                    f"{len(params)} tensors shaped like its parameters "
+                    f"{[tuple(p.shape) for p in params]}"
+                )
+            out.append([t.detach().to(p.device, p.dtype, copy=True)
+                        for t, p in zip(ts, params, strict=True)])  # fmt: skip
+        return out

@@ -52,3 +52,11 @@ def test_rank_rule_ranks_with_different_gradients_freeze_alike(results: dict[str
     assert r0["history"][3]["decay"][0] == pytest.approx(0.75)  # not settled: 0.75 > 0.7
     assert r0["history"][5]["decay"][0] == pytest.approx(0.6)
     assert r0["frozen"] == r1["frozen"] == ["0"]
+
+
+def test_contribution_rule_ranks_measure_and_decide_alike(results: dict[str, Any]) -> None:
+    r0, r1 = results["contribution"]
+    assert r0["history"] == r1["history"] and r0["frozen"] == r1["frozen"]
+    assert r0["fingerprint"] == r1["fingerprint"]
+    measured = [d["contribution"] for d in r0["history"] if d["contribution"][-1] is not None]
+    assert len(measured) == 20 - 3  # from the 4th window of 2 steps on

@@ -81,6 +81,18 @@ def autofreeze(stages: Any, every: int) -> Any:
     return functools.partial(_autofreeze, stages=stages, every=every)
 
 
+def _contribution(model: nn.Module, optimizer: Any, scheduler: Any, stages: Any, every: int) -> Any:
+    return gg.AutoFreeze(
+        model, stages, optimizer=optimizer, scheduler=scheduler, every=every,
+        rule="contribution",
+    )  # fmt: skip
+
+
+def contribution(stages: Any, every: int) -> Any:
+    """AutoFreeze under the contribution rule: its state holds weight copies (tensors)."""
+    return functools.partial(_contribution, stages=stages, every=every)
+
+
 def _record_modes(model: nn.Module, part: str, run: Run) -> None:
     """Record ``training`` of every module in ``part`` at each forward."""
     for module in model.get_submodule(part).modules():

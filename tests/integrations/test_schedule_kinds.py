@@ -117,3 +117,38 @@ def test_each_schedule_kind_acts_at_its_granularity_and_resumes_bit_identical(
         resumed = case.fit(tmp_path / checkpoint.name, make(case, kind), **extra)
         assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model), checkpoint.name
         assert resumed.lrs and resumed.lrs == full.lrs[-len(resumed.lrs) :], checkpoint.name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_contribution_rule_state_with_tensors_resumes_bit_identical(
+    case: Case, tmp_path: Path
+) -> None:
+    # AutoFreeze(rule="contribution") keeps weight copies in its state: Lightning's
+    # checkpoint holds them as tensors, the HF callback writes them beside its JSON
+    frozen = case.frozen if isinstance(case.frozen, list) else [case.frozen]
+    stages = [case.late, case.rest]
+
+    def make_cb() -> Any:
+        return case.callback(frozen, schedule=fw.contribution(stages, every=1))
+
+    callback = make_cb()
+    full = case.fit(tmp_path / "full", callback, save_every_epoch=True)
+    history = callback.schedule.history
+    assert history[-1].contribution[0] is not None  # it measured: 4 windows pooled
+    checkpoint = full.checkpoints[0]
+    if case is LIGHTNING:
+        extra: dict[str, Any] = {"ckpt_path": str(checkpoint)}
+    else:
+        from gradgate.integrations.transformers import STATE_FILE, TENSORS_FILE
+
+        assert (checkpoint / TENSORS_FILE).exists()
+        assert "__gradgate_tensor__" in (checkpoint / STATE_FILE).read_text()
+        extra = {"resume": str(checkpoint), "trainer_cls": GradgateTrainer}
+    resumed_cb = make_cb()
+    resumed = case.fit(tmp_path / "resumed", resumed_cb, **extra)
+    assert resumed_cb.schedule.history == history  # the measurements, exactly
+    assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model)
+    if case is HF:  # a folder that lost the tensor file is refused, naming it
+        (checkpoint / TENSORS_FILE).unlink()
+        with pytest.raises(gg.CheckpointError, match=TENSORS_FILE):
+            HFFinetuning(frozen, schedule=fw.contribution(stages, every=1)).restore(str(checkpoint))

@@ -96,6 +96,43 @@ def per_optimizer_step(schedule: Any) -> bool:
     )
 
 
+TENSOR_KEY = "__gradgate_tensor__"  # stands for a tensor moved out of a JSON state
+
+
+def split_tensors(value: Any, out: list[torch.Tensor]) -> Any:
+    """``value`` with every tensor replaced by ``{TENSOR_KEY: k}`` (``out[k]`` holds it).
+
+    A callback state that must be JSON (the HF Trainer's checkpoint folder)
+    keeps its tensors (AutoFreeze's contribution rule) in a side file.
+    """
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+        return {TENSOR_KEY: len(out) - 1}
+    if isinstance(value, Mapping):
+        return {k: split_tensors(v, out) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [split_tensors(v, out) for v in value]
+    return value
+
+
+def join_tensors(value: Any, tensors: Sequence[torch.Tensor] | None, where: str) -> Any:
+    """Undo ``split_tensors``; ``CheckpointError`` when a tensor it names is missing."""
+    if isinstance(value, Mapping):
+        if set(value) == {TENSOR_KEY}:
+            k = value[TENSOR_KEY]
+            if tensors is None or not isinstance(k, int) or not 0 <= k < len(tensors):
+                raise CheckpointError(
+                    f"the callback state names tensor {k!r} but {where} "
+                    f"{'is missing' if tensors is None else f'holds {len(tensors)}'}; "
+                    "resume from a checkpoint folder written whole by this callback"
+                )
+            return tensors[k]
+        return {key: join_tensors(v, tensors, where) for key, v in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(v, tensors, where) for v in value]
+    return value
+
+
 def trainable_ids(model: nn.Module) -> frozenset[int]:
     """The ids of ``model``'s parameters that require gradients (what DDP registers).
 

@@ -11,6 +11,7 @@ import os
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checkpoint import save_trainable
@@ -23,7 +24,9 @@ from ._core import (
     ModeOption,
     ScheduleFactory,
     UnfreezeSpec,
+    join_tensors,
     rebuild_ddp,
+    split_tensors,
     trainable_ids,
 )
 
@@ -42,13 +45,23 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
         "pip install 'gradgate[transformers]'"
     ) from e
 
-__all__ = ["STATE_FILE", "TRAINABLE_FILE", "GradgateFinetuning", "GradgateTrainer"]
+__all__ = [
+    "STATE_FILE",
+    "TENSORS_FILE",
+    "TRAINABLE_FILE",
+    "GradgateFinetuning",
+    "GradgateTrainer",
+]
 
 TRAINABLE_FILE = "trainable.safetensors"
 """Name of the ``gg.save_trainable`` file written into each checkpoint folder."""
 
 STATE_FILE = "gradgate_finetuning.json"
 """Name of the file holding ``GradgateFinetuning``'s state in each checkpoint folder."""
+
+TENSORS_FILE = "gradgate_finetuning_tensors.pt"
+"""Name of the file holding the tensors of that state (``AutoFreeze(rule="contribution")``
+keeps weight copies), written only when the state has any."""
 
 
 class GradgateFinetuning(TrainerCallback):
@@ -233,8 +246,12 @@ class GradgateFinetuning(TrainerCallback):
         if not state.is_world_process_zero:
             return
         folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
+        tensors: list[torch.Tensor] = []
+        state = split_tensors(self.core.state_dict(), tensors)
+        if tensors:
+            torch.save(tensors, os.path.join(folder, TENSORS_FILE))
         with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump(self.core.state_dict(), f)
+            json.dump(state, f)
         if self.save_trainable and model is not None:
             save_trainable(model, os.path.join(folder, TRAINABLE_FILE))
 
@@ -265,7 +282,14 @@ class GradgateFinetuning(TrainerCallback):
             ) from e
         if not isinstance(saved, dict):
             raise CheckpointError(f"{path} holds {type(saved).__name__}, not the callback state")
-        self.core.load_state_dict(saved)
+        tensor_path = os.path.join(checkpoint, TENSORS_FILE)
+        tensors = None
+        if os.path.exists(tensor_path):
+            try:
+                tensors = torch.load(tensor_path, map_location="cpu", weights_only=True)
+            except Exception as e:  # a damaged file: say which, change nothing
+                raise CheckpointError(f"cannot read {tensor_path} ({e})") from e
+        self.core.load_state_dict(join_tensors(saved, tensors, tensor_path))
 
     def on_train_end(
         self,

@@ -144,7 +144,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     auto.add_argument(
         "--rule",
-        choices=["rank", "threshold"],
+        choices=["contribution", "rank", "threshold"],
         default=None,
         help="AutoFreeze rule (default: rank; threshold when --threshold is given)",
     )
