@@ -93,7 +93,7 @@ def record(task: str, seed: int) -> dict[str, Any]:
             step += 1
             for i, ps in enumerate(params):
                 now = [p.detach() for p in ps]
-                delta[i] = torch._foreach_sub(now, before_step[i])
+                delta[i] = list(torch._foreach_sub(now, before_step[i]))
                 path[i] += _norm(delta[i])
                 torch._foreach_copy_(before_step[i], now)
             if step % every == 0:
@@ -152,13 +152,53 @@ def replay(values: list[list[float]], ratio: float, patience: int = 2, keep: int
     return moves
 
 
+def replay_contribution(
+    steps: list[list[float]], every: int, low: float, evidence: float, patience: int = 1,
+    windows: int = 4, keep: int = 1,
+) -> list[Any]:  # fmt: skip
+    """AutoFreeze's contribution rule on per-step contributions ``g_t . update_{t-1}``
+    (negative: the update reduced the loss): the ``(step, frozen stages)`` moves."""
+    n, boundary, streak, moves = len(steps[0]), 0, [0] * len(steps[0]), []
+    for end in range(windows * every, len(steps) + 1, every):
+        seg = torch.tensor(steps[end - windows * every : end], dtype=torch.float64).neg()
+        t = (seg.mean(0) / (seg.std(0) / len(seg) ** 0.5)).nan_to_num(0.0).tolist()
+        if max(t[boundary:]) < evidence:
+            streak = [0] * n
+            continue
+        for i in range(boundary, n):
+            streak[i] = streak[i] + 1 if t[i] < low else 0
+        k = boundary
+        while k < n - keep and streak[k] >= patience:
+            k += 1
+        if k > boundary:
+            moves.append((end, k))
+            boundary = k
+    return moves
+
+
+def noise_rate(stages: int, evidence: float, low: float, patience: int, runs: int = 200) -> int:
+    """In how many of ``runs`` synthetic runs of pure noise (640 steps) the rule freezes."""
+    g = torch.Generator().manual_seed(0)
+    fired = 0
+    for _ in range(runs):
+        steps = torch.randn(640, stages, generator=g).tolist()
+        fired += bool(replay_contribution(steps, 16, low, evidence, patience))
+    return fired
+
+
 def replays(trace: dict[str, Any]) -> dict[str, Any]:
-    """Per signal (not ``gnorm``, whose rules autofreeze_trace.py replays) and ratio, the moves."""
+    """Per signal (not ``gnorm``, whose rules autofreeze_trace.py replays) and ratio, the moves;
+    and the contribution rule at a few settings, with its rate of firing on pure noise."""
     out: dict[str, Any] = {}
     for key in ("coh", "adam", "move"):
         values = [r[key] for r in trace["rows"]]
         for ratio in (0.5, 0.7):
             out[f"{key}, ratio {ratio}"] = replay(values, ratio)
+    for evidence, low, patience in ((5.0, 2.0, 1), (4.0, 2.0, 1), (4.0, 2.0, 2), (3.0, 2.0, 1)):
+        moves = replay_contribution(trace["lca_steps"], trace["every"], low, evidence, patience)
+        rate = noise_rate(len(trace["stages"]), evidence, low, patience)
+        name = f"contribution, evidence {evidence}, settled {low}, patience {patience}"
+        out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
     return out
 
 

@@ -103,7 +103,7 @@ def feed_rank_rule(norms: list[list[float]]) -> gg.AutoFreeze:
     """AutoFreeze (rank rule, windows of 2) fed exactly these per-stage gradient norms."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    af = gg.AutoFreeze(model, optimizer=opt, every=2)
+    af = gg.AutoFreeze(model, optimizer=opt, every=2, rule="rank")
     for row in norms:
         for path, norm in zip(["0", "2", "4"], row, strict=True):
             params = [p for p in model.get_submodule(path).parameters() if p.requires_grad]

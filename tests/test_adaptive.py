@@ -354,7 +354,8 @@ def _noisy_norms(
 def _feed(norms: list[list[float]], every: int, **kwargs: Any) -> tuple[gg.AutoFreeze, Any]:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    af = gg.AutoFreeze(model, optimizer=opt, every=every, **kwargs)
+    rule = {} if "threshold" in kwargs or "rule" in kwargs else {"rule": "rank"}
+    af = gg.AutoFreeze(model, optimizer=opt, every=every, **rule, **kwargs)
     for row in norms:
         _set_grads(model, row)
         af.step()
@@ -395,7 +396,7 @@ def test_rank_rule_does_not_freeze_without_a_front_that_settles(trend: Any) -> N
         assert len(af.history) == 40 and af.history[-1].decay[0] is not None
 
 
-def test_the_threshold_rule_freezes_on_pure_noise_which_is_why_rank_is_the_default() -> None:
+def test_the_threshold_rule_freezes_on_pure_noise_which_is_why_it_is_not_the_default() -> None:
     # the measurement behind the default, as a test: 0.05 is crossed by chance
     af, _ = _feed(_noisy_norms(40, 16, 0, lambda i, s: 1.0), 16, threshold=0.2)
     assert af.rule == "threshold" and af.frozen
@@ -415,7 +416,7 @@ def _nan_then_zero_windows(every: int, **kwargs: Any) -> tuple[gg.AutoFreeze, nn
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"threshold": 0.05}, {"threshold": 1e9}, {}, {"rule": "contribution"}]
+    "kwargs", [{"threshold": 0.05}, {"threshold": 1e9}, {}, {"rule": "rank"}]
 )
 def test_nan_and_zero_windows_never_freeze(kwargs: dict[str, Any]) -> None:
     every = 3
@@ -450,9 +451,9 @@ def test_rule_arguments_keep_the_old_keywords_working() -> None:
     old = gg.AutoFreeze(model, optimizer=opt, every=50, threshold=0.05)
     assert (old.rule, old.threshold, old.patience) == ("threshold", 0.05, 1)
     new = gg.AutoFreeze(model, optimizer=opt)
-    assert (new.rule, new.threshold, new.patience, new.every, new.ratio) == (
-        "rank", None, 2, 16, 0.7,
-    )  # fmt: skip
+    assert (new.rule, new.threshold, new.patience, new.every) == ("contribution", None, 1, 16)
+    rank = gg.AutoFreeze(model, optimizer=opt, rule="rank")
+    assert (rank.rule, rank.threshold, rank.patience, rank.ratio) == ("rank", None, 2, 0.7)
     explicit = gg.AutoFreeze(model, optimizer=opt, rule="threshold")
     assert (explicit.rule, explicit.threshold) == ("threshold", 0.05)
 
@@ -519,7 +520,7 @@ def _rank_run(total: int, state: dict[str, Any] | None = None) -> tuple[Any, ...
     model = _model()
     opt = torch.optim.AdamW(gg.param_groups(model, lr=1e-2, weight_decay=0.1))
     sched = lrs.CosineAnnealingLR(opt, T_max=120, eta_min=1e-4)
-    af = gg.AutoFreeze(model, optimizer=opt, scheduler=sched, every=4)
+    af = gg.AutoFreeze(model, optimizer=opt, scheduler=sched, every=4, rule="rank")
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -583,7 +584,7 @@ def _cache_run(total: int, state: dict[str, Any] | None = None) -> tuple[Any, ..
     model = _model()
     opt = torch.optim.AdamW(gg.param_groups(model, lr=1e-2, weight_decay=0.1))
     sched = lrs.CosineAnnealingLR(opt, T_max=120, eta_min=1e-4)
-    af = gg.AutoFreeze(model, optimizer=opt, scheduler=sched, every=4)
+    af = gg.AutoFreeze(model, optimizer=opt, scheduler=sched, every=4, rule="rank")
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -746,9 +747,11 @@ def test_contribution_rule_freezes_a_front_that_stops_learning_while_the_rest_le
         assert (af.rule, af.patience) == ("contribution", 1)
         assert af.frozen == ["0"], (seed, [d.contribution for d in af.history])
         (freeze,) = [d for d in af.history if d.froze]
-        assert 60 + 2 * 8 <= freeze.step <= 60 + 5 * 8  # once the 4 pooled windows show it
-        t = freeze.contribution
-        assert t[0] is not None and t[0] < 2.0 and max(v for v in t if v is not None) >= 5.0
+        assert 60 + 2 * 8 <= freeze.step <= 60 + 10 * 8  # once the pooled windows show it
+        t, bound = freeze.contribution, freeze.bound
+        assert max(v for v in t if v is not None) >= 5.0  # the model measurably learns ...
+        assert bound[0] is not None and bound[0] < 0.1  # ... and stage 0 is shown to matter little
+        assert all(b is not None and b >= 0.1 for b in bound[1:])
         _frozen_prefix_holds(model, af)
         # its weight copies are dropped; the trainable stages' are kept
         assert af._last[0] is None and af._update[0] is None and af._last[1] is not None

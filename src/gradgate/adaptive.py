@@ -1,11 +1,14 @@
 """Adaptive freezing: freeze the leading stages that have stopped learning (AutoFreeze).
 
-Every ``every`` optimizer steps, ``AutoFreeze`` ranks the trainable stages by
-how far their gradient norm has decayed from its start (the AutoFreeze
-paper's ranking of stages, arXiv 2102.01386, on a signal that rises above
-mini-batch noise) and freezes the longest settled prefix of stages through
-``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a ``gg.FeatureCache``
-(``split``).
+Every ``every`` optimizer steps, ``AutoFreeze`` asks of each trainable stage
+whether its own updates still matter (by default: whether the loss reduction
+they cause, over the last 4 windows, is shown to be below a tenth of the
+stage that learns most, decided only while some stage measurably learns, so
+that gradient noise alone never freezes), and freezes the longest settled prefix of stages through
+``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a
+``gg.FeatureCache`` (``split``). The rank rule of the AutoFreeze paper
+(arXiv 2102.01386, on gradient-norm decay) and a fixed threshold remain as
+options.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class Decision:
             steps caused over the last ``CONTRIBUTION_WINDOWS`` windows (see
             ``rule="contribution"``); ``None`` before there are that many
             windows, for frozen stages and under the other rules.
+        bound: per stage, the upper bound (mean + 2 standard errors) of that
+            loss reduction as a share of the largest stage mean; the
+            contribution rule's signal (settled below 0.1). ``None`` where
+            ``contribution`` is, or when no stage's mean is positive.
 
     Example:
         >>> Decision(50, [1.0], [None], [], []).to_dict()["step"]
@@ -73,6 +80,7 @@ class Decision:
     skipped: str | None = None
     decay: list[float | None] = field(default_factory=list)
     contribution: list[float | None] = field(default_factory=list)
+    bound: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the record."""
@@ -171,9 +179,10 @@ def _shorten(names: Sequence[str]) -> str:
 RULES = ("contribution", "rank", "threshold")
 BASE_WINDOWS = 2  # usable windows averaged into each stage's baseline gradient norm
 # The contribution rule (measurements in bench/notes/autofreeze.md):
-CONTRIBUTION_WINDOWS = 4  # windows pooled into each stage's t-statistic
-SETTLED_T = 2.0  # a stage whose steps reduce the loss with t below this is not helping ...
-EVIDENCE_T = 5.0  # ... provided some trainable stage's steps reduce it with t at least this
+CONTRIBUTION_WINDOWS = 4  # windows pooled into each stage's mean contribution
+EVIDENCE_T = 5.0  # decide only while some trainable stage's contribution has t >= this
+BOUND_Z = 2.0  # a stage's contribution is at most its mean + BOUND_Z standard errors ...
+NEGLIGIBLE = 0.1  # ... and it is settled when that is below this share of the top stage's mean
 T_CAP = 1e9  # the t-statistic of a constant, non-zero contribution (zero variance)
 
 
@@ -192,7 +201,7 @@ def _check_threshold(value: object) -> float:
 
 def _resolve_rule(rule: object, threshold: object) -> tuple[str, float | None]:
     if rule is None:
-        rule = "rank" if threshold is None else "threshold"
+        rule = "contribution" if threshold is None else "threshold"
     if rule not in RULES:
         raise InvalidArgumentError(f"rule must be one of {list(RULES)}; got {rule!r}")
     if rule != "threshold":
@@ -211,10 +220,26 @@ class AutoFreeze:
     Call ``af.step()`` after each ``optimizer.step()`` (before ``zero_grad``:
     it reads the gradients); with a ``GradScaler``, after
     ``scaler.step(optimizer)``, which unscales the gradients in place. It
-    adds each trainable stage's gradient norm to a window; every ``every``
-    steps it takes the window's mean norm ``g`` per stage and decides:
+    adds each trainable stage's gradient norm (and, under the default rule,
+    its contribution) to a window; every ``every`` steps it takes the
+    window's mean norm ``g`` per stage and decides:
 
-    - ``rule="rank"`` (the default): each stage's ``g`` is divided by its
+    - ``rule="contribution"`` (the default): each step, each stage's
+      *contribution* is the loss reduction its own previous update caused on
+      this step's batch, to first order: ``-g_t . (w_{t-1} - w_{t-2})`` (loss change allocation,
+      Lan et al. 2019), measured on a batch the update never saw, so for
+      gradients that are pure noise its mean is 0. Over the last
+      ``CONTRIBUTION_WINDOWS`` (4) windows AutoFreeze takes each stage's
+      mean contribution and its standard error. It decides only while some
+      trainable stage's t-statistic (mean over standard error) is at least
+      ``EVIDENCE_T`` (5: the model measurably learns), so pure noise never
+      freezes; then a stage is settled when even the upper bound of its
+      contribution (mean + 2 standard errors) is below ``NEGLIGIBLE`` (0.1)
+      of the top stage's mean: its updates are shown to matter little, not
+      merely not shown to matter. ``patience`` is 1 unless given (each
+      decision already pools 4 windows). It keeps two copies of the trainable stages' weights (the
+      last weights and the last update), freed as stages freeze.
+    - ``rule="rank"``: each stage's ``g`` is divided by its
       baseline (its mean over the first two usable windows): the *decay* of
       its gradient. A stage is *settled* in a window when its decay is below
       ``ratio`` times the median decay of the trainable stages, i.e. its
@@ -228,20 +253,6 @@ class AutoFreeze:
       ``threshold=``): a stage is settled when its window-to-window change
       is below ``threshold``; ``patience`` is 1 unless given. ``threshold=0``
       never freezes.
-    - ``rule="contribution"``: each step, each stage's *contribution* is the
-      loss reduction its own previous update caused on this step's batch, to
-      first order: ``-g_t . (w_{t-1} - w_{t-2})`` (loss change allocation,
-      Lan et al. 2019), measured on a batch the update never saw, so for
-      gradients that are pure noise its mean is 0. Over the last
-      ``CONTRIBUTION_WINDOWS`` (4) windows AutoFreeze takes each stage's
-      t-statistic (mean over standard error). A stage is settled when its
-      t is below ``SETTLED_T`` (2: its steps do not measurably reduce the
-      loss) *and* some trainable stage's t is at least ``EVIDENCE_T`` (5:
-      the model is measurably learning elsewhere), so pure noise never
-      freezes. ``patience`` is 1 unless given (each decision already pools
-      4 windows). It keeps two copies of the trainable stages' weights (the
-      last weights and the last update), freed as stages freeze.
-
     Either way it freezes a prefix only (never a stage behind a trainable
     one), never leaves fewer than ``min_trainable`` stages training and never
     unfreezes. A window where some trainable stage had a finite, non-zero
@@ -272,8 +283,8 @@ class AutoFreeze:
         threshold: the change under which a stage counts as settled; passing
             it selects ``rule="threshold"``.
         min_trainable: stages that always keep training (the last ones).
-        rule: ``"rank"``, ``"contribution"`` or ``"threshold"``; by default
-            ``"rank"`` unless ``threshold`` is given.
+        rule: ``"contribution"``, ``"rank"`` or ``"threshold"``; by default
+            ``"contribution"`` unless ``threshold`` is given.
         patience: consecutive settled windows before a stage freezes (default:
             2 under the rank rule, 1 under the others).
         ratio: the rank rule's margin: settled means a decay below ``ratio``
@@ -486,28 +497,38 @@ class AutoFreeze:
             return []
         return self._decide()
 
-    def _t_values(self) -> list[float | None]:
-        """Per trainable stage the t-statistic of its contributions over the recent windows."""
-        out: list[float | None] = [None] * len(self.stages)
+    def _contribution_stats(self) -> tuple[list[float | None], list[float | None]]:
+        """Per trainable stage, over the recent windows: the t-statistic of its contributions
+        and the upper bound of its mean contribution as a share of the top stage's mean."""
+        n_stages = len(self.stages)
+        t: list[float | None] = [None] * n_stages
+        bound: list[float | None] = [None] * n_stages
         if len(self._recent) < CONTRIBUTION_WINDOWS:
-            return out
-        for i in range(self.boundary, len(self.stages)):
+            return t, bound
+        means: dict[int, tuple[float, float]] = {}
+        for i in range(self.boundary, n_stages):
             total, squares, n = (sum(w[k][i] for w in self._recent) for k in range(3))
             if n < 2:
-                continue
+                return [None] * n_stages, bound
             mean = total / n
-            var = max(squares - n * mean * mean, 0.0) / (n - 1)
-            if var > 0:
-                out[i] = max(-T_CAP, min(T_CAP, mean / math.sqrt(var / n)))
+            se = math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1) / n)
+            means[i] = mean, se
+            if se > 0:
+                t[i] = max(-T_CAP, min(T_CAP, mean / se))
             else:
-                out[i] = 0.0 if mean == 0 else math.copysign(T_CAP, mean)
-        return out
+                t[i] = 0.0 if mean == 0 else math.copysign(T_CAP, mean)
+        top = max(mean for mean, _ in means.values())
+        if top > 0:
+            for i, (mean, se) in means.items():
+                bound[i] = (mean + BOUND_Z * se) / top
+        return t, bound
 
     def _settled_now(
         self,
         change: list[float | None],
         decay: list[float | None],
         contribution: list[float | None],
+        bound: list[float | None],
     ) -> list[bool] | None:
         """Per stage whether this window counts as settled; ``None``: nothing to compare yet."""
         live = range(self.boundary, len(self.stages))
@@ -517,7 +538,7 @@ class AutoFreeze:
                 return None
             if max(v for v in t if v is not None) < EVIDENCE_T:
                 return [False] * len(self.stages)  # nothing measurably learns: no evidence
-            return [v is not None and v < SETTLED_T for v in contribution]
+            return [b is not None and b < NEGLIGIBLE for b in bound]
         if self.threshold is not None:  # the threshold rule
             if self._previous is None:
                 return None
@@ -540,6 +561,7 @@ class AutoFreeze:
         change: list[float | None] = [None] * n
         decay: list[float | None] = [None] * n
         contribution: list[float | None] = [None] * n
+        bound: list[float | None] = [None] * n
         skipped: str | None = None
         froze: list[str] = []
         means: list[float] | None = None
@@ -561,8 +583,8 @@ class AutoFreeze:
                     decay[i] = means[i] * self._base_windows / self._base[i]
             if self.rule == "contribution":
                 self._recent = [*self._recent, c][-CONTRIBUTION_WINDOWS:]
-                contribution = self._t_values()
-            settled = self._settled_now(change, decay, contribution)
+                contribution, bound = self._contribution_stats()
+            settled = self._settled_now(change, decay, contribution, bound)
             if settled is not None:
                 for i in live:
                     self._settled[i] = self._settled[i] + 1 if settled[i] else 0
@@ -573,8 +595,8 @@ class AutoFreeze:
                 if froze:
                     self._freeze_to(cut)
                     log.info(
-                        "AutoFreeze step %d: froze %s (decay %s, change %s, contribution %s)",
-                        self.steps, froze, decay, change, contribution,
+                        "AutoFreeze step %d: froze %s (decay %s, change %s, bound %s)",
+                        self.steps, froze, decay, change, bound,
                     )  # fmt: skip
             if self._base_windows < BASE_WINDOWS:
                 self._base = [b + m for b, m in zip(self._base, means, strict=True)]
@@ -583,7 +605,15 @@ class AutoFreeze:
             log.debug("AutoFreeze step %d: nothing to freeze (decay %s)", self.steps, decay)
         self.history.append(
             Decision(
-                self.steps, grad_norm, change, froze, self.frozen, skipped, decay, contribution
+                self.steps,
+                grad_norm,
+                change,
+                froze,
+                self.frozen,
+                skipped,
+                decay,
+                contribution,
+                bound,
             )
         )
         self._previous = means
