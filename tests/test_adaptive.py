@@ -354,8 +354,9 @@ def _noisy_norms(
 def _feed(norms: list[list[float]], every: int, **kwargs: Any) -> tuple[gg.AutoFreeze, Any]:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    rule = {} if "threshold" in kwargs or "rule" in kwargs else {"rule": "rank"}
-    af = gg.AutoFreeze(model, optimizer=opt, every=every, **rule, **kwargs)
+    if "threshold" not in kwargs and "rule" not in kwargs:
+        kwargs["rule"] = "rank"
+    af = gg.AutoFreeze(model, optimizer=opt, every=every, **kwargs)
     for row in norms:
         _set_grads(model, row)
         af.step()
@@ -415,9 +416,7 @@ def _nan_then_zero_windows(every: int, **kwargs: Any) -> tuple[gg.AutoFreeze, nn
     return af, model
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"threshold": 0.05}, {"threshold": 1e9}, {}, {"rule": "rank"}]
-)
+@pytest.mark.parametrize("kwargs", [{"threshold": 0.05}, {"threshold": 1e9}, {}, {"rule": "rank"}])
 def test_nan_and_zero_windows_never_freeze(kwargs: dict[str, Any]) -> None:
     every = 3
     af, model = _nan_then_zero_windows(every, **kwargs)
