@@ -154,19 +154,27 @@ def replay(values: list[list[float]], ratio: float, patience: int = 2, keep: int
 
 def replay_contribution(
     steps: list[list[float]], every: int, low: float, evidence: float, patience: int = 1,
-    windows: int = 4, keep: int = 1,
+    windows: int = 4, keep: int = 1, bound: float | None = None,
 ) -> list[Any]:  # fmt: skip
     """AutoFreeze's contribution rule on per-step contributions ``g_t . update_{t-1}``
-    (negative: the update reduced the loss): the ``(step, frozen stages)`` moves."""
+    (negative: the update reduced the loss): the ``(step, frozen stages)`` moves.
+
+    Settled: t below ``low`` (the first version), or with ``bound`` (what
+    ``gg.AutoFreeze`` runs: ``bound=0.1``) mean + 2 standard errors below
+    ``bound`` times the top trainable stage's mean."""
     n, boundary, streak, moves = len(steps[0]), 0, [0] * len(steps[0]), []
     for end in range(windows * every, len(steps) + 1, every):
         seg = torch.tensor(steps[end - windows * every : end], dtype=torch.float64).neg()
-        t = (seg.mean(0) / (seg.std(0) / len(seg) ** 0.5)).nan_to_num(0.0).tolist()
+        mean, se = seg.mean(0), seg.std(0) / len(seg) ** 0.5
+        t = (mean / se).nan_to_num(0.0).tolist()
         if max(t[boundary:]) < evidence:
             streak = [0] * n
             continue
+        top = float(mean[boundary:].max())
+        upper = (mean + 2 * se).tolist()
         for i in range(boundary, n):
-            streak[i] = streak[i] + 1 if t[i] < low else 0
+            settled = t[i] < low if bound is None else upper[i] < bound * top
+            streak[i] = streak[i] + 1 if settled else 0
         k = boundary
         while k < n - keep and streak[k] >= patience:
             k += 1
@@ -176,13 +184,16 @@ def replay_contribution(
     return moves
 
 
-def noise_rate(stages: int, evidence: float, low: float, patience: int, runs: int = 200) -> int:
+def noise_rate(
+    stages: int, evidence: float, low: float, patience: int, runs: int = 200,
+    bound: float | None = None,
+) -> int:  # fmt: skip
     """In how many of ``runs`` synthetic runs of pure noise (640 steps) the rule freezes."""
     g = torch.Generator().manual_seed(0)
     fired = 0
     for _ in range(runs):
         steps = torch.randn(640, stages, generator=g).tolist()
-        fired += bool(replay_contribution(steps, 16, low, evidence, patience))
+        fired += bool(replay_contribution(steps, 16, low, evidence, patience, bound=bound))
     return fired
 
 
@@ -199,6 +210,10 @@ def replays(trace: dict[str, Any]) -> dict[str, Any]:
         rate = noise_rate(len(trace["stages"]), evidence, low, patience)
         name = f"contribution, evidence {evidence}, settled {low}, patience {patience}"
         out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
+    moves = replay_contribution(trace["lca_steps"], trace["every"], 0.0, 5.0, bound=0.1)
+    rate = noise_rate(len(trace["stages"]), 5.0, 0.0, 1, bound=0.1)
+    name = "contribution as gg.AutoFreeze runs it: evidence 5.0, bound 0.1"
+    out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
     return out
 
 

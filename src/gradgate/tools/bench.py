@@ -146,7 +146,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--rule",
         choices=["contribution", "rank", "threshold"],
         default=None,
-        help="AutoFreeze rule (default: rank; threshold when --threshold is given)",
+        help="AutoFreeze rule (default: contribution; threshold when --threshold is given)",
     )
     auto.add_argument(
         "--threshold", type=float, default=None, help="AutoFreeze threshold (threshold rule)"
