@@ -610,6 +610,39 @@ def test_autofreeze_takes_an_optimizer_built_on_a_row_frozen_model() -> None:
     assert not torch.equal(before[6:], conv[6:])
 
 
+def test_contribution_rule_measures_only_the_trainable_rows_of_a_row_frozen_model(
+    tmp_path: Any,
+) -> None:
+    def build() -> tuple[Any, Any, gg.AutoFreeze]:
+        torch.manual_seed(0)
+        net: Any = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 12)
+        )
+        gg.train_only(net, gg.rows("3.weight", [10, 11]), gg.rows("0.weight", [6, 7]))
+        opt = torch.optim.AdamW(gg.param_groups(net, lr=0.1, weight_decay=0.1))
+        return net, opt, gg.AutoFreeze(net, optimizer=opt, every=2)
+
+    net, opt, auto = build()
+    assert auto.rule == "contribution"
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        opt.zero_grad()
+        net(torch.randn(4, 3, 6, 6, generator=g)).pow(2).sum().backward()
+        opt.step()
+        auto.step()
+    assert auto.history[-1].contribution[0] is not None  # 4 windows measured
+    # the copies are the trainable rows (2 of 8 conv filters), never the frozen W
+    shapes = [[tuple(t.shape) for t in ts] for ts in auto._update if ts is not None]
+    assert shapes[0] == [(2, 3, 3, 3)] and shapes[1] == [(2, 128)]
+    path = tmp_path / "af.pt"
+    torch.save(auto.state_dict(), path)
+    _, _, fresh = build()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert fresh.history == auto.history
+    for a, b in zip(fresh._update, auto._update, strict=True):
+        assert a is not None and b is not None and all(map(torch.equal, a, b))
+
+
 def _rows_of(module: nn.Module) -> gg.subtensor.TrainableRows:
     rows = module.get_submodule("weight_rows")
     assert isinstance(rows, gg.subtensor.TrainableRows)

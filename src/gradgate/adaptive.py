@@ -343,7 +343,12 @@ class AutoFreeze:
         self.optimizer = optimizer
         self.scheduler = scheduler
         by_name = dict(inner.named_parameters())
-        self._params = [[by_name[n] for n in names] for names in self.stages.parameters]
+        # the trainable parameters only: a row-frozen weight's frozen full tensor is never
+        # measured nor copied, only its trainable rows
+        self._params = [
+            [by_name[n] for n in names if by_name[n].requires_grad]
+            for names in self.stages.parameters
+        ]
         self.boundary = 0
         self.steps = 0
         self.history: list[Decision] = []
@@ -465,8 +470,8 @@ class AutoFreeze:
             else:
                 update = [torch.empty_like(t) for t in now]
                 self._update[i] = update
-            torch._foreach_copy_(update, now)
-            torch._foreach_sub_(update, last)
+            for u, w, previous in zip(update, now, last, strict=True):
+                torch.sub(w, previous, out=u)  # one pass: read both, write the update
             torch._foreach_copy_(last, now)
 
     def _window(self) -> tuple[list[float], list[float], int, list[list[float]]]:
