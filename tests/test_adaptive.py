@@ -822,7 +822,9 @@ def test_contribution_state_with_wrong_copies_is_refused_and_changes_nothing() -
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     fresh = gg.AutoFreeze(model, optimizer=opt, every=8, rule="contribution")
-    with pytest.raises(gg.InvalidArgumentError, match=r"update for stage '0' must be 2 tensors"):
+    with pytest.raises(
+        gg.InvalidArgumentError, match=r"update for stage '0' must be 2 finite dense tensors"
+    ):
         fresh.load_state_dict(bad)
     assert fresh.steps == 0 and fresh._update == [None] * 4 and fresh.history == []
     with pytest.raises(gg.InvalidArgumentError, match=r"recent must hold finite numbers"):
@@ -831,3 +833,52 @@ def test_contribution_state_with_wrong_copies_is_refused_and_changes_nothing() -
     kept, original = fresh._update[2], af._update[2]
     assert fresh.steps == 30 and kept is not None and original is not None
     assert torch.equal(kept[0], original[0]) and kept[0] is not original[0]
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_contribution_rule_never_decides_on_too_few_pooled_steps(every: int) -> None:
+    # a t of 5 from 2 or 6 samples is luck: pure noise froze 19 of 20 runs at every=1
+    # before the rule waited for MIN_SAMPLES pooled steps (adversarial probe)
+    for seed in range(5):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        af = gg.AutoFreeze(model, optimizer=opt, every=every)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(200):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.randn(p.shape, generator=g) * (1e-3 if i < 2 else 1.0)
+            opt.step()
+            af.step()
+        assert af.frozen == [], (every, seed)
+        assert len(af._recent) == max(4, -(-30 // every) + 1)
+
+
+def test_sparse_gradients_are_measured() -> None:
+    model = nn.Sequential(nn.Embedding(50, 4, sparse=True), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    af = gg.AutoFreeze(model, optimizer=opt, every=2)
+    for step in range(8):
+        opt.zero_grad()
+        model(torch.tensor([step, step + 1])).sum().backward()
+        assert model[0].weight.grad is not None and model[0].weight.grad.is_sparse
+        opt.step()
+        af.step()
+    assert af.history[-1].grad_norm[0] is not None and af.history[-1].grad_norm[0] > 0
+
+
+def test_a_state_dict_is_one_moment_and_refuses_zero_previous_means() -> None:
+    af, _, opt = _contribution_run(20, lambda i, s: 1.0)
+    state = af.state_dict()
+    saved = state["last"][0][0].clone()
+    opt.step()  # the gradients of step 20 again: the weights move
+    af.step()
+    assert torch.equal(state["last"][0][0], saved)  # the state did not follow them
+    model = _model()
+    fresh = gg.AutoFreeze(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), every=8)
+    with pytest.raises(gg.InvalidArgumentError, match=r"previous must be > 0"):
+        fresh.load_state_dict(dict(state, previous=[0.0] * 4))
+    with pytest.raises(gg.InvalidArgumentError, match=r"dtypes"):
+        fresh.load_state_dict(
+            dict(state, last=[[t.double() for t in state["last"][0]], *state["last"][1:]])
+        )
+    assert fresh.steps == 0 and fresh.history == []

@@ -155,6 +155,17 @@ def _dot(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a, b)
 
 
+def _sums(name: str, value: object, n: int) -> list[list[float]]:
+    """A window's contribution sums, sums of squares and counts (the last two >= 0)."""
+    rows = _seq(name, value, 3)
+    return [_numbers(name, rows[0], n), _floats(name, rows[1], n), _floats(name, rows[2], n)]
+
+
+def _pool(every: int) -> int:
+    """Windows pooled by the contribution rule: 4, or enough for ``MIN_SAMPLES`` steps."""
+    return max(CONTRIBUTION_WINDOWS, -(-MIN_SAMPLES // every) + 1)
+
+
 def _numbers(name: str, value: object, n: int) -> list[float]:
     out = _seq(name, value, n)
     if not all(
@@ -183,6 +194,7 @@ CONTRIBUTION_WINDOWS = 4  # windows pooled into each stage's mean contribution
 EVIDENCE_T = 5.0  # decide only while some trainable stage's contribution has t >= this
 BOUND_Z = 2.0  # a stage's contribution is at most its mean + BOUND_Z standard errors ...
 NEGLIGIBLE = 0.1  # ... and it is settled when that is below this share of the top stage's mean
+MIN_SAMPLES = 30  # pooled steps per stage before deciding (t = 5 from 2 samples is luck)
 T_CAP = 1e9  # the t-statistic of a constant, non-zero contribution (zero variance)
 
 
@@ -236,8 +248,12 @@ class AutoFreeze:
       freezes; then a stage is settled when even the upper bound of its
       contribution (mean + 2 standard errors) is below ``NEGLIGIBLE`` (0.1)
       of the top stage's mean: its updates are shown to matter little, not
-      merely not shown to matter. ``patience`` is 1 unless given (each
-      decision already pools 4 windows). It keeps two copies of the trainable stages' weights (the
+      merely not shown to matter. It never decides on fewer than
+      ``MIN_SAMPLES`` (30) pooled steps per stage: with ``every`` below 8 it
+      pools more windows (``ceil(30 / every) + 1``). ``patience`` is 1
+      unless given (each decision already pools 4 windows). Call ``step()``
+      exactly once per optimizer step: a second call would score an update
+      on the very gradient that made it. It keeps two copies of the trainable stages' weights (the
       last weights and the last update), freed as stages freeze.
     - ``rule="rank"``: each stage's ``g`` is divided by its
       baseline (its mean over the first two usable windows): the *decay* of
@@ -428,7 +444,11 @@ class AutoFreeze:
     def _accumulate(self) -> None:
         seen = False
         for i in range(self.boundary, len(self.stages)):
-            grads = [p.grad for p in self._params[i] if p.grad is not None]
+            grads = [
+                (p.grad.coalesce().values() if p.grad.is_sparse else p.grad)
+                for p in self._params[i]
+                if p.grad is not None
+            ]
             if grads:
                 seen = True
                 # stays on the gradients' device: no host sync per step
@@ -508,7 +528,7 @@ class AutoFreeze:
         n_stages = len(self.stages)
         t: list[float | None] = [None] * n_stages
         bound: list[float | None] = [None] * n_stages
-        if len(self._recent) < CONTRIBUTION_WINDOWS:
+        if len(self._recent) < _pool(self.every):
             return t, bound
         means: dict[int, tuple[float, float]] = {}
         for i in range(self.boundary, n_stages):
@@ -541,8 +561,9 @@ class AutoFreeze:
             t = [contribution[i] for i in live]
             if any(v is None for v in t):
                 return None
-            if max(v for v in t if v is not None) < EVIDENCE_T:
-                return [False] * len(self.stages)  # nothing measurably learns: no evidence
+            pooled = min(sum(w[2][i] for w in self._recent) for i in live)
+            if pooled < MIN_SAMPLES or max(v for v in t if v is not None) < EVIDENCE_T:
+                return [False] * len(self.stages)  # too few samples, or no stage learns
             return [b is not None and b < NEGLIGIBLE for b in bound]
         if self.threshold is not None:  # the threshold rule
             if self._previous is None:
@@ -587,7 +608,7 @@ class AutoFreeze:
                 for i in live:
                     decay[i] = means[i] * self._base_windows / self._base[i]
             if self.rule == "contribution":
-                self._recent = [*self._recent, c][-CONTRIBUTION_WINDOWS:]
+                self._recent = [*self._recent, c][-_pool(self.every) :]
                 contribution, bound = self._contribution_stats()
             settled = self._settled_now(change, decay, contribution, bound)
             if settled is not None:
@@ -686,8 +707,11 @@ class AutoFreeze:
             "base_windows": self._base_windows,
             "contribution": [[float(v) for v in row] for row in self._c],
             "recent": [[list(row) for row in w] for w in self._recent],
-            "last": [None if ts is None else [t.detach() for t in ts] for ts in self._last],
-            "update": [None if ts is None else [t.detach() for t in ts] for ts in self._update],
+            # copies, not the live buffers: the state is one moment, like its numbers
+            "last": [None if ts is None else [t.detach().clone() for t in ts] for ts in self._last],
+            "update": [
+                None if ts is None else [t.detach().clone() for t in ts] for ts in self._update
+            ],
             "history": [d.to_dict() for d in self.history],
         }
 
@@ -740,20 +764,23 @@ class AutoFreeze:
         valid = _floats("valid", state.get("valid", [float(count)] * n), n)
         prev = state.get("previous")
         previous = None if prev is None else _floats("previous", prev, n)
+        if previous is not None and not all(previous[boundary:]):
+            raise InvalidArgumentError(
+                f"the state's previous must be > 0 for every trainable stage; got {previous}"
+            )
         settled = [
             _check_int("settled", v, 0) for v in _seq("settled", state.get("settled", [0] * n), n)
         ]
         base = _floats("base", state.get("base", [0.0] * n), n)
         base_windows = _check_int("base_windows", state.get("base_windows", 0), 0)
-        if rule == "rank" and base_windows and not all(base[boundary:]):
+        if base_windows and not all(base[boundary:]):
             raise InvalidArgumentError(
                 f"the state's base must be > 0 for every trainable stage; got {base}"
             )
         partial = state.get("contribution", [[0.0] * n] * 3)
-        contrib = [_numbers("contribution", row, n) for row in _seq("contribution", partial, 3)]
+        contrib = _sums("contribution", partial, n)
         recent = [
-            [_numbers("recent", row, n) for row in _seq("recent", w, 3)]
-            for w in _seq_any("recent", state.get("recent", []), CONTRIBUTION_WINDOWS)
+            _sums("recent", w, n) for w in _seq_any("recent", state.get("recent", []), _pool(every))
         ]
         last = self._copies("last", state.get("last"), boundary)
         update = self._copies("update", state.get("update"), boundary)
@@ -792,14 +819,19 @@ class AutoFreeze:
                 not isinstance(ts, (list, tuple))
                 or len(ts) != len(params)
                 or not all(
-                    isinstance(t, torch.Tensor) and t.shape == p.shape
+                    isinstance(t, torch.Tensor)
+                    and t.shape == p.shape
+                    and t.dtype == p.dtype
+                    and t.layout == torch.strided
+                    and bool(torch.isfinite(t).all())
                     for t, p in zip(ts, params, strict=False)
                 )
             ):
                 raise InvalidArgumentError(
                     f"the state's {key} for stage {self.stages.names[i]!r} must be "
-                    f"{len(params)} tensors shaped like its parameters "
-                    f"{[tuple(p.shape) for p in params]}"
+                    f"{len(params)} finite dense tensors shaped like its parameters "
+                    f"{[tuple(p.shape) for p in params]} with their dtypes "
+                    f"{[str(p.dtype) for p in params]}"
                 )
             out.append([t.detach().to(p.device, p.dtype, copy=True)
                         for t, p in zip(ts, params, strict=True)])  # fmt: skip

@@ -59,4 +59,4 @@ def test_contribution_rule_ranks_measure_and_decide_alike(results: dict[str, Any
     assert r0["history"] == r1["history"] and r0["frozen"] == r1["frozen"]
     assert r0["fingerprint"] == r1["fingerprint"]
     measured = [d["contribution"] for d in r0["history"] if d["contribution"][-1] is not None]
-    assert len(measured) == 20 - 3  # from the 4th window of 2 steps on
+    assert len(measured) == 20 - 15  # from the 16th window of 2 steps on (30 pooled steps)

@@ -134,7 +134,8 @@ def test_contribution_rule_state_with_tensors_resumes_bit_identical(
     callback = make_cb()
     full = case.fit(tmp_path / "full", callback, save_every_epoch=True)
     history = callback.schedule.history
-    assert history[-1].contribution[0] is not None  # it measured: 4 windows pooled
+    state = callback.schedule.state_dict()
+    assert state["recent"] and state["update"][0] is not None  # it measured and holds copies
     checkpoint = full.checkpoints[0]
     if case is LIGHTNING:
         extra: dict[str, Any] = {"ckpt_path": str(checkpoint)}
@@ -147,6 +148,10 @@ def test_contribution_rule_state_with_tensors_resumes_bit_identical(
     resumed_cb = make_cb()
     resumed = case.fit(tmp_path / "resumed", resumed_cb, **extra)
     assert resumed_cb.schedule.history == history  # the measurements, exactly
+    again = resumed_cb.schedule.state_dict()
+    assert again["recent"] == state["recent"]  # the pooled contributions, exactly
+    for a, b in zip(again["update"], state["update"], strict=True):
+        assert (a is None) == (b is None) and (a is None or all(map(torch.equal, a, b)))
     assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model)
     if case is HF:  # a folder that lost the tensor file is refused, naming it
         (checkpoint / TENSORS_FILE).unlink()

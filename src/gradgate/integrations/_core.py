@@ -120,7 +120,12 @@ def join_tensors(value: Any, tensors: Sequence[torch.Tensor] | None, where: str)
     if isinstance(value, Mapping):
         if set(value) == {TENSOR_KEY}:
             k = value[TENSOR_KEY]
-            if tensors is None or not isinstance(k, int) or not 0 <= k < len(tensors):
+            if (
+                tensors is None
+                or isinstance(k, bool)
+                or not isinstance(k, int)
+                or not 0 <= k < len(tensors)
+            ):
                 raise CheckpointError(
                     f"the callback state names tensor {k!r} but {where} "
                     f"{'is missing' if tensors is None else f'holds {len(tensors)}'}; "

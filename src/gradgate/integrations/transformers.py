@@ -289,6 +289,13 @@ class GradgateFinetuning(TrainerCallback):
                 tensors = torch.load(tensor_path, map_location="cpu", weights_only=True)
             except Exception as e:  # a damaged file: say which, change nothing
                 raise CheckpointError(f"cannot read {tensor_path} ({e})") from e
+            if not isinstance(tensors, list) or not all(
+                isinstance(t, torch.Tensor) for t in tensors
+            ):
+                raise CheckpointError(
+                    f"{tensor_path} holds {type(tensors).__name__}, not the list of tensors "
+                    "this callback writes; resume from a checkpoint folder written whole by it"
+                )
         self.core.load_state_dict(join_tensors(saved, tensors, tensor_path))
 
     def on_train_end(
