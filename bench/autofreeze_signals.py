@@ -138,18 +138,27 @@ def _window(
 
 def replay(values: list[list[float]], ratio: float, patience: int = 2, keep: int = 1) -> list[Any]:
     """Rank rule on a low-is-settled signal: the ``(window, frozen stages)`` moves."""
-    n, boundary, streak, moves = len(values[0]), 0, [0] * len(values[0]), []
+    boundary, streak, moves = 0, [0] * len(values[0]), []
     for t, v in enumerate(values, start=1):
         bar = ratio * statistics.median(v[boundary:])
-        for i in range(boundary, n):
-            streak[i] = streak[i] + 1 if v[i] < bar else 0
-        k = boundary
-        while k < n - keep and streak[k] >= patience:
-            k += 1
+        k = _advance(streak, [x < bar for x in v], boundary, keep, patience)
         if k > boundary:
             moves.append((t, k))
             boundary = k
     return moves
+
+
+def _advance(streak: list[int], settled: list[bool], boundary: int, keep: int,
+             patience: int) -> int:  # fmt: skip
+    """Count each trainable stage's settled streak (in ``streak``); the new boundary: the
+    longest prefix settled ``patience`` times in a row, keeping the last ``keep`` stages."""
+    n = len(streak)
+    for i in range(boundary, n):
+        streak[i] = streak[i] + 1 if settled[i] else 0
+    k = boundary
+    while k < n - keep and streak[k] >= patience:
+        k += 1
+    return k
 
 
 def replay_contribution(
@@ -172,12 +181,8 @@ def replay_contribution(
             continue
         top = float(mean[boundary:].max())
         upper = (mean + 2 * se).tolist()
-        for i in range(boundary, n):
-            settled = t[i] < low if bound is None else upper[i] < bound * top
-            streak[i] = streak[i] + 1 if settled else 0
-        k = boundary
-        while k < n - keep and streak[k] >= patience:
-            k += 1
+        settled = [t[i] < low if bound is None else upper[i] < bound * top for i in range(n)]
+        k = _advance(streak, settled, boundary, keep, patience)
         if k > boundary:
             moves.append((end, k))
             boundary = k

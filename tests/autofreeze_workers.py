@@ -26,6 +26,18 @@ def _model() -> nn.Sequential:
     )  # fmt: skip
 
 
+def _ddp_step(af: gg.AutoFreeze, opt: torch.optim.Optimizer, rank: int, step: int) -> list[str]:
+    """One DDP step on this rank's half of batch ``step``, then ``af.step()``."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(32, 8, generator=g)
+    y = (x[:, :4] * 2).tanh()
+    loss = F.mse_loss(af.wrapped(x.chunk(2)[rank]), y.chunk(2)[rank])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return af.step()
+
+
 def wrapped(rank: int) -> dict[str, Any]:
     """DDP through gg.distributed.wrap: each rank sees its own half of every batch."""
     model = _model()
@@ -36,14 +48,7 @@ def wrapped(rank: int) -> dict[str, Any]:
     frozen_prints: dict[str, str] = {}
     frozen_unchanged = True
     for step in range(40):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(32, 8, generator=g)
-        y = (x[:, :4] * 2).tanh()
-        loss = F.mse_loss(af.wrapped(x.chunk(2)[rank]), y.chunk(2)[rank])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        for name in af.step():
+        for name in _ddp_step(af, opt, rank, step):
             frozen_prints[name] = gg.fingerprint(model.get_submodule(name))
         frozen_unchanged &= all(
             gg.fingerprint(model.get_submodule(n)) == fp for n, fp in frozen_prints.items()
@@ -121,19 +126,12 @@ def rank_rule(rank: int) -> dict[str, Any]:
 
 
 def contribution(rank: int) -> dict[str, Any]:
-    """The contribution rule under DDP: each rank its half of every batch, 4 pooled windows."""
+    """The contribution rule under DDP: each rank its half of every batch, 16 pooled windows."""
     model = _model()
     opt = torch.optim.AdamW(gg.param_groups(model, lr=2e-2, weight_decay=0.1))
     af = gg.AutoFreeze(gg.distributed.wrap(model), optimizer=opt, every=2, rule="contribution")
     for step in range(40):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(32, 8, generator=g)
-        y = (x[:, :4] * 2).tanh()
-        loss = F.mse_loss(af.wrapped(x.chunk(2)[rank]), y.chunk(2)[rank])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        af.step()
+        _ddp_step(af, opt, rank, step)
     return {
         "history": [d.to_dict() for d in af.history],
         "frozen": af.frozen,

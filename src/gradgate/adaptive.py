@@ -4,8 +4,8 @@ Every ``every`` optimizer steps, ``AutoFreeze`` asks of each trainable stage
 whether its own updates still matter (by default: whether the loss reduction
 they cause, over the last 4 windows, is shown to be below a tenth of the
 stage that learns most, decided only while some stage measurably learns, so
-that gradient noise alone never freezes), and freezes the longest settled prefix of stages through
-``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a
+that gradient noise alone never freezes), and freezes the longest settled
+prefix of stages through ``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a
 ``gg.FeatureCache`` (``split``). The rank rule of the AutoFreeze paper
 (arXiv 2102.01386, on gradient-norm decay) and a fixed threshold remain as
 options.
@@ -59,9 +59,10 @@ class Decision:
             the first two usable windows); ``None`` before the baseline is
             complete and for frozen stages. The rank rule's signal.
         contribution: per stage, the t-statistic of the loss reduction its own
-            steps caused over the last ``CONTRIBUTION_WINDOWS`` windows (see
-            ``rule="contribution"``); ``None`` before there are that many
-            windows, for frozen stages and under the other rules.
+            steps caused over the pooled windows (the last 4, more when
+            ``every`` is below 8; see ``rule="contribution"``); ``None`` before
+            there are that many windows, for frozen stages and under the other
+            rules.
         bound: per stage, the upper bound (mean + 2 standard errors) of that
             loss reduction as a share of the largest stage mean; the
             contribution rule's signal (settled below 0.1). ``None`` where
@@ -133,14 +134,19 @@ def _seq(name: str, value: object, n: int) -> list[Any]:
     return list(value)
 
 
-def _floats(name: str, value: object, n: int) -> list[float]:
+def _floats(name: str, value: object, n: int, signed: bool = False) -> list[float]:
+    """``n`` finite numbers (``>= 0`` unless ``signed``) from a saved state, else an error."""
     out = _seq(name, value, n)
     if not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and (signed or v >= 0)
         for v in out
     ):
+        bound = "" if signed else " >= 0"
         raise InvalidArgumentError(
-            f"the state's {name} must hold finite numbers >= 0; got {value!r}"
+            f"the state's {name} must hold finite numbers{bound}; got {value!r}"
         )
     return [float(v) for v in out]
 
@@ -158,21 +164,16 @@ def _dot(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 def _sums(name: str, value: object, n: int) -> list[list[float]]:
     """A window's contribution sums, sums of squares and counts (the last two >= 0)."""
     rows = _seq(name, value, 3)
-    return [_numbers(name, rows[0], n), _floats(name, rows[1], n), _floats(name, rows[2], n)]
+    return [
+        _floats(name, rows[0], n, signed=True),
+        _floats(name, rows[1], n),
+        _floats(name, rows[2], n),
+    ]
 
 
 def _pool(every: int) -> int:
     """Windows pooled by the contribution rule: 4, or enough for ``MIN_SAMPLES`` steps."""
     return max(CONTRIBUTION_WINDOWS, -(-MIN_SAMPLES // every) + 1)
-
-
-def _numbers(name: str, value: object, n: int) -> list[float]:
-    out = _seq(name, value, n)
-    if not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in out
-    ):
-        raise InvalidArgumentError(f"the state's {name} must hold finite numbers; got {value!r}")
-    return [float(v) for v in out]
 
 
 def _seq_any(name: str, value: object, most: int) -> list[Any]:
@@ -238,8 +239,8 @@ class AutoFreeze:
 
     - ``rule="contribution"`` (the default): each step, each stage's
       *contribution* is the loss reduction its own previous update caused on
-      this step's batch, to first order: ``-g_t . (w_{t-1} - w_{t-2})`` (loss change allocation,
-      Lan et al. 2019), measured on a batch the update never saw, so for
+      this step's batch, to first order: ``-g_t . (w_{t-1} - w_{t-2})``
+      (loss change allocation, Lan et al. 2019), measured on a batch the update never saw, so for
       gradients that are pure noise its mean is 0. Over the last
       ``CONTRIBUTION_WINDOWS`` (4) windows AutoFreeze takes each stage's
       mean contribution and its standard error. It decides only while some
@@ -253,8 +254,9 @@ class AutoFreeze:
       pools more windows (``ceil(30 / every) + 1``). ``patience`` is 1
       unless given (each decision already pools 4 windows). Call ``step()``
       exactly once per optimizer step: a second call would score an update
-      on the very gradient that made it. It keeps two copies of the trainable stages' weights (the
-      last weights and the last update), freed as stages freeze.
+      on the very gradient that made it. It keeps two copies of the
+      trainable stages' weights (the last weights and the last update), freed
+      as stages freeze.
     - ``rule="rank"``: each stage's ``g`` is divided by its
       baseline (its mean over the first two usable windows): the *decay* of
       its gradient. A stage is *settled* in a window when its decay is below
@@ -269,7 +271,8 @@ class AutoFreeze:
       ``threshold=``): a stage is settled when its window-to-window change
       is below ``threshold``; ``patience`` is 1 unless given. ``threshold=0``
       never freezes.
-    Either way it freezes a prefix only (never a stage behind a trainable
+
+    Every rule freezes a prefix only (never a stage behind a trainable
     one), never leaves fewer than ``min_trainable`` stages training and never
     unfreezes. A window where some trainable stage had a finite, non-zero
     gradient norm in fewer than half of its steps (NaN or inf from an
@@ -376,7 +379,7 @@ class AutoFreeze:
         self._base = [0.0] * len(self.stages)
         self._base_windows = 0
         # the contribution rule: per window and stage the sum, sum of squares and count of
-        # the per-step contributions; the last CONTRIBUTION_WINDOWS usable windows; per
+        # the per-step contributions; the last _pool(every) usable windows; per
         # stage the weights after the last step and the last update (None: not yet known)
         self._c = [self._zeros(), self._zeros(), self._zeros()]
         self._recent: list[list[list[float]]] = []
@@ -522,19 +525,24 @@ class AutoFreeze:
             return []
         return self._decide()
 
-    def _contribution_stats(self) -> tuple[list[float | None], list[float | None]]:
-        """Per trainable stage, over the recent windows: the t-statistic of its contributions
-        and the upper bound of its mean contribution as a share of the top stage's mean."""
+    def _contribution_rule(
+        self,
+    ) -> tuple[list[float | None], list[float | None], list[bool] | None]:
+        """Per trainable stage, over the pooled windows: the t-statistic of its contributions,
+        the upper bound of its mean contribution as a share of the top stage's mean, and
+        whether it is settled (``None``: nothing to decide from yet)."""
         n_stages = len(self.stages)
         t: list[float | None] = [None] * n_stages
         bound: list[float | None] = [None] * n_stages
         if len(self._recent) < _pool(self.every):
-            return t, bound
+            return t, bound, None
         means: dict[int, tuple[float, float]] = {}
+        pooled = math.inf  # the fewest pooled steps of any trainable stage
         for i in range(self.boundary, n_stages):
             total, squares, n = (sum(w[k][i] for w in self._recent) for k in range(3))
             if n < 2:
-                return [None] * n_stages, bound
+                return [None] * n_stages, bound, None
+            pooled = min(pooled, n)
             mean = total / n
             se = math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1) / n)
             means[i] = mean, se
@@ -546,25 +554,16 @@ class AutoFreeze:
         if top > 0:
             for i, (mean, se) in means.items():
                 bound[i] = (mean + BOUND_Z * se) / top
-        return t, bound
+        if pooled < MIN_SAMPLES or max(v for v in t if v is not None) < EVIDENCE_T:
+            return t, bound, [False] * n_stages  # too few samples, or no stage learns
+        return t, bound, [b is not None and b < NEGLIGIBLE for b in bound]
 
     def _settled_now(
-        self,
-        change: list[float | None],
-        decay: list[float | None],
-        contribution: list[float | None],
-        bound: list[float | None],
+        self, change: list[float | None], decay: list[float | None]
     ) -> list[bool] | None:
-        """Per stage whether this window counts as settled; ``None``: nothing to compare yet."""
+        """Per stage whether this window counts as settled under the rank or threshold rule;
+        ``None``: nothing to compare yet."""
         live = range(self.boundary, len(self.stages))
-        if self.rule == "contribution":
-            t = [contribution[i] for i in live]
-            if any(v is None for v in t):
-                return None
-            pooled = min(sum(w[2][i] for w in self._recent) for i in live)
-            if pooled < MIN_SAMPLES or max(v for v in t if v is not None) < EVIDENCE_T:
-                return [False] * len(self.stages)  # too few samples, or no stage learns
-            return [b is not None and b < NEGLIGIBLE for b in bound]
         if self.threshold is not None:  # the threshold rule
             if self._previous is None:
                 return None
@@ -609,8 +608,9 @@ class AutoFreeze:
                     decay[i] = means[i] * self._base_windows / self._base[i]
             if self.rule == "contribution":
                 self._recent = [*self._recent, c][-_pool(self.every) :]
-                contribution, bound = self._contribution_stats()
-            settled = self._settled_now(change, decay, contribution, bound)
+                contribution, bound, settled = self._contribution_rule()
+            else:
+                settled = self._settled_now(change, decay)
             if settled is not None:
                 for i in live:
                     self._settled[i] = self._settled[i] + 1 if settled[i] else 0
