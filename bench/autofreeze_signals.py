@@ -54,6 +54,17 @@ def _dot(params: Sequence[torch.nn.Parameter], delta: Sequence[torch.Tensor]) ->
     )
 
 
+def _disp(params: Sequence[torch.nn.Parameter], before: Sequence[torch.Tensor]) -> float:
+    """``g . (w - w_before)``: the slope of the loss along the stage's net move since
+    ``before`` (the start of the previous window); oscillation across a valley cancels
+    in the net move, steady travel does not (negative: still going downhill)."""
+    return sum(
+        float(torch.dot(p.grad.reshape(-1), (p.detach() - b).reshape(-1)))
+        for p, b in zip(params, before, strict=True)
+        if p.grad is not None
+    )
+
+
 def record(task: str, seed: int) -> dict[str, Any]:
     """Train ``task`` fully once; per window, per stage, every signal in ``SIGNALS``."""
     torch.set_num_threads(1)
@@ -70,7 +81,8 @@ def record(task: str, seed: int) -> dict[str, Any]:
     start_of_window = [[p.detach().clone() for p in ps] for ps in params]
     before_step = [[p.detach().clone() for p in ps] for ps in params]
     delta = [[torch.zeros_like(p) for p in ps] for ps in params]
-    lca_sum, lca_steps = [0.0] * n, []
+    lca_sum, lca_steps, disp_steps = [0.0] * n, [], []
+    window_before = [[p.detach().clone() for p in ps] for ps in params]
     rows: list[dict[str, Any]] = []
     accs: list[tuple[int, float]] = []
     per_epoch = -(-len(w.train) // w.batch)
@@ -88,6 +100,7 @@ def record(task: str, seed: int) -> dict[str, Any]:
                 torch._foreach_add_(grad_sum[i], grads)
             lca = [_dot(ps, delta[i]) for i, ps in enumerate(params)]
             lca_steps.append(lca)
+            disp_steps.append([_disp(ps, window_before[i]) for i, ps in enumerate(params)])
             lca_sum = [a + b for a, b in zip(lca_sum, lca)]
             opt.step()
             step += 1
@@ -97,6 +110,7 @@ def record(task: str, seed: int) -> dict[str, Any]:
                 path[i] += _norm(delta[i])
                 torch._foreach_copy_(before_step[i], now)
             if step % every == 0:
+                window_before = [[t.clone() for t in ts] for ts in start_of_window]
                 row = _window(step, every, params, opt, grad_sum, norm_sum, path, start_of_window)
                 row["lca"] = lca_sum
                 rows.append(row)
@@ -104,7 +118,7 @@ def record(task: str, seed: int) -> dict[str, Any]:
             if step % (per_epoch // w.evals_per_epoch) == 0:
                 accs.append((step, auto.accuracy(model, w.held_out)))
     return {"task": task, "seed": seed, "stages": stages, "every": every, "rows": rows,
-            "accs": accs, "lca_steps": lca_steps,
+            "accs": accs, "lca_steps": lca_steps, "disp_steps": disp_steps,
             "cpu_seconds": time.process_time() - clock}  # fmt: skip
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import runpy
 from pathlib import Path
 from typing import Any
@@ -450,7 +452,7 @@ def test_rule_arguments_keep_the_old_keywords_working() -> None:
     old = gg.AutoFreeze(model, optimizer=opt, every=50, threshold=0.05)
     assert (old.rule, old.threshold, old.patience) == ("threshold", 0.05, 1)
     new = gg.AutoFreeze(model, optimizer=opt)
-    assert (new.rule, new.threshold, new.patience, new.every) == ("contribution", None, 1, 16)
+    assert (new.rule, new.threshold, new.patience, new.every) == ("progress", None, 1, 16)
     rank = gg.AutoFreeze(model, optimizer=opt, rule="rank")
     assert (rank.rule, rank.threshold, rank.patience, rank.ratio) == ("rank", None, 2, 0.7)
     explicit = gg.AutoFreeze(model, optimizer=opt, rule="threshold")
@@ -458,7 +460,7 @@ def test_rule_arguments_keep_the_old_keywords_working() -> None:
 
 
 BAD_RULES: list[tuple[dict[str, Any], str]] = [
-    ({"rule": "median"}, r"rule must be one of \['contribution', 'rank', 'threshold'\]; got 'me"),
+    ({"rule": "median"}, r"rule must be one of \['progress', 'contribution', 'rank', 'threshold'\]; got 'me"),
     ({"rule": "rank", "threshold": 0.1}, r"threshold=0.1 applies to rule='threshold' only"),
     ({"patience": 0}, r"patience must be a whole number >= 1; got 0"),
     ({"ratio": 0.0}, r"ratio must be a number in \(0, 1\].*got 0.0"),
@@ -712,15 +714,17 @@ def _contribution_run(
     every: int = 8,
     state: dict[str, Any] | None = None,
     start: int = 0,
+    rule: str = "contribution",
 ) -> tuple[gg.AutoFreeze, nn.Sequential, torch.optim.Optimizer]:
     """SGD fed gradients ``signal(stage, step) * G_stage + noise`` (noise of norm ~2.5x G).
 
     The contribution ``-g_t . (w_{t-1} - w_{t-2}) = lr g_t . g_{t-1}`` has mean
-    ``lr signal^2 |G|^2``: zero where a stage's signal has gone, as for pure noise.
+    ``lr signal^2 |G|^2``, the progress ``-g_t . (w_{t-1} - anchor)`` (``k`` steps back)
+    ``k lr signal^2 |G|^2``: zero where a stage's signal has gone, as for pure noise.
     """
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    af = gg.AutoFreeze(model, optimizer=opt, every=every, rule="contribution")
+    af = gg.AutoFreeze(model, optimizer=opt, every=every, rule=rule)
     if state is not None:
         model.load_state_dict(state["model"])
         af.load_state_dict(state["af"])
@@ -740,10 +744,18 @@ def _contribution_run(
     return af, model, opt
 
 
-def test_contribution_rule_freezes_a_front_that_stops_learning_while_the_rest_learns() -> None:
+MEASURED = ["contribution", "progress"]
+
+
+@pytest.mark.parametrize("rule", MEASURED)
+def test_measured_rules_freeze_a_front_that_stops_learning_while_the_rest_learns(
+    rule: str,
+) -> None:
     for seed in range(3):
-        af, model, _ = _contribution_run(200, lambda i, s: 0.0 if i == 0 and s >= 60 else 1.0, seed)
-        assert (af.rule, af.patience) == ("contribution", 1)
+        af, model, _ = _contribution_run(
+            200, lambda i, s: 0.0 if i == 0 and s >= 60 else 1.0, seed, rule=rule
+        )
+        assert (af.rule, af.patience) == (rule, 1)
         assert af.frozen == ["0"], (seed, [d.contribution for d in af.history])
         (freeze,) = [d for d in af.history if d.froze]
         assert 60 + 2 * 8 <= freeze.step <= 60 + 10 * 8  # once the pooled windows show it
@@ -753,7 +765,8 @@ def test_contribution_rule_freezes_a_front_that_stops_learning_while_the_rest_le
         assert all(b is not None and b >= 0.1 for b in bound[1:])
         _frozen_prefix_holds(model, af)
         # its weight copies are dropped; the trainable stages' are kept
-        assert af._last[0] is None and af._update[0] is None and af._last[1] is not None
+        copies = (af._last, af._update) if rule == "contribution" else (af._anchor, af._start)
+        assert copies[0][0] is None and copies[1][0] is None and copies[0][1] is not None
 
 
 @pytest.mark.parametrize(
@@ -765,20 +778,24 @@ def test_contribution_rule_freezes_a_front_that_stops_learning_while_the_rest_le
     ],
     ids=["pure-noise", "all-learning", "all-growing"],
 )
-def test_contribution_rule_does_not_freeze_a_stage_that_learns_or_on_noise(signal: Any) -> None:
+@pytest.mark.parametrize("rule", MEASURED)
+def test_measured_rules_do_not_freeze_a_stage_that_learns_or_on_noise(
+    signal: Any, rule: str
+) -> None:
     for seed in range(4):
-        af, model, _ = _contribution_run(320, signal, seed)
+        af, model, _ = _contribution_run(320, signal, seed, rule=rule)
         assert af.frozen == [], (seed, [d.contribution for d in af.history if d.contribution])
         assert all(_flags(model).values())
         assert af.history[-1].contribution[0] is not None  # it did measure
 
 
-def test_contribution_rule_is_the_one_that_tells_noise_apart() -> None:
+@pytest.mark.parametrize("rule", MEASURED)
+def test_measured_rules_tell_noise_apart(rule: str) -> None:
     # pure noise on the real AdamW update: the rank rule's signal-free sibling, the threshold
-    # rule, freezes on it; the contribution rule does not (its guard needs t >= 5 somewhere)
+    # rule, freezes on it; the measured rules do not (their guard needs t >= 5 somewhere)
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    af = gg.AutoFreeze(model, optimizer=opt, every=8, rule="contribution")
+    af = gg.AutoFreeze(model, optimizer=opt, every=8, rule=rule)
     g = torch.Generator().manual_seed(3)
     for _ in range(400):
         for p in model.parameters():
@@ -790,28 +807,35 @@ def test_contribution_rule_is_the_one_that_tells_noise_apart() -> None:
     assert ts and max(ts) < 5.0
 
 
-def test_contribution_rule_resume_is_bit_identical_across_a_freeze(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rule", MEASURED)
+def test_measured_rules_resume_bit_identical_across_a_freeze(tmp_path: Path, rule: str) -> None:
     def signal(i: int, s: int) -> float:
         return 0.0 if (i == 0 and s >= 40) or (i == 1 and s >= 120) else 1.0
 
     total = 220
-    ref_af, ref_model, _ = _contribution_run(total, signal, 1)
+    ref_af, ref_model, _ = _contribution_run(total, signal, 1, rule=rule)
     froze_at = [(d.step, d.froze) for d in ref_af.history if d.froze]
     assert [f for _, f in froze_at] == [["0"], ["2"]], froze_at
     stop = froze_at[0][0] + 5  # inside a window, between the two freezes
-    af, model, opt = _contribution_run(stop, signal, 1)
+    af, model, opt = _contribution_run(stop, signal, 1, rule=rule)
     state = {"model": model.state_dict(), "opt": opt.state_dict(), "af": af.state_dict()}
-    assert state["af"]["last"][0] is None and isinstance(state["af"]["update"][1][0], torch.Tensor)
+    keys = ("last", "update") if rule == "contribution" else ("anchor", "start")
+    assert state["af"][keys[0]][0] is None
+    assert isinstance(state["af"][keys[1]][1][0], torch.Tensor)
     path = tmp_path / "ckpt.pt"
     torch.save(state, path)
     loaded = torch.load(path, weights_only=True)
-    resumed_af, resumed_model, _ = _contribution_run(total, signal, 1, state=loaded, start=stop)
+    resumed_af, resumed_model, _ = _contribution_run(
+        total, signal, 1, state=loaded, start=stop, rule=rule
+    )
     assert resumed_af.history == ref_af.history and resumed_af.frozen == ref_af.frozen
     for (name, a), b in zip(ref_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
-    # without the weight copies the next contribution is unknown: the record would differ
-    lost = dict(loaded["af"], last=None, update=None)
-    partial, _, _ = _contribution_run(total, signal, 1, state=dict(loaded, af=lost), start=stop)
+    # without the weight copies the next measurement is unknown: the record would differ
+    lost = dict(loaded["af"], **{k: None for k in keys})
+    partial, _, _ = _contribution_run(
+        total, signal, 1, state=dict(loaded, af=lost), start=stop, rule=rule
+    )
     assert partial.history != ref_af.history
 
 
@@ -864,6 +888,7 @@ def test_sparse_gradients_are_measured() -> None:
         opt.step()
         af.step()
     assert af.history[-1].grad_norm[0] is not None and af.history[-1].grad_norm[0] > 0
+    assert af.rule == "progress" and af._recent[-1][2][0] > 0  # its progress too (the rows)
 
 
 def test_a_state_dict_is_one_moment_and_refuses_zero_previous_means() -> None:
@@ -882,3 +907,78 @@ def test_a_state_dict_is_one_moment_and_refuses_zero_previous_means() -> None:
             dict(state, last=[[t.double() for t in state["last"][0]], *state["last"][1:]])
         )
     assert fresh.steps == 0 and fresh.history == []
+
+
+# -- the progress rule: measured in the optimizer's step pre-hook ---------------
+
+
+def test_progress_is_measured_on_the_weights_before_the_step_moves_them() -> None:
+    # SGD with a constant gradient G: w_t = w_0 - t lr G. At step t the gradient was taken
+    # at w_{t-1}, so the progress -G . (w_{t-1} - w_0) is (t - 1) lr |G|^2; measured after
+    # the step it would be t lr |G|^2. The first step only keeps w_0 as the anchor.
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 1, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    af = gg.AutoFreeze(model, optimizer=opt, every=4)
+    grads = [torch.full(p.shape, 2.0) for p in model.parameters()]
+    for _ in range(4):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+        af.step()
+    total, squares, count = (row[0] for row in af._recent[0])
+    unit = 0.5 * float(grads[0].pow(2).sum())
+    assert count == 3 and total == pytest.approx((1 + 2 + 3) * unit)
+    assert squares == pytest.approx((1 + 4 + 9) * unit**2)
+
+
+def test_progress_hook_survives_copies_and_pickles_of_the_optimizer() -> None:
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    af = gg.AutoFreeze(model, optimizer=opt, every=4)
+    pickle.loads(pickle.dumps(opt)).step()  # pickles (as a no-op hook) and steps
+    twin = copy.deepcopy(opt)  # shares the hook: its steps are not this AutoFreeze's
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    twin.step()
+    twin.step()
+    assert af._anchor == [None] * 4 and all(float(v) == 0 for row in af._c for v in row)
+    opt.step()  # the AutoFreeze's own optimizer: the first step keeps the anchor
+    assert all(a is not None for a in af._anchor)
+
+
+class _NoHooks:
+    """An optimizer wrapper with param_groups but no step pre-hooks."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.param_groups = inner.param_groups
+
+
+def test_progress_rule_needs_an_optimizer_that_takes_a_step_pre_hook() -> None:
+    model = _model()
+    bare = _NoHooks(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(gg.InvalidArgumentError, match=r"_NoHooks does not take; pass a torch"):
+        gg.AutoFreeze(model, optimizer=bare)  # type: ignore[arg-type]
+    rank = gg.AutoFreeze(model, optimizer=bare, rule="rank")  # type: ignore[arg-type]
+    state, _, _ = _contribution_run(20, lambda i, s: 1.0, rule="progress")
+    with pytest.raises(gg.InvalidArgumentError, match=r"step pre-hook"):
+        rank.load_state_dict(state.state_dict())
+    assert (rank.rule, rank.steps, rank.history) == ("rank", 0, [])
+
+
+def test_progress_state_with_wrong_copies_is_refused_and_changes_nothing() -> None:
+    af, _, _ = _contribution_run(30, lambda i, s: 1.0, rule="progress")
+    state = af.state_dict()
+    assert all(isinstance(ts, list) for ts in state["anchor"] + state["start"])
+    model = _model()
+    fresh = gg.AutoFreeze(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), every=8)
+    bad = dict(state, anchor=[[torch.zeros(3)], *state["anchor"][1:]])
+    with pytest.raises(gg.InvalidArgumentError, match=r"anchor for stage '0' must be 2 finite"):
+        fresh.load_state_dict(bad)
+    nan = [[torch.full_like(t, float("nan")) for t in state["start"][1]]]
+    with pytest.raises(gg.InvalidArgumentError, match=r"start for stage '2' must be"):
+        fresh.load_state_dict(dict(state, start=[state["start"][0], *nan, *state["start"][2:]]))
+    assert fresh.steps == 0 and fresh._anchor == [None] * 4 and fresh.history == []
+    fresh.load_state_dict(state)
+    kept, original = fresh._start[1], af._start[1]
+    assert kept is not None and original is not None
+    assert torch.equal(kept[0], original[0]) and kept[0] is not original[0]

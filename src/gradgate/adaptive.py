@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -161,6 +162,49 @@ def _dot(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a, b)
 
 
+def _slope(grad: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor,
+           scratch: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``grad . (weight - anchor)`` as one number: the difference is formed a slice of
+    ``CHUNK`` elements at a time in ``scratch``, so each tensor is read once from memory
+    and no copy of it is made (a sparse gradient reads its rows only)."""
+    if grad.is_sparse:
+        g = grad.coalesce()
+        rows = g.indices()[0]
+        diff = weight.detach().index_select(0, rows) - anchor.index_select(0, rows)
+        return _dot(g.values(), diff)
+    g, w, a = grad.reshape(-1), weight.detach().reshape(-1), anchor.reshape(-1)
+    parts = []
+    for start in range(0, g.numel(), CHUNK):
+        end = min(start + CHUNK, g.numel())
+        d = scratch[: end - start]
+        torch.sub(w[start:end], a[start:end], out=d)
+        parts.append(_dot(g[start:end], d))
+    return torch.stack(parts).sum() if parts else torch.zeros((), device=g.device)
+
+
+class _ProgressHook:
+    """The optimizer's step pre-hook of an ``AutoFreeze(rule="progress")``: measures each
+    trainable stage's slope just before the weights move. It holds the AutoFreeze weakly
+    (an optimizer never keeps a dead one alive), ignores any other optimizer (a
+    ``deepcopy`` shares the hook), and pickles as a no-op."""
+
+    def __init__(self, af: AutoFreeze) -> None:
+        self.ref: weakref.ref[AutoFreeze] | None = weakref.ref(af)
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        af = None if self.ref is None else self.ref()
+        if af is not None and af.rule == "progress" and optimizer is af.optimizer:
+            af._measure_progress()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"ref": None}
+
+
+def _cloned(copies: list[list[torch.Tensor] | None]) -> list[list[torch.Tensor] | None]:
+    """Copies of per-stage weight copies, not the live buffers: a state is one moment."""
+    return [None if ts is None else [t.detach().clone() for t in ts] for ts in copies]
+
+
 def _sums(name: str, value: object, n: int) -> list[list[float]]:
     """A window's contribution sums, sums of squares and counts (the last two >= 0)."""
     rows = _seq(name, value, 3)
@@ -188,7 +232,8 @@ def _shorten(names: Sequence[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-RULES = ("contribution", "rank", "threshold")
+RULES = ("progress", "contribution", "rank", "threshold")
+MEASURED = ("progress", "contribution")  # the rules that pool per-step t-statistics
 BASE_WINDOWS = 2  # usable windows averaged into each stage's baseline gradient norm
 # The contribution rule (measurements in bench/notes/autofreeze.md):
 CONTRIBUTION_WINDOWS = 4  # windows pooled into each stage's mean contribution
@@ -196,6 +241,7 @@ EVIDENCE_T = 5.0  # decide only while some trainable stage's contribution has t 
 BOUND_Z = 2.0  # a stage's contribution is at most its mean + BOUND_Z standard errors ...
 NEGLIGIBLE = 0.1  # ... and it is settled when that is below this share of the top stage's mean
 MIN_SAMPLES = 30  # pooled steps per stage before deciding (t = 5 from 2 samples is luck)
+CHUNK = 1 << 17  # elements per slice of the progress rule's difference (stays in cache)
 T_CAP = 1e9  # the t-statistic of a constant, non-zero contribution (zero variance)
 
 
@@ -214,7 +260,7 @@ def _check_threshold(value: object) -> float:
 
 def _resolve_rule(rule: object, threshold: object) -> tuple[str, float | None]:
     if rule is None:
-        rule = "contribution" if threshold is None else "threshold"
+        rule = "progress" if threshold is None else "threshold"
     if rule not in RULES:
         raise InvalidArgumentError(f"rule must be one of {list(RULES)}; got {rule!r}")
     if rule != "threshold":
@@ -385,6 +431,31 @@ class AutoFreeze:
         self._recent: list[list[list[float]]] = []
         self._last: list[list[torch.Tensor] | None] = [None] * len(self.stages)
         self._update: list[list[torch.Tensor] | None] = [None] * len(self.stages)
+        # the progress rule: per stage the weights its slope is measured from (the start
+        # of the previous window; the first weights seen until two windows have passed)
+        # and the weights at the start of the current window (None: not yet known)
+        self._anchor: list[list[torch.Tensor] | None] = [None] * len(self.stages)
+        self._start: list[list[torch.Tensor] | None] = [None] * len(self.stages)
+        self._scratch: torch.Tensor | None = None
+        self._hook = self._register(optimizer)
+
+    def _register(self, optimizer: Any) -> Any:
+        """Hook the progress rule's measurement into ``optimizer.step()`` (any rule: a loaded
+        state may switch to it); ``None`` for an optimizer that takes no step pre-hook."""
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        if register is None:
+            if self.rule == "progress":
+                raise InvalidArgumentError(self._no_hook(optimizer))
+            return None
+        return register(_ProgressHook(self))
+
+    @staticmethod
+    def _no_hook(optimizer: Any) -> str:
+        return (
+            f"rule='progress' measures inside optimizer.step() through a step pre-hook, which "
+            f"{type(optimizer).__name__} does not take; pass a torch.optim optimizer (the "
+            "trainer's inner one), or rule='contribution'"
+        )
 
     def _zeros(self) -> list[torch.Tensor]:
         return [torch.zeros((), dtype=torch.float64) for _ in self.stages]
@@ -497,6 +568,55 @@ class AutoFreeze:
                 torch.sub(w, previous, out=u)  # one pass: read both, write the update
             torch._foreach_copy_(last, now)
 
+    def _measure_progress(self) -> None:
+        """Before the optimizer moves the weights: add each trainable stage's progress
+        ``-g_t . (w_{t-1} - anchor)`` to the window (``g_t`` was computed at ``w_{t-1}``,
+        the weights now); the first call only keeps the weights as the anchor."""
+        with torch.no_grad():
+            for i in range(self.boundary, len(self.stages)):
+                params = self._params[i]
+                anchor = self._anchor[i]
+                if anchor is None:
+                    self._anchor[i] = [p.detach().clone() for p in params]
+                    continue
+                dots = []
+                for p, a in zip(params, anchor, strict=True):
+                    if p.grad is None:
+                        continue
+                    scratch = self._scratch
+                    size = min(p.numel(), CHUNK)
+                    if (
+                        scratch is None
+                        or scratch.numel() < size
+                        or scratch.dtype != p.dtype
+                        or scratch.device != p.device
+                    ):
+                        scratch = self._scratch = torch.empty(
+                            max(size, 0 if scratch is None else scratch.numel()),
+                            dtype=p.dtype, device=p.device,
+                        )  # fmt: skip
+                    dots.append(_slope(p.grad, p, a, scratch))
+                if dots:
+                    c = -torch.stack(dots).double().sum()
+                    good = torch.isfinite(c)
+                    c = torch.where(good, c, 0.0)
+                    for k, value in enumerate((c, c * c, good.double())):
+                        self._c[k][i] = self._c[k][i].to(c.device) + value
+
+    def _next_window(self) -> None:
+        """At a window's end (progress rule): the current window's start becomes the anchor
+        and the weights now the next window's start (the first start keeps the first
+        anchor, so the slope always spans at least one window from the third on)."""
+        for i in range(self.boundary, len(self.stages)):
+            now = [p.detach() for p in self._params[i]]
+            start = self._start[i]
+            if start is None:
+                if self._anchor[i] is not None:
+                    self._start[i] = [t.clone() for t in now]
+                continue
+            self._anchor[i], self._start[i] = start, self._anchor[i]
+            torch._foreach_copy_(self._start[i], now)  # type: ignore[arg-type]
+
     def _window(self) -> tuple[list[float], list[float], int, list[list[float]]]:
         """Per stage the sum of good norms and the count of good steps, over all ranks; and
         the window's contribution sums, sums of squares and counts, averaged over the ranks."""
@@ -523,7 +643,10 @@ class AutoFreeze:
         self.steps += 1
         if self.steps % self.every:
             return []
-        return self._decide()
+        froze = self._decide()
+        if self.rule == "progress":
+            self._next_window()
+        return froze
 
     def _contribution_rule(
         self,
@@ -534,7 +657,7 @@ class AutoFreeze:
         n_stages = len(self.stages)
         t: list[float | None] = [None] * n_stages
         bound: list[float | None] = [None] * n_stages
-        if len(self._recent) < _pool(self.every):
+        if self.rule == "contribution" and len(self._recent) < _pool(self.every):
             return t, bound, None
         means: dict[int, tuple[float, float]] = {}
         pooled = math.inf  # the fewest pooled steps of any trainable stage
@@ -606,7 +729,7 @@ class AutoFreeze:
             if self._base_windows >= BASE_WINDOWS:
                 for i in live:
                     decay[i] = means[i] * self._base_windows / self._base[i]
-            if self.rule == "contribution":
+            if self.rule in MEASURED:
                 self._recent = [*self._recent, c][-_pool(self.every) :]
                 contribution, bound, settled = self._contribution_rule()
             else:
@@ -650,8 +773,8 @@ class AutoFreeze:
     def _freeze_to(self, cut: int) -> None:
         index = ModelIndex(self.model)  # the one walk of this step: freeze, sync, rewrap
         apply_indexed(index, "freeze", list(self.stages[self.boundary : cut]))
-        for i in range(self.boundary, cut):  # the contribution rule's copies are not needed
-            self._last[i] = self._update[i] = None
+        for i in range(self.boundary, cut):  # the weight copies are not needed any more
+            self._last[i] = self._update[i] = self._anchor[i] = self._start[i] = None
         self.boundary = cut
         index = current(index)
         sync_indexed(self.optimizer, index, self.scheduler)
@@ -708,10 +831,10 @@ class AutoFreeze:
             "contribution": [[float(v) for v in row] for row in self._c],
             "recent": [[list(row) for row in w] for w in self._recent],
             # copies, not the live buffers: the state is one moment, like its numbers
-            "last": [None if ts is None else [t.detach().clone() for t in ts] for ts in self._last],
-            "update": [
-                None if ts is None else [t.detach().clone() for t in ts] for ts in self._update
-            ],
+            "last": _cloned(self._last),
+            "update": _cloned(self._update),
+            "anchor": _cloned(self._anchor),
+            "start": _cloned(self._start),
             "history": [d.to_dict() for d in self.history],
         }
 
@@ -784,6 +907,10 @@ class AutoFreeze:
         ]
         last = self._copies("last", state.get("last"), boundary)
         update = self._copies("update", state.get("update"), boundary)
+        anchor = self._copies("anchor", state.get("anchor"), boundary)
+        start = self._copies("start", state.get("start"), boundary)
+        if rule == "progress" and self._hook is None:
+            raise InvalidArgumentError(self._no_hook(self.optimizer))
         try:
             history = [Decision(**d) for d in state.get("history", [])]
         except TypeError as e:
@@ -802,6 +929,7 @@ class AutoFreeze:
         self._base, self._base_windows = base, base_windows
         self._c = [[torch.tensor(v, dtype=torch.float64) for v in row] for row in contrib]
         self._recent, self._last, self._update = recent, last, update
+        self._anchor, self._start = anchor, start
         self.history = history
 
     def _copies(self, key: str, value: object, boundary: int) -> list[list[torch.Tensor] | None]:

@@ -144,9 +144,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     auto.add_argument(
         "--rule",
-        choices=["contribution", "rank", "threshold"],
+        choices=["progress", "contribution", "rank", "threshold"],
         default=None,
-        help="AutoFreeze rule (default: contribution; threshold when --threshold is given)",
+        help="AutoFreeze rule (default: progress; threshold when --threshold is given)",
     )
     auto.add_argument(
         "--threshold", type=float, default=None, help="AutoFreeze threshold (threshold rule)"
