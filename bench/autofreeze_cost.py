@@ -87,7 +87,11 @@ def overhead() -> None:
         base = None
         for rule in (None, "rank", "contribution", "progress"):
             opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-            af = None if rule is None else gg.AutoFreeze(model, optimizer=opt, every=10**6, rule=rule)
+            af = (
+                None
+                if rule is None
+                else gg.AutoFreeze(model, optimizer=opt, every=10**6, rule=rule)
+            )
             times = []
             for _ in range(15):
                 start = time.process_time()

@@ -14,11 +14,17 @@ Trains one ``gradgate bench autofreeze`` workload with everything trainable
 - ``lca``: loss change allocation, ``sum g_{t+1} . (w_t - w_{t-1})`` over the
   window: the first-order change of the loss on the *next* batch caused by the
   stage's own update (negative: the stage's steps reduce the loss; for
-  zero-mean gradients its expectation is 0). Per step too, in ``lca_steps``.
+  zero-mean gradients its expectation is 0). Per step too, in ``lca_steps``;
+- per step only, in ``disp_steps``: the slope ``g_t . (w_{t-1} - anchor)`` of the
+  loss along the stage's net move since the start of the previous window (the
+  first weights during the first two windows): what ``rule="progress"`` reads
+  (negative: the stage still goes downhill).
 
 Then it replays the rank rule (freeze the leading stages below ``ratio`` times
 the median of the trainable stages in 2 consecutive windows, keep the last
-one) on each low-is-settled signal. Findings are in bench/notes/autofreeze.md.
+one) on each low-is-settled signal, and the contribution and progress rules
+on their per-step values, with how often each fires on pure noise. Findings
+are in bench/notes/autofreeze.md.
 
 Run: python bench/autofreeze_signals.py image OUT.json   (or text; --seed N; --replay)
 """
@@ -177,23 +183,37 @@ def _advance(streak: list[int], settled: list[bool], boundary: int, keep: int,
 
 def replay_contribution(
     steps: list[list[float]], every: int, low: float, evidence: float, patience: int = 1,
-    windows: int = 4, keep: int = 1, bound: float | None = None,
+    windows: int = 4, keep: int = 1, bound: float | None = None, early: bool = False,
+    peak: bool = False,
 ) -> list[Any]:  # fmt: skip
     """AutoFreeze's contribution rule on per-step contributions ``g_t . update_{t-1}``
     (negative: the update reduced the loss): the ``(step, frozen stages)`` moves.
 
     Settled: t below ``low`` (the first version), or with ``bound`` (what
     ``gg.AutoFreeze`` runs: ``bound=0.1``) mean + 2 standard errors below
-    ``bound`` times the top trainable stage's mean."""
+    ``bound`` times the top trainable stage's mean. With ``early`` (the progress
+    rule on its per-step slopes ``g_t . (w_{t-1} - anchor)``) it decides as soon as
+    30 steps are pooled (step 32 at 16-step windows; the first step has no slope)
+    instead of after ``windows`` windows. With ``peak`` (tried, not kept) the bound is
+    measured against the largest top mean seen while some stage had t >= ``evidence``,
+    and decisions go on after the evidence is gone."""
     n, boundary, streak, moves = len(steps[0]), 0, [0] * len(steps[0]), []
-    for end in range(windows * every, len(steps) + 1, every):
-        seg = torch.tensor(steps[end - windows * every : end], dtype=torch.float64).neg()
+    best: float | None = None
+    for end in range((2 if early else windows) * every, len(steps) + 1, every):
+        seg = torch.tensor(steps[max(1 if early else 0, end - windows * every) : end],
+                           dtype=torch.float64).neg()  # fmt: skip
+        if len(seg) < 30:
+            continue
         mean, se = seg.mean(0), seg.std(0) / len(seg) ** 0.5
         t = (mean / se).nan_to_num(0.0).tolist()
-        if max(t[boundary:]) < evidence:
+        top = float(mean[boundary:].max())
+        if max(t[boundary:]) >= evidence:
+            best = top if best is None else max(best, top)
+        if max(t[boundary:]) < evidence and not (peak and best is not None):
             streak = [0] * n
             continue
-        top = float(mean[boundary:].max())
+        if peak and best is not None:
+            top = best
         upper = (mean + 2 * se).tolist()
         settled = [t[i] < low if bound is None else upper[i] < bound * top for i in range(n)]
         k = _advance(streak, settled, boundary, keep, patience)
@@ -205,14 +225,15 @@ def replay_contribution(
 
 def noise_rate(
     stages: int, evidence: float, low: float, patience: int, runs: int = 200,
-    bound: float | None = None,
+    bound: float | None = None, early: bool = False, peak: bool = False,
 ) -> int:  # fmt: skip
     """In how many of ``runs`` synthetic runs of pure noise (640 steps) the rule freezes."""
     g = torch.Generator().manual_seed(0)
     fired = 0
     for _ in range(runs):
         steps = torch.randn(640, stages, generator=g).tolist()
-        fired += bool(replay_contribution(steps, 16, low, evidence, patience, bound=bound))
+        fired += bool(replay_contribution(steps, 16, low, evidence, patience, bound=bound,
+                                          early=early, peak=peak))  # fmt: skip
     return fired
 
 
@@ -233,6 +254,14 @@ def replays(trace: dict[str, Any]) -> dict[str, Any]:
     rate = noise_rate(len(trace["stages"]), 5.0, 0.0, 1, bound=0.1)
     name = "contribution as gg.AutoFreeze runs it: evidence 5.0, bound 0.1"
     out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
+    if "disp_steps" in trace:  # traces recorded before the progress rule lack its slopes
+        for label, peak in (("as gg.AutoFreeze runs it", False), ("against the peak", True)):
+            moves = replay_contribution(
+                trace["disp_steps"], trace["every"], 0.0, 5.0, bound=0.1, early=True, peak=peak
+            )
+            rate = noise_rate(len(trace["stages"]), 5.0, 0.0, 1, bound=0.1, early=True, peak=peak)
+            name = f"progress {label}: evidence 5.0, bound 0.1"
+            out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
     return out
 
 

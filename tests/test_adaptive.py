@@ -460,7 +460,10 @@ def test_rule_arguments_keep_the_old_keywords_working() -> None:
 
 
 BAD_RULES: list[tuple[dict[str, Any], str]] = [
-    ({"rule": "median"}, r"rule must be one of \['progress', 'contribution', 'rank', 'threshold'\]; got 'me"),
+    (
+        {"rule": "median"},
+        r"rule must be one of \['progress', 'contribution', 'rank', 'threshold'\]; got 'me",
+    ),
     ({"rule": "rank", "threshold": 0.1}, r"threshold=0.1 applies to rule='threshold' only"),
     ({"patience": 0}, r"patience must be a whole number >= 1; got 0"),
     ({"ratio": 0.0}, r"ratio must be a number in \(0, 1\].*got 0.0"),

@@ -1,11 +1,11 @@
 """Adaptive freezing: freeze the leading stages that have stopped learning (AutoFreeze).
 
 Every ``every`` optimizer steps, ``AutoFreeze`` asks of each trainable stage
-whether its own updates still matter (by default: whether the loss reduction
-they cause, over the last 4 windows, is shown to be below a tenth of the
-stage that learns most, decided only while some stage measurably learns, so
-that gradient noise alone never freezes), and freezes the longest settled
-prefix of stages through ``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a
+whether it still makes progress (by default: whether the slope of the loss
+along the stage's net move over the last window or two, pooled over up to 4
+windows, is shown to be below a tenth of the stage that progresses most,
+decided only while some stage measurably progresses, so that gradient noise
+alone never freezes), and freezes the longest settled prefix of stages through ``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a
 ``gg.FeatureCache`` (``split``). The rank rule of the AutoFreeze paper
 (arXiv 2102.01386, on gradient-norm decay) and a fixed threshold remain as
 options.
@@ -59,14 +59,16 @@ class Decision:
         decay: per stage, ``grad_norm`` over the stage's baseline (the mean of
             the first two usable windows); ``None`` before the baseline is
             complete and for frozen stages. The rank rule's signal.
-        contribution: per stage, the t-statistic of the loss reduction its own
-            steps caused over the pooled windows (the last 4, more when
-            ``every`` is below 8; see ``rule="contribution"``); ``None`` before
-            there are that many windows, for frozen stages and under the other
+        contribution: per stage, the t-statistic of what the measured rules
+            read over the pooled windows (up to 4, more when ``every`` is
+            below 8): its progress under ``rule="progress"``, the loss
+            reduction its own steps caused under ``rule="contribution"``;
+            ``None`` before there is anything to pool (for the contribution
+            rule: before 4 windows), for frozen stages and under the other
             rules.
         bound: per stage, the upper bound (mean + 2 standard errors) of that
-            loss reduction as a share of the largest stage mean; the
-            contribution rule's signal (settled below 0.1). ``None`` where
+            quantity as a share of the largest stage mean; the measured
+            rules' signal (settled below 0.1). ``None`` where
             ``contribution`` is, or when no stage's mean is positive.
 
     Example:
@@ -279,11 +281,33 @@ class AutoFreeze:
     Call ``af.step()`` after each ``optimizer.step()`` (before ``zero_grad``:
     it reads the gradients); with a ``GradScaler``, after
     ``scaler.step(optimizer)``, which unscales the gradients in place. It
-    adds each trainable stage's gradient norm (and, under the default rule,
-    its contribution) to a window; every ``every`` steps it takes the
-    window's mean norm ``g`` per stage and decides:
+    adds each trainable stage's gradient norm (and, under the measured rules,
+    its progress or contribution) to a window; every ``every`` steps it takes
+    the window's mean norm ``g`` per stage and decides:
 
-    - ``rule="contribution"`` (the default): each step, each stage's
+    - ``rule="progress"`` (the default): each step, each stage's *progress*
+      is the slope of the loss along its net move, ``-g_t . (w_{t-1} -
+      anchor)``, where ``anchor`` is the stage's weights at the start of the
+      previous window (the first weights seen during the first two windows),
+      so the move spans one to two windows: positive while the stage still
+      travels downhill, about 0 or below once its moves are noise around a
+      minimum (oscillation across a valley cancels in the net move; one step's
+      update, which ``rule="contribution"`` reads, is mostly that
+      oscillation). It is measured inside ``optimizer.step()``, through a
+      step pre-hook AutoFreeze registers on the optimizer, on the weights
+      the gradient was taken at, before they move: no weight copy per step
+      (two snapshots per trainable stage, taken once per window, freed as
+      stages freeze; a skipped AMP step is not measured). Then as for the
+      contribution rule: t-statistics over the pooled windows (up to 4),
+      decisions only while some stage has t >= ``EVIDENCE_T``, a stage
+      settled when its upper bound is below ``NEGLIGIBLE`` of the top
+      stage's mean, never on fewer than ``MIN_SAMPLES`` pooled steps; the
+      first decision comes as soon as there are that many (step 32 at
+      ``every=16``). ``Decision.contribution`` and ``bound`` hold its
+      t-statistics and bounds. It needs a ``torch.optim`` optimizer (a
+      step pre-hook); the hook holds AutoFreeze weakly, ignores other
+      optimizers and pickles as a no-op.
+    - ``rule="contribution"``: each step, each stage's
       *contribution* is the loss reduction its own previous update caused on
       this step's batch, to first order: ``-g_t . (w_{t-1} - w_{t-2})``
       (loss change allocation, Lan et al. 2019), measured on a batch the update never saw, so for
@@ -301,8 +325,8 @@ class AutoFreeze:
       unless given (each decision already pools 4 windows). Call ``step()``
       exactly once per optimizer step: a second call would score an update
       on the very gradient that made it. It keeps two copies of the
-      trainable stages' weights (the last weights and the last update), freed
-      as stages freeze.
+      trainable stages' weights (the last weights and the last update),
+      updated every step, freed as stages freeze.
     - ``rule="rank"``: each stage's ``g`` is divided by its
       baseline (its mean over the first two usable windows): the *decay* of
       its gradient. A stage is *settled* in a window when its decay is below
@@ -348,8 +372,9 @@ class AutoFreeze:
         threshold: the change under which a stage counts as settled; passing
             it selects ``rule="threshold"``.
         min_trainable: stages that always keep training (the last ones).
-        rule: ``"contribution"``, ``"rank"`` or ``"threshold"``; by default
-            ``"contribution"`` unless ``threshold`` is given.
+        rule: ``"progress"``, ``"contribution"``, ``"rank"`` or
+            ``"threshold"``; by default ``"progress"`` unless ``threshold``
+            is given.
         patience: consecutive settled windows before a stage freezes (default:
             2 under the rank rule, 1 under the others).
         ratio: the rank rule's margin: settled means a decay below ``ratio``
@@ -359,7 +384,8 @@ class AutoFreeze:
         InvalidArgumentError: a bad ``every``/``threshold``/``min_trainable``/
             ``rule``/``patience``/``ratio``, ``threshold`` with
             ``rule="rank"``, stages that do not partition the trainable
-            parameters, or an optimizer that lacks some of them. Nothing is
+            parameters, an optimizer that lacks some of them, or (under
+            ``rule="progress"``) one that takes no step pre-hook. Nothing is
             changed then.
 
     Example:
@@ -807,9 +833,11 @@ class AutoFreeze:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, step count, frozen prefix, window, history.
 
-        Under ``rule="contribution"`` it holds tensors (``last``, ``update``:
-        the weights after the last step and the last update of each trainable
-        stage), so save it with ``torch.save``, not JSON.
+        Under the measured rules it holds tensors (``progress``: ``anchor``
+        and ``start``, each trainable stage's weights at the start of the
+        previous and of the current window; ``contribution``: ``last`` and
+        ``update``, the weights after the last step and the last update), so
+        save it with ``torch.save``, not JSON.
         """
         return {
             "stages": list(self.stages.names),

@@ -103,7 +103,7 @@ def split_tensors(value: Any, out: list[torch.Tensor]) -> Any:
     """``value`` with every tensor replaced by ``{TENSOR_KEY: k}`` (``out[k]`` holds it).
 
     A callback state that must be JSON (the HF Trainer's checkpoint folder)
-    keeps its tensors (AutoFreeze's contribution rule) in a side file.
+    keeps its tensors (the weight snapshots of AutoFreeze's measured rules) in a side file.
     """
     if isinstance(value, torch.Tensor):
         out.append(value)

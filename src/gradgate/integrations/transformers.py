@@ -60,8 +60,8 @@ STATE_FILE = "gradgate_finetuning.json"
 """Name of the file holding ``GradgateFinetuning``'s state in each checkpoint folder."""
 
 TENSORS_FILE = "gradgate_finetuning_tensors.pt"
-"""Name of the file holding the tensors of that state (``AutoFreeze(rule="contribution")``
-keeps weight copies), written only when the state has any."""
+"""Name of the file holding the tensors of that state (AutoFreeze's default ``progress``
+rule and its ``contribution`` rule keep weight copies), written only when the state has any."""
 
 
 class GradgateFinetuning(TrainerCallback):
