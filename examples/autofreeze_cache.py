@@ -7,9 +7,10 @@ cache, so each stage runs once more over the data, never again), and only the
 rest of the network runs.
 
 It uses the threshold rule (``threshold=0.1``) on purpose: this MLP learns from
-scratch, every layer keeps learning, and the default rule (``"contribution"``)
-rightly freezes nothing here (tried on seeds 0-2: no freeze, accuracy
-0.909-0.917), so the cache move would not be shown. The default rule fires on
+scratch, every layer keeps learning, and the default rule (``"progress"``, like
+the ``"contribution"`` rule before it) rightly freezes nothing here (tried on
+seeds 0-2: no freeze, accuracy 0.909-0.917), so the cache move would not be
+shown. The default rule fires on
 pretrained fine-tunes (docs/adaptive.md, the benchmark).
 
 The baseline it must beat: the same network untrained (chance on ten digits).

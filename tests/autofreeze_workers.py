@@ -16,7 +16,7 @@ from torch import nn
 import gradgate as gg
 from spawn_harness import run_ranks
 
-SCENARIOS = ["wrapped", "local", "rank_rule", "contribution"]
+SCENARIOS = ["wrapped", "local", "rank_rule", "contribution", "progress"]
 
 
 def _model() -> nn.Sequential:
@@ -125,11 +125,11 @@ def rank_rule(rank: int) -> dict[str, Any]:
     return {"history": [d.to_dict() for d in af.history], "frozen": af.frozen, "rule": af.rule}
 
 
-def contribution(rank: int) -> dict[str, Any]:
+def contribution(rank: int, rule: str = "contribution") -> dict[str, Any]:
     """The contribution rule under DDP: each rank its half of every batch, 16 pooled windows."""
     model = _model()
     opt = torch.optim.AdamW(gg.param_groups(model, lr=2e-2, weight_decay=0.1))
-    af = gg.AutoFreeze(gg.distributed.wrap(model), optimizer=opt, every=2, rule="contribution")
+    af = gg.AutoFreeze(gg.distributed.wrap(model), optimizer=opt, every=2, rule=rule)
     for step in range(40):
         _ddp_step(af, opt, rank, step)
     return {
@@ -137,6 +137,11 @@ def contribution(rank: int) -> dict[str, Any]:
         "frozen": af.frozen,
         "fingerprint": gg.fingerprint(model),
     }
+
+
+def progress(rank: int) -> dict[str, Any]:
+    """The progress rule under DDP: measured in the optimizer's pre-hook on each rank."""
+    return contribution(rank, "progress")
 
 
 def run(rank: int, init: str, out: str, scenarios: list[str]) -> None:

@@ -5,8 +5,9 @@ whether it still makes progress (by default: whether the slope of the loss
 along the stage's net move over the last window or two, pooled over up to 4
 windows, is shown to be below a tenth of the stage that progresses most,
 decided only while some stage measurably progresses, so that gradient noise
-alone never freezes), and freezes the longest settled prefix of stages through ``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served from a
-``gg.FeatureCache`` (``split``). The rank rule of the AutoFreeze paper
+alone never freezes), and freezes the longest settled prefix of stages
+through ``gg.freeze`` and ``gg.sync``. The frozen prefix can then be served
+from a ``gg.FeatureCache`` (``split``). The rank rule of the AutoFreeze paper
 (arXiv 2102.01386, on gradient-norm decay) and a fixed threshold remain as
 options.
 """

@@ -60,3 +60,14 @@ def test_contribution_rule_ranks_measure_and_decide_alike(results: dict[str, Any
     assert r0["fingerprint"] == r1["fingerprint"]
     measured = [d["contribution"] for d in r0["history"] if d["contribution"][-1] is not None]
     assert len(measured) == 20 - 15  # from the 16th window of 2 steps on (30 pooled steps)
+
+
+def test_progress_rule_ranks_measure_and_decide_alike(results: dict[str, Any]) -> None:
+    r0, r1 = results["progress"]
+    assert r0["history"] == r1["history"] and r0["frozen"] == r1["frozen"]
+    assert r0["fingerprint"] == r1["fingerprint"]
+    measured = [d["contribution"] for d in r0["history"] if d["contribution"][-1] is not None]
+    # t from the second window on (the first step only keeps the anchor); decisions wait
+    # for 30 pooled steps: the first at step 32 (window 16), where both ranks agree
+    assert len(measured) == 20 - 1
+    assert r0["history"][15]["bound"] == r1["history"][15]["bound"]

@@ -81,16 +81,18 @@ def autofreeze(stages: Any, every: int) -> Any:
     return functools.partial(_autofreeze, stages=stages, every=every)
 
 
-def _contribution(model: nn.Module, optimizer: Any, scheduler: Any, stages: Any, every: int) -> Any:
+def _measured(
+    model: nn.Module, optimizer: Any, scheduler: Any, stages: Any, every: int, rule: str
+) -> Any:
     return gg.AutoFreeze(
-        model, stages, optimizer=optimizer, scheduler=scheduler, every=every,
-        rule="contribution",
-    )  # fmt: skip
+        model, stages, optimizer=optimizer, scheduler=scheduler, every=every, rule=rule
+    )
 
 
-def contribution(stages: Any, every: int) -> Any:
-    """AutoFreeze under the contribution rule: its state holds weight copies (tensors)."""
-    return functools.partial(_contribution, stages=stages, every=every)
+def measured(stages: Any, every: int, rule: str) -> Any:
+    """AutoFreeze under a measured rule (progress, contribution): its state holds weight
+    copies (tensors)."""
+    return functools.partial(_measured, stages=stages, every=every, rule=rule)
 
 
 def _record_modes(model: nn.Module, part: str, run: Run) -> None:

@@ -119,23 +119,25 @@ def test_each_schedule_kind_acts_at_its_granularity_and_resumes_bit_identical(
         assert resumed.lrs and resumed.lrs == full.lrs[-len(resumed.lrs) :], checkpoint.name
 
 
+@pytest.mark.parametrize("rule", ["progress", "contribution"])
 @pytest.mark.parametrize("case", CASES)
-def test_contribution_rule_state_with_tensors_resumes_bit_identical(
-    case: Case, tmp_path: Path
+def test_measured_rule_state_with_tensors_resumes_bit_identical(
+    case: Case, rule: str, tmp_path: Path
 ) -> None:
-    # AutoFreeze(rule="contribution") keeps weight copies in its state: Lightning's
+    # AutoFreeze's measured rules keep weight copies in their state: Lightning's
     # checkpoint holds them as tensors, the HF callback writes them beside its JSON
     frozen = case.frozen if isinstance(case.frozen, list) else [case.frozen]
     stages = [case.late, case.rest]
+    copies = "update" if rule == "contribution" else "start"
 
     def make_cb() -> Any:
-        return case.callback(frozen, schedule=fw.contribution(stages, every=1))
+        return case.callback(frozen, schedule=fw.measured(stages, every=1, rule=rule))
 
     callback = make_cb()
     full = case.fit(tmp_path / "full", callback, save_every_epoch=True)
     history = callback.schedule.history
     state = callback.schedule.state_dict()
-    assert state["recent"] and state["update"][0] is not None  # it measured and holds copies
+    assert state["recent"] and state[copies][0] is not None  # it measured and holds copies
     checkpoint = full.checkpoints[0]
     if case is LIGHTNING:
         extra: dict[str, Any] = {"ckpt_path": str(checkpoint)}
@@ -150,10 +152,12 @@ def test_contribution_rule_state_with_tensors_resumes_bit_identical(
     assert resumed_cb.schedule.history == history  # the measurements, exactly
     again = resumed_cb.schedule.state_dict()
     assert again["recent"] == state["recent"]  # the pooled contributions, exactly
-    for a, b in zip(again["update"], state["update"], strict=True):
+    for a, b in zip(again[copies], state[copies], strict=True):
         assert (a is None) == (b is None) and (a is None or all(map(torch.equal, a, b)))
     assert gg.fingerprint(resumed.model) == gg.fingerprint(full.model)
     if case is HF:  # a folder that lost the tensor file is refused, naming it
         (checkpoint / TENSORS_FILE).unlink()
         with pytest.raises(gg.CheckpointError, match=TENSORS_FILE):
-            HFFinetuning(frozen, schedule=fw.contribution(stages, every=1)).restore(str(checkpoint))
+            HFFinetuning(frozen, schedule=fw.measured(stages, every=1, rule=rule)).restore(
+                str(checkpoint)
+            )
