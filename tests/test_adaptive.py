@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import pickle
 import runpy
@@ -985,3 +986,130 @@ def test_progress_state_with_wrong_copies_is_refused_and_changes_nothing() -> No
     kept, original = fresh._start[1], af._start[1]
     assert kept is not None and original is not None
     assert torch.equal(kept[0], original[0]) and kept[0] is not original[0]
+
+
+def _progress_history(
+    make_opt: Any, steps: int = 48, zero_every_other: str | None = None, scaler: Any = None
+) -> gg.AutoFreeze:
+    """The 4-stage model trained on ``_batch``; the AutoFreeze is given ``make_opt(model)``
+    (which returns what to pass and what to step). ``zero_every_other``: stage 0's
+    gradient on odd steps is "none" (absent) or "zero" (zeroed, kept)."""
+    model = _model()
+    given, stepped = make_opt(model)
+    af = gg.AutoFreeze(model, optimizer=given, every=4)
+    for step in range(steps):
+        x, y = _batch(step % 8)
+        stepped.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if zero_every_other and step % 2:
+            for p in model[0].parameters():
+                p.grad = None if zero_every_other == "none" else torch.zeros_like(p)
+        if scaler is None:
+            stepped.step()
+        else:
+            scaler.step(stepped)
+            scaler.update()
+        af.step()
+    return af
+
+
+class _Forwarding:
+    """A wrapper that exposes the inner optimizer as ``.optimizer`` (as Lightning's
+    ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` do) and steps it."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.optimizer = inner
+        self.param_groups = inner.param_groups
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+
+class _HalfBuiltOptimizer(torch.optim.Optimizer):
+    """An Optimizer subclass that never runs ``Optimizer.__init__`` (accelerate's wrapper):
+    it has ``register_step_pre_hook`` but no hook table; the inner one is ``.optimizer``."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.optimizer = inner
+        self.param_groups = inner.param_groups
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad()
+
+
+def test_progress_through_an_optimizer_wrapper_measures_the_inner_steps() -> None:
+    # found by an adversarial probe: the hook compared the stepping optimizer with the
+    # wrapper it was given and never measured (nothing froze, silently); accelerate's
+    # half-built subclass crashed with an AttributeError
+    def plain(model: nn.Module) -> tuple[Any, Any]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return opt, opt
+
+    reference = _progress_history(plain)
+    assert reference.history[-1].contribution[0] is not None
+    for wrap in (_Forwarding, _HalfBuiltOptimizer):
+
+        def wrapped(model: nn.Module, wrap: Any = wrap) -> tuple[Any, Any]:
+            w = wrap(torch.optim.SGD(model.parameters(), lr=0.05))
+            return w, w
+
+        assert _progress_history(wrapped).history == reference.history, wrap.__name__
+
+
+def test_a_copied_or_unpickled_autofreeze_measures_its_own_optimizer() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    af = gg.AutoFreeze(model, optimizer=opt, every=4)
+    for twin in (copy.deepcopy(af), pickle.loads(pickle.dumps(af))):
+        for p in twin.model.parameters():
+            p.grad = torch.ones_like(p)
+        twin.optimizer.step()  # the first measured step keeps the anchor
+        assert all(a is not None for a in twin._anchor)
+        assert af._anchor == [None] * 4  # the original's optimizer did not step
+
+
+def test_progress_under_a_fused_optimizer_and_grad_scaler_reads_unscaled_slopes() -> None:
+    # a fused optimizer takes the loss scale as grad_scale and unscales inside its step,
+    # after the pre-hook: the slope is divided by it (power-of-two scales: exactly)
+    def fused(model: nn.Module) -> tuple[Any, Any]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        return opt, opt
+
+    plain = _progress_history(fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    scaled = _progress_history(fused, scaler=scaler)
+    assert scaler.get_scale() > 2.0**8  # the scale moved during the run
+    assert [d.contribution for d in scaled.history] == [d.contribution for d in plain.history]
+    assert [d.bound for d in scaled.history] == [d.bound for d in plain.history]
+
+
+def test_a_zeroed_gradient_counts_as_no_gradient_for_the_progress_rule() -> None:
+    # found by the probe: a stage without a gradient was left out when its grad was None
+    # but counted as a slope of 0 when zeroed; the norms treat both as unusable, and so
+    # does the slope now (it is kept only on a step whose norm is usable)
+    def sgd(model: nn.Module) -> tuple[Any, Any]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return opt, opt
+
+    absent = _progress_history(sgd, zero_every_other="none")
+    zeroed = _progress_history(sgd, zero_every_other="zero")
+    assert [d.contribution for d in zeroed.history] == [d.contribution for d in absent.history]
+    assert absent._recent[-1][2][0] == 2.0  # 2 of the window's 4 steps measured on stage 0
+
+
+def test_a_collected_autofreeze_takes_its_hook_off_the_optimizer() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        gg.AutoFreeze(model, optimizer=opt, every=4)  # built and dropped, as in a notebook
+    gc.collect()
+    assert len(opt._optimizer_step_pre_hooks) == 0
+    af = gg.AutoFreeze(model, optimizer=opt, every=4)
+    assert len(opt._optimizer_step_pre_hooks) == 1 and af._hooked is opt

@@ -610,8 +610,9 @@ def test_autofreeze_takes_an_optimizer_built_on_a_row_frozen_model() -> None:
     assert not torch.equal(before[6:], conv[6:])
 
 
-def test_contribution_rule_measures_only_the_trainable_rows_of_a_row_frozen_model(
-    tmp_path: Any,
+@pytest.mark.parametrize("rule", ["progress", "contribution"])
+def test_measured_rules_measure_only_the_trainable_rows_of_a_row_frozen_model(
+    tmp_path: Any, rule: str
 ) -> None:
     def build() -> tuple[Any, Any, gg.AutoFreeze]:
         torch.manual_seed(0)
@@ -620,10 +621,10 @@ def test_contribution_rule_measures_only_the_trainable_rows_of_a_row_frozen_mode
         )
         gg.train_only(net, gg.rows("3.weight", [10, 11]), gg.rows("0.weight", [6, 7]))
         opt = torch.optim.AdamW(gg.param_groups(net, lr=0.1, weight_decay=0.1))
-        return net, opt, gg.AutoFreeze(net, optimizer=opt, every=2)
+        return net, opt, gg.AutoFreeze(net, optimizer=opt, every=2, rule=rule)
 
     net, opt, auto = build()
-    assert auto.rule == "contribution"
+    assert auto.rule == rule
     g = torch.Generator().manual_seed(1)
     for _ in range(40):
         opt.zero_grad()
@@ -632,14 +633,16 @@ def test_contribution_rule_measures_only_the_trainable_rows_of_a_row_frozen_mode
         auto.step()
     assert auto.history[-1].contribution[0] is not None  # 16 windows of 2 steps measured
     # the copies are the trainable rows (2 of 8 conv filters), never the frozen W
-    shapes = [[tuple(t.shape) for t in ts] for ts in auto._update if ts is not None]
+    copies = auto._update if rule == "contribution" else auto._start
+    shapes = [[tuple(t.shape) for t in ts] for ts in copies if ts is not None]
     assert shapes[0] == [(2, 3, 3, 3)] and shapes[1] == [(2, 128)]
     path = tmp_path / "af.pt"
     torch.save(auto.state_dict(), path)
     _, _, fresh = build()
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert fresh.history == auto.history
-    for a, b in zip(fresh._update, auto._update, strict=True):
+    again = fresh._update if rule == "contribution" else fresh._start
+    for a, b in zip(again, copies, strict=True):
         assert a is not None and b is not None and all(map(torch.equal, a, b))
 
 

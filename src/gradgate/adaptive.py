@@ -28,6 +28,7 @@ from torch import nn
 
 from . import schedules
 from ._index import ModelIndex, current
+from ._optimizers import unwrap_optimizer
 from .distributed import GatedDDP, rewrap_indexed
 from .errors import InvalidArgumentError
 from .freezing import apply_indexed
@@ -188,16 +189,24 @@ def _slope(grad: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor,
 class _ProgressHook:
     """The optimizer's step pre-hook of an ``AutoFreeze(rule="progress")``: measures each
     trainable stage's slope just before the weights move. It holds the AutoFreeze weakly
-    (an optimizer never keeps a dead one alive), ignores any other optimizer (a
-    ``deepcopy`` shares the hook), and pickles as a no-op."""
+    (an optimizer never keeps a dead one alive; the AutoFreeze removes it when collected),
+    ignores any optimizer but the one it was registered on (a ``deepcopy`` of the optimizer
+    shares the hook), and pickles as a no-op (an unpickled or copied AutoFreeze registers
+    its own). A fused optimizer stepped by a ``GradScaler`` gets the loss scale as
+    ``optimizer.grad_scale``: the gradients are still scaled here, so the slope is divided
+    by it."""
 
     def __init__(self, af: AutoFreeze) -> None:
         self.ref: weakref.ref[AutoFreeze] | None = weakref.ref(af)
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         af = None if self.ref is None else self.ref()
-        if af is not None and af.rule == "progress" and optimizer is af.optimizer:
-            af._measure_progress()
+        if af is not None and af.rule == "progress" and optimizer is af._hooked:
+            # GradScaler.step sets it on the optimizer for the step (or passes it)
+            scale = getattr(optimizer, "grad_scale", None)
+            if scale is None and isinstance(kwargs, dict):
+                scale = kwargs.get("grad_scale")
+            af._measure_progress(scale)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"ref": None}
@@ -464,17 +473,36 @@ class AutoFreeze:
         self._anchor: list[list[torch.Tensor] | None] = [None] * len(self.stages)
         self._start: list[list[torch.Tensor] | None] = [None] * len(self.stages)
         self._scratch: torch.Tensor | None = None
-        self._hook = self._register(optimizer)
+        # this step's slope per stage, measured in optimizer.step(), kept by af.step() only
+        # when the step's gradient is usable (finite, non-zero norm), as for the norms
+        self._pending: list[torch.Tensor | None] = [None] * len(self.stages)
+        self._hooked: torch.optim.Optimizer | None = None
+        self._register(optimizer)
 
-    def _register(self, optimizer: Any) -> Any:
-        """Hook the progress rule's measurement into ``optimizer.step()`` (any rule: a loaded
-        state may switch to it); ``None`` for an optimizer that takes no step pre-hook."""
-        register = getattr(optimizer, "register_step_pre_hook", None)
-        if register is None:
+    def _register(self, optimizer: Any) -> None:
+        """Hook the progress rule's measurement into the step of ``optimizer`` or the torch
+        optimizer it wraps (any rule: a loaded state may switch to it); under the progress
+        rule, an optimizer that takes no step pre-hook is refused."""
+        try:
+            inner: Any = unwrap_optimizer(optimizer)
+        except InvalidArgumentError:
+            inner = optimizer
+        if not isinstance(getattr(inner, "_optimizer_step_pre_hooks", None), dict):
             if self.rule == "progress":
                 raise InvalidArgumentError(self._no_hook(optimizer))
-            return None
-        return register(_ProgressHook(self))
+            return
+        handle = inner.register_step_pre_hook(_ProgressHook(self))
+        self._hooked = inner
+        weakref.finalize(self, handle.remove)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_hooked"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """An unpickled or deep-copied AutoFreeze hooks its own (copied) optimizer."""
+        self.__dict__.update(state)
+        self._hooked = None
+        self._register(self.optimizer)
 
     @staticmethod
     def _no_hook(optimizer: Any) -> str:
@@ -557,6 +585,13 @@ class AutoFreeze:
                 good = torch.isfinite(norm) & (norm > 0)
                 self._sums[i] = self._sums[i].to(norm.device) + torch.where(good, norm, 0.0)
                 self._valid[i] = self._valid[i].to(norm.device) + good.double()
+                c = self._pending[i]
+                if c is not None:  # the progress rule's slope: kept on a usable step only
+                    good = good.to(c.device) & torch.isfinite(c)
+                    c = torch.where(good, c, 0.0)
+                    for k, value in enumerate((c, c * c, good.double())):
+                        self._c[k][i] = self._c[k][i].to(c.device) + value
+        self._pending = [None] * len(self.stages)
         if not seen:
             raise InvalidArgumentError(
                 f"AutoFreeze.step() found no gradient on the trainable stages "
@@ -595,10 +630,12 @@ class AutoFreeze:
                 torch.sub(w, previous, out=u)  # one pass: read both, write the update
             torch._foreach_copy_(last, now)
 
-    def _measure_progress(self) -> None:
-        """Before the optimizer moves the weights: add each trainable stage's progress
-        ``-g_t . (w_{t-1} - anchor)`` to the window (``g_t`` was computed at ``w_{t-1}``,
-        the weights now); the first call only keeps the weights as the anchor."""
+    def _measure_progress(self, grad_scale: Any = None) -> None:
+        """Before the optimizer moves the weights: each trainable stage's progress
+        ``-g_t . (w_{t-1} - anchor)`` (``g_t`` was computed at ``w_{t-1}``, the weights
+        now), kept for ``af.step()``; the first call only keeps the weights as the anchor.
+        ``grad_scale``: the loss scale still in the gradients (a fused optimizer under a
+        ``GradScaler``)."""
         with torch.no_grad():
             for i in range(self.boundary, len(self.stages)):
                 params = self._params[i]
@@ -625,10 +662,9 @@ class AutoFreeze:
                     dots.append(_slope(p.grad, p, a, scratch))
                 if dots:
                     c = -torch.stack(dots).double().sum()
-                    good = torch.isfinite(c)
-                    c = torch.where(good, c, 0.0)
-                    for k, value in enumerate((c, c * c, good.double())):
-                        self._c[k][i] = self._c[k][i].to(c.device) + value
+                    if isinstance(grad_scale, torch.Tensor):
+                        c = c / grad_scale.to(c.device, torch.float64)
+                    self._pending[i] = c
 
     def _next_window(self) -> None:
         """At a window's end (progress rule): the current window's start becomes the anchor
@@ -938,7 +974,7 @@ class AutoFreeze:
         update = self._copies("update", state.get("update"), boundary)
         anchor = self._copies("anchor", state.get("anchor"), boundary)
         start = self._copies("start", state.get("start"), boundary)
-        if rule == "progress" and self._hook is None:
+        if rule == "progress" and self._hooked is None:
             raise InvalidArgumentError(self._no_hook(self.optimizer))
         try:
             history = [Decision(**d) for d in state.get("history", [])]
