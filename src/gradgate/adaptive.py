@@ -228,7 +228,7 @@ def _sums(name: str, value: object, n: int) -> list[list[float]]:
 
 
 def _pool(every: int) -> int:
-    """Windows pooled by the contribution rule: 4, or enough for ``MIN_SAMPLES`` steps."""
+    """Windows pooled by the measured rules: 4, or enough for ``MIN_SAMPLES`` steps."""
     return max(CONTRIBUTION_WINDOWS, -(-MIN_SAMPLES // every) + 1)
 
 
@@ -460,9 +460,9 @@ class AutoFreeze:
         self._settled = [0] * len(self.stages)
         self._base = [0.0] * len(self.stages)
         self._base_windows = 0
-        # the contribution rule: per window and stage the sum, sum of squares and count of
-        # the per-step contributions; the last _pool(every) usable windows; per
-        # stage the weights after the last step and the last update (None: not yet known)
+        # the measured rules: per window and stage the sum, sum of squares and count of
+        # the per-step values; the last _pool(every) usable windows; the contribution rule:
+        # per stage the weights after the last step and the last update (None: not yet known)
         self._c = [self._zeros(), self._zeros(), self._zeros()]
         self._recent: list[list[list[float]]] = []
         self._last: list[list[torch.Tensor] | None] = [None] * len(self.stages)
@@ -472,7 +472,7 @@ class AutoFreeze:
         # and the weights at the start of the current window (None: not yet known)
         self._anchor: list[list[torch.Tensor] | None] = [None] * len(self.stages)
         self._start: list[list[torch.Tensor] | None] = [None] * len(self.stages)
-        self._scratch: torch.Tensor | None = None
+        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         # this step's slope per stage, measured in optimizer.step(), kept by af.step() only
         # when the step's gradient is usable (finite, non-zero norm), as for the norms
         self._pending: list[torch.Tensor | None] = [None] * len(self.stages)
@@ -587,10 +587,7 @@ class AutoFreeze:
                 self._valid[i] = self._valid[i].to(norm.device) + good.double()
                 c = self._pending[i]
                 if c is not None:  # the progress rule's slope: kept on a usable step only
-                    good = good.to(c.device) & torch.isfinite(c)
-                    c = torch.where(good, c, 0.0)
-                    for k, value in enumerate((c, c * c, good.double())):
-                        self._c[k][i] = self._c[k][i].to(c.device) + value
+                    self._add_sample(i, c, good.to(c.device))
         self._pending = [None] * len(self.stages)
         if not seen:
             raise InvalidArgumentError(
@@ -599,6 +596,15 @@ class AutoFreeze:
                 "before optimizer.zero_grad()"
             )
         self._count += 1
+
+    def _add_sample(self, i: int, c: torch.Tensor, good: torch.Tensor | None = None) -> None:
+        """Add one step's measured value ``c`` of stage ``i`` to the window's sum, sum of
+        squares and count, unless it is non-finite or ``good`` says the step is unusable
+        (on the device: no host sync)."""
+        ok = torch.isfinite(c) if good is None else good & torch.isfinite(c)
+        c = torch.where(ok, c, 0.0)
+        for k, value in enumerate((c, c * c, ok.double())):
+            self._c[k][i] = self._c[k][i].to(c.device) + value
 
     def _contribute(self) -> None:
         """Add each trainable stage's contribution ``-g_t . (w_{t-1} - w_{t-2})`` to the window.
@@ -618,11 +624,7 @@ class AutoFreeze:
                 dots = [_dot(p.grad, u) for p, u in zip(params, update, strict=True)
                         if p.grad is not None]  # fmt: skip
                 if dots:
-                    c = -torch.stack(dots).double().sum()
-                    good = torch.isfinite(c)
-                    c = torch.where(good, c, 0.0)
-                    for k, value in enumerate((c, c * c, good.double())):
-                        self._c[k][i] = self._c[k][i].to(c.device) + value
+                    self._add_sample(i, -torch.stack(dots).double().sum())
             else:
                 update = [torch.empty_like(t) for t in now]
                 self._update[i] = update
@@ -647,24 +649,22 @@ class AutoFreeze:
                 for p, a in zip(params, anchor, strict=True):
                     if p.grad is None:
                         continue
-                    scratch = self._scratch
-                    size = min(p.numel(), CHUNK)
-                    if (
-                        scratch is None
-                        or scratch.numel() < size
-                        or scratch.dtype != p.dtype
-                        or scratch.device != p.device
-                    ):
-                        scratch = self._scratch = torch.empty(
-                            max(size, 0 if scratch is None else scratch.numel()),
-                            dtype=p.dtype, device=p.device,
-                        )  # fmt: skip
-                    dots.append(_slope(p.grad, p, a, scratch))
+                    dots.append(_slope(p.grad, p, a, self._scratch_for(p)))
                 if dots:
                     c = -torch.stack(dots).double().sum()
                     if isinstance(grad_scale, torch.Tensor):
                         c = c / grad_scale.to(c.device, torch.float64)
                     self._pending[i] = c
+
+    def _scratch_for(self, p: torch.Tensor) -> torch.Tensor:
+        """A reused buffer of at least ``min(p.numel(), CHUNK)`` elements of ``p``'s dtype
+        and device (one per dtype and device: a mixed-precision stage never reallocates)."""
+        key = (p.dtype, p.device)
+        size = min(p.numel(), CHUNK)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.numel() < size:
+            scratch = self._scratch[key] = torch.empty(size, dtype=p.dtype, device=p.device)
+        return scratch
 
     def _next_window(self) -> None:
         """At a window's end (progress rule): the current window's start becomes the anchor
@@ -711,12 +711,13 @@ class AutoFreeze:
             self._next_window()
         return froze
 
-    def _contribution_rule(
+    def _measured_rule(
         self,
     ) -> tuple[list[float | None], list[float | None], list[bool] | None]:
-        """Per trainable stage, over the pooled windows: the t-statistic of its contributions,
-        the upper bound of its mean contribution as a share of the top stage's mean, and
-        whether it is settled (``None``: nothing to decide from yet)."""
+        """The progress and contribution rules' decision. Per trainable stage, over the pooled
+        windows: the t-statistic of its measured values (progress or contribution), the upper
+        bound of their mean as a share of the top stage's mean, and whether it is settled
+        (``None``: nothing to decide from yet)."""
         n_stages = len(self.stages)
         t: list[float | None] = [None] * n_stages
         bound: list[float | None] = [None] * n_stages
@@ -794,7 +795,7 @@ class AutoFreeze:
                     decay[i] = means[i] * self._base_windows / self._base[i]
             if self.rule in MEASURED:
                 self._recent = [*self._recent, c][-_pool(self.every) :]
-                contribution, bound, settled = self._contribution_rule()
+                contribution, bound, settled = self._measured_rule()
             else:
                 settled = self._settled_now(change, decay)
             if settled is not None:
