@@ -60,17 +60,6 @@ def _dot(params: Sequence[torch.nn.Parameter], delta: Sequence[torch.Tensor]) ->
     )
 
 
-def _disp(params: Sequence[torch.nn.Parameter], before: Sequence[torch.Tensor]) -> float:
-    """``g . (w - w_before)``: the slope of the loss along the stage's net move since
-    ``before`` (the start of the previous window); oscillation across a valley cancels
-    in the net move, steady travel does not (negative: still going downhill)."""
-    return sum(
-        float(torch.dot(p.grad.reshape(-1), (p.detach() - b).reshape(-1)))
-        for p, b in zip(params, before, strict=True)
-        if p.grad is not None
-    )
-
-
 def record(task: str, seed: int) -> dict[str, Any]:
     """Train ``task`` fully once; per window, per stage, every signal in ``SIGNALS``."""
     torch.set_num_threads(1)
@@ -106,7 +95,9 @@ def record(task: str, seed: int) -> dict[str, Any]:
                 torch._foreach_add_(grad_sum[i], grads)
             lca = [_dot(ps, delta[i]) for i, ps in enumerate(params)]
             lca_steps.append(lca)
-            disp_steps.append([_disp(ps, window_before[i]) for i, ps in enumerate(params)])
+            # the slope along the net move since the start of the previous window
+            disp_steps.append([_dot(ps, [p.detach() - a for p, a in zip(ps, window_before[i])])
+                               for i, ps in enumerate(params)])  # fmt: skip
             lca_sum = [a + b for a, b in zip(lca_sum, lca)]
             opt.step()
             step += 1
