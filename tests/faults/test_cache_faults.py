@@ -586,6 +586,60 @@ def test_users_files_survive_two_concurrent_builders(tmp_path: Path) -> None:
     assert not _open(lin, items, tmp_path, batch_size=4).rebuilt
 
 
+_KILLED_CREATOR = """
+import os, signal, sys, torch, gradgate as gg
+real = os.rename
+def rename(src, dst, *a, **k):
+    if os.path.basename(str(dst)) == "gradgate-feature-cache":
+        os.kill(os.getpid(), signal.SIGKILL)  # killed between mkdtemp and the rename
+    return real(src, dst, *a, **k)
+os.rename = rename
+front = torch.nn.Linear(3, 2)
+gg.freeze(front)
+gg.FeatureCache(front, torch.utils.data.TensorDataset(torch.randn(4, 3)), store="disk",
+                path=sys.argv[1], progress=False)
+"""
+
+
+def test_a_process_killed_while_creating_the_folder_leaves_nothing_after_the_next_open(
+    tmp_path: Path,
+) -> None:
+    mine = _user_files(tmp_path)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_CREATOR, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.glob(f".{OWN}.*.tmp") if p.is_dir()]
+    assert len(left) == 1  # the fault happened: its temporary folder, marker inside
+    assert (tmp_path / left[0] / f".{OWN}").is_file()
+    assert not (tmp_path / OWN).exists()
+    # what a kill a moment earlier leaves: an empty folder, a partly written marker
+    (tmp_path / f".{OWN}.empty.tmp").mkdir()
+    (tmp_path / f".{OWN}.torn.tmp").mkdir()
+    (tmp_path / f".{OWN}.torn.tmp" / f".{OWN}").write_text("gradgate Feat")
+    # folders of that name holding anything else are the user's
+    theirs = {
+        f".{OWN}.more.tmp/.{OWN}": (tmp_path / left[0] / f".{OWN}").read_bytes(),
+        f".{OWN}.more.tmp/notes.txt": b"mine",
+        f".{OWN}.other.tmp/.{OWN}": b"not gradgate's marker",
+        f".{OWN}.named.tmp/data.bin": b"mine too",
+    }
+    for name, raw in theirs.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(raw)
+    front, x = _front(), _x()
+    assert torch.equal(_open(front, Items(x), tmp_path).features(), _live(front, x))
+    assert not [
+        p
+        for p in tmp_path.glob(f".{OWN}.*.tmp")
+        if p.is_dir() and p.name in (left[0], f".{OWN}.empty.tmp", f".{OWN}.torn.tmp")
+    ]
+    assert _users(tmp_path) == {**mine, **{k.replace("/", os.sep): v for k, v in theirs.items()}}
+
+
 def test_a_folder_of_the_stores_name_that_gradgate_did_not_make_is_refused(
     tmp_path: Path,
 ) -> None:

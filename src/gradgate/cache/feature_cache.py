@@ -325,12 +325,14 @@ class FeatureCache(Dataset[tuple[Any, ...]]):
 
     A disk store (``numpy.memmap``) holds more than memory. It lives in its
     own folder ``gradgate-feature-cache`` inside ``path`` (created with a
-    marker file; a folder of that name without the marker is refused) and
-    never writes, renames or deletes anything else in ``path``. It is written
-    to temporary files, checksummed and renamed into place under a lock, so
-    two processes building one cache end with one valid cache; a torn or
-    corrupted one is rebuilt, never read; temporary files left by a killed
-    build are removed by the next open in that folder.
+    marker file, under a temporary name renamed into place; a folder of that
+    name without the marker is refused) and never writes, renames or deletes
+    anything else in ``path``. It is written to temporary files, checksummed
+    and renamed into place under a lock, so two processes building one cache
+    end with one valid cache; a torn or corrupted one is rebuilt, never read;
+    temporary files left by a killed build, and the marker-only temporary
+    folder left by a process killed while creating the folder, are removed by
+    the next open in that folder.
 
     Read it in batches with ``cache.loader(...)`` (a ``DataLoader`` with
     ``collate_fn=cache.collate_fn``): each batch is one indexing operation

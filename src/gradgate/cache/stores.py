@@ -308,7 +308,7 @@ class _DiskWriter:
 class DiskStore:
     """Features in its own folder ``gradgate-feature-cache`` inside ``path``.
 
-    The store never writes, renames or deletes anything in ``path`` itself:
+    The store never writes, renames or deletes a file of yours in ``path``:
     everything lives in that subfolder, ``features.npy`` (a ``numpy.memmap``),
     ``rest.pt``, ``meta.json``, a ``.lock`` and the marker
     ``.gradgate-feature-cache``. The subfolder is created whole (marker
@@ -320,7 +320,9 @@ class DiskStore:
     rename them into place under an exclusive lock; ``meta.json`` holds the
     key and the checksums and is written last. Whoever holds the lock removes
     those temporary files left by a killed build, since no other build can be
-    running; no other file is ever removed.
+    running, and a ``.gradgate-feature-cache.*.tmp`` folder in ``path`` that
+    holds nothing but the marker (what a process killed while creating the
+    subfolder leaves); no other file is ever removed.
 
     Example:
         >>> import tempfile
@@ -385,6 +387,7 @@ class DiskStore:
                     for pattern in _TEMPORARIES:
                         for stale in self.own.glob(pattern):
                             stale.unlink(missing_ok=True)
+                    self._remove_killed_creations()
                 yield writable
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
@@ -406,6 +409,30 @@ class DiskStore:
             (tmp / MARKER).unlink(missing_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 tmp.rmdir()
+
+    def _remove_killed_creations(self) -> None:
+        """Remove the temporary folders a creator killed before its rename left in ``path``.
+
+        Only a folder named like ``_create_own``'s (``.gradgate-feature-cache.*.tmp``)
+        that holds nothing but a (possibly partly written) marker is removed: that
+        is exactly what a killed creator leaves. Anything else of that name is the
+        user's and is kept. Called under the lock, so the store's folder exists and
+        a creator running now fails its rename whether or not its folder is removed.
+        """
+        for tmp in self.path.glob(f".{FOLDER}.*{_TMP}"):
+            try:
+                if tmp.is_symlink() or not tmp.is_dir():
+                    continue
+                entries = list(tmp.iterdir())
+                if any(e.name != MARKER or e.is_symlink() or not e.is_file() for e in entries):
+                    continue
+                if entries and not _MARK.startswith(entries[0].read_text()):
+                    continue
+                for e in entries:
+                    e.unlink()
+                tmp.rmdir()
+            except (OSError, UnicodeDecodeError):
+                continue  # gone meanwhile, not readable, or not removable: left as it is
 
     def _check_own(self) -> None:
         """Refuse a folder of the store's name that gradgate did not create."""
