@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# No per-example deadline: CI shares two cores with spawned ranks and children,
+# and a slow example is not a wrong one (speed is shown by ``gradgate bench``).
+settings.register_profile("gradgate", deadline=None)
+settings.load_profile("gradgate")
 
 GOLDEN = Path(__file__).parent / "golden"
 
