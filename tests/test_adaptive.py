@@ -6,7 +6,7 @@ import math
 import pickle
 import runpy
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -84,6 +84,27 @@ def test_freezes_only_a_converged_prefix() -> None:
     assert froze == ["0", "2", "4"] and af.boundary == 3
     _frozen_prefix_holds(model, af)
     assert [n for g in opt.param_groups for n in g["params"]] == list(model[6].parameters())
+
+
+def test_a_compiled_model_is_split_into_the_wrapped_models_stages() -> None:
+    # torch.compile's wrapper has one child: as one stage it could never freeze
+    model = _model()
+    compiled = cast(nn.Module, torch.compile(model, backend="eager"))
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    af = gg.AutoFreeze(compiled, optimizer=opt, every=2, threshold=0.1)
+    assert af.stages.names == ["_orig_mod." + s for s in STAGES]
+    for _ in range(4):
+        _set_grads(model, [1.0, 1.0, 1.0, 1.0])
+        froze = af.step()
+    assert froze == ["_orig_mod.0", "_orig_mod.2", "_orig_mod.4"] and af.boundary == 3
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = _batch(0)
+    opt.zero_grad(set_to_none=True)
+    F.mse_loss(compiled(x), y).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert (p.grad is None) is n.startswith(("0.", "2.", "4.")), n
+        assert torch.equal(p, before[n]) is n.startswith(("0.", "2.", "4.")), n
 
 
 def test_aggressive_threshold_respects_min_trainable_and_never_unfreezes() -> None:

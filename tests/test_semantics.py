@@ -284,6 +284,35 @@ def test_stages_follow_group_matcher() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("wrap", "prefix"),
+    [
+        (lambda m: torch.compile(m, backend="eager"), "_orig_mod."),
+        (nn.DataParallel, "module."),
+        (lambda m: torch.compile(nn.DataParallel(m), backend="eager"), "_orig_mod.module."),
+    ],
+    ids=["compile", "DataParallel", "compile-of-DataParallel"],
+)
+def test_stages_look_through_wrappers(wrap: Any, prefix: str) -> None:
+    # a wrapper's one child would be one stage that never freezes
+    model = TimmLike()
+    wrapped = wrap(model)
+    assert gg.stages(wrapped).names == [
+        f"[{prefix}conv_stem, {prefix}bn1]",
+        f"{prefix}blocks.0",
+        f"{prefix}blocks.1",
+        f"[{prefix}blocks.2, {prefix}conv_head]",
+        f"{prefix}classifier",
+    ]
+    seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    assert gg.stages(wrap(seq)).names == [f"{prefix}0", f"{prefix}1", f"{prefix}2"]
+    gg.freeze_to(wrapped, gg.stages(wrapped), -1)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "classifier.weight",
+        "classifier.bias",
+    ]
+
+
 def test_freeze_to_everything_warns() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     st = gg.stages(model)

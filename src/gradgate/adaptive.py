@@ -375,7 +375,8 @@ class AutoFreeze:
         model: the model (or its ``gg.distributed.wrap`` wrapper).
         stages: the stages, front to back (``gg.stages`` or selectors); by
             default the model's top-level children that hold a trainable
-            parameter. Together they must hold every trainable parameter.
+            parameter (the wrapped model's, inside ``torch.compile``, DDP or
+            ``DataParallel``). Together they must hold every trainable parameter.
         optimizer: the optimizer over the model's trainable parameters.
         scheduler: a learning-rate scheduler to keep aligned (``gg.sync``).
         every: steps per window (and between decisions).
@@ -518,9 +519,10 @@ class AutoFreeze:
     def _partition(self, value: Stages | Sequence[Selector] | None) -> Stages:
         model = self.model
         if value is None:
+            inner, prefix = schedules.looked_through(model)
             children = [
-                name
-                for name, child in model.named_children()
+                prefix + name
+                for name, child in inner.named_children()
                 if any(p.requires_grad for p in child.parameters())
             ]
             if not children:

@@ -69,7 +69,9 @@ def stages(model: nn.Module, *selectors: Selector) -> Stages:
 
     With no selector, a model that has timm's ``group_matcher()`` is split
     the way timm groups it for layer-wise decay (``stem``, each block, the
-    head); any other model into its top-level children.
+    head); any other model into its top-level children. A ``torch.compile``,
+    DDP or ``DataParallel`` wrapper is looked through: the stages are the
+    wrapped model's, under the wrapper's names (``_orig_mod.0``).
 
     Raises:
         NoMatchError: a stage selector matches nothing.
@@ -82,13 +84,43 @@ def stages(model: nn.Module, *selectors: Selector) -> Stages:
         ['front_end', 'back_end.fc1', 'back_end.fc2']
     """
     if not selectors:
-        matcher = getattr(model, "group_matcher", None)
+        inner, prefix = looked_through(model)
+        matcher = getattr(inner, "group_matcher", None)
         if callable(matcher):
-            groups = _timm_groups(model, matcher(coarse=False))
-            selectors = tuple(g[0] if len(g) == 1 else g for g in groups)
+            groups = _timm_groups(inner, matcher(coarse=False))
+            selectors = tuple(
+                prefix + g[0] if len(g) == 1 else [prefix + n for n in g] for g in groups
+            )
         else:
-            selectors = tuple(name for name, _ in model.named_children())
+            selectors = tuple(prefix + name for name, _ in inner.named_children())
     return Stages(model, selectors)
+
+
+def looked_through(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside ``torch.compile``, DDP and ``DataParallel`` wrappers, and its name prefix.
+
+    A wrapper has one child, so "its top-level children" would be one stage
+    that can never freeze; stages are the wrapped model's children, named as
+    the wrapper names them (``_orig_mod.0``, ``module.layer1``).
+
+    Example:
+        >>> import torch
+        >>> from gradgate.schedules import looked_through
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> looked_through(torch.compile(net)) == (net, "_orig_mod.")
+        True
+    """
+    prefix = ""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            name = "_orig_mod"
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            name = "module"
+        else:
+            return model, prefix
+        model, prefix = getattr(model, name), f"{prefix}{name}."
 
 
 _MATCH_PREV_GROUP = 99999.0  # timm's marker: this pattern belongs to the group before
