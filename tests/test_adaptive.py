@@ -864,6 +864,47 @@ def test_measured_rules_resume_bit_identical_across_a_freeze(tmp_path: Path, rul
     assert partial.history != ref_af.history
 
 
+@pytest.mark.parametrize("rule", MEASURED)
+def test_a_dtype_change_mid_run_keeps_the_state_loadable_and_the_run_resumable(
+    rule: str,
+) -> None:
+    # model.to(float64) mid-run: the weight copies follow it, so a state saved after
+    # it loads into the converted model and resumes exactly (it was refused for dtype)
+    def run(model: nn.Sequential, af: gg.AutoFreeze, opt: Any, steps: range) -> None:
+        for step in steps:
+            x, y = _batch(step)
+            dtype = next(model.parameters()).dtype
+            opt.zero_grad()
+            F.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
+            opt.step()
+            af.step()
+
+    def fresh() -> tuple[nn.Sequential, gg.AutoFreeze, Any]:
+        model = _model()
+        # no momentum: torch's own load casts a buffer kept in float32 to float64
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, gg.AutoFreeze(model, optimizer=opt, every=8, rule=rule), opt
+
+    model, af, opt = fresh()
+    run(model, af, opt, range(20))
+    model.to(torch.float64)
+    run(model, af, opt, range(20, 44))
+    state = af.state_dict()
+    kept = [t for key in ("anchor", "start", "last", "update") for ts in state[key] if ts
+            for t in ts]  # fmt: skip
+    assert kept and all(t.dtype == torch.float64 for t in kept)
+    model2, af2, opt2 = fresh()
+    model2.to(torch.float64)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    af2.load_state_dict(state)
+    run(model, af, opt, range(44, 80))
+    run(model2, af2, opt2, range(44, 80))
+    assert af2.history == af.history
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_contribution_state_with_wrong_copies_is_refused_and_changes_nothing() -> None:
     af, _, _ = _contribution_run(30, lambda i, s: 1.0)
     state = af.state_dict()

@@ -166,6 +166,22 @@ def _dot(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a, b)
 
 
+def _like(
+    kept: list[torch.Tensor] | None, params: Sequence[torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """``kept`` (weight copies of a stage) in its parameters' dtypes and devices.
+
+    After ``model.to(dtype)`` or ``.to(device)`` mid-run, the copies are converted
+    once: the arithmetic stays in the model's dtype and on its device, and a state
+    saved later is one the same model loads back.
+    """
+    if kept is None or all(
+        k.dtype == p.dtype and k.device == p.device for k, p in zip(kept, params, strict=True)
+    ):
+        return kept
+    return [k.to(device=p.device, dtype=p.dtype) for k, p in zip(kept, params, strict=True)]
+
+
 def _slope(grad: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor,
            scratch: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """``grad . (weight - anchor)`` as one number: the difference is formed a slice of
@@ -618,7 +634,8 @@ class AutoFreeze:
         for i in range(self.boundary, len(self.stages)):
             params = self._params[i]
             now = [p.detach() for p in params]
-            last, update = self._last[i], self._update[i]
+            last = self._last[i] = _like(self._last[i], now)
+            update = self._update[i] = _like(self._update[i], now)
             if last is None:
                 self._last[i] = [t.clone() for t in now]
                 continue
@@ -643,7 +660,7 @@ class AutoFreeze:
         with torch.no_grad():
             for i in range(self.boundary, len(self.stages)):
                 params = self._params[i]
-                anchor = self._anchor[i]
+                anchor = self._anchor[i] = _like(self._anchor[i], params)
                 if anchor is None:
                     self._anchor[i] = [p.detach().clone() for p in params]
                     continue
@@ -674,7 +691,8 @@ class AutoFreeze:
         anchor, so the slope always spans at least one window from the third on)."""
         for i in range(self.boundary, len(self.stages)):
             now = [p.detach() for p in self._params[i]]
-            start = self._start[i]
+            self._anchor[i] = _like(self._anchor[i], now)
+            start = self._start[i] = _like(self._start[i], now)
             if start is None:
                 if self._anchor[i] is not None:
                     self._start[i] = [t.clone() for t in now]
