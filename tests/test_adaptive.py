@@ -888,6 +888,7 @@ def test_a_dtype_change_mid_run_keeps_the_state_loadable_and_the_run_resumable(
     model, af, opt = fresh()
     run(model, af, opt, range(20))
     model.to(torch.float64)
+    gg.AutoFreeze(model, optimizer=opt, every=8, rule=rule).load_state_dict(af.state_dict())
     run(model, af, opt, range(20, 44))
     state = af.state_dict()
     kept = [t for key in ("anchor", "start", "last", "update") for ts in state[key] if ts

@@ -228,9 +228,21 @@ class _ProgressHook:
         return {"ref": None}
 
 
-def _cloned(copies: list[list[torch.Tensor] | None]) -> list[list[torch.Tensor] | None]:
-    """Copies of per-stage weight copies, not the live buffers: a state is one moment."""
-    return [None if ts is None else [t.detach().clone() for t in ts] for ts in copies]
+def _cloned(
+    copies: list[list[torch.Tensor] | None], params: Sequence[Sequence[torch.Tensor]]
+) -> list[list[torch.Tensor] | None]:
+    """Copies of per-stage weight copies, not the live buffers (a state is one moment),
+    in the parameters' dtypes and devices (a state saved right after ``model.to(...)``
+    loads into the converted model)."""
+    return [
+        None
+        if ts is None
+        else [
+            t.detach().to(device=p.device, dtype=p.dtype, copy=True)
+            for t, p in zip(ts, ps, strict=True)
+        ]
+        for ts, ps in zip(copies, params, strict=True)
+    ]
 
 
 def _sums(name: str, value: object, n: int) -> list[list[float]]:
@@ -917,10 +929,10 @@ class AutoFreeze:
             "contribution": [[float(v) for v in row] for row in self._c],
             "recent": [[list(row) for row in w] for w in self._recent],
             # copies, not the live buffers: the state is one moment, like its numbers
-            "last": _cloned(self._last),
-            "update": _cloned(self._update),
-            "anchor": _cloned(self._anchor),
-            "start": _cloned(self._start),
+            "last": _cloned(self._last, self._params),
+            "update": _cloned(self._update, self._params),
+            "anchor": _cloned(self._anchor, self._params),
+            "start": _cloned(self._start, self._params),
             "history": [d.to_dict() for d in self.history],
         }
 
