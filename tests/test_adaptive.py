@@ -105,6 +105,29 @@ def test_a_compiled_model_is_split_into_the_wrapped_models_stages() -> None:
     for n, p in model.named_parameters():
         assert (p.grad is None) is n.startswith(("0.", "2.", "4.")), n
         assert torch.equal(p, before[n]) is n.startswith(("0.", "2.", "4.")), n
+    other = _model()
+    plain = gg.AutoFreeze(other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(gg.InvalidArgumentError, match=r"differ only by the prefix '_orig_mod\.'"):
+        plain.load_state_dict(af.state_dict())  # saved compiled, loaded plain: refused, told why
+    head, rest = af.split()  # the moving-cache recipe works on the compiled model too
+    children = list(model.children())
+    assert list(head.children()) == children[:5] and list(rest.children()) == children[5:]
+
+
+def test_a_ddp_wrapper_autofreeze_could_not_rebuild_is_refused(one_rank: None) -> None:
+    # a plain DDP kept reducing frozen parameters: the step after a freeze failed in DDP
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain = nn.parallel.DistributedDataParallel(model)
+    with pytest.raises(gg.InvalidArgumentError, match=r"got a DistributedDataParallel, which"):
+        gg.AutoFreeze(plain, optimizer=opt)
+    hidden = torch.compile(gg.distributed.wrap(model), backend="eager")
+    with pytest.raises(gg.InvalidArgumentError, match=r"GatedDDP inside OptimizedModule.*compile"):
+        gg.AutoFreeze(cast(nn.Module, hidden), optimizer=opt)
+    assert all(_flags(model).values())  # refused before anything changed
+    wrapped = gg.distributed.wrap(cast(nn.Module, torch.compile(model, backend="eager")))
+    af = gg.AutoFreeze(wrapped, optimizer=opt)
+    assert af.stages.names == ["_orig_mod." + s for s in STAGES]
 
 
 def test_aggressive_threshold_respects_min_trainable_and_never_unfreezes() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -311,6 +311,41 @@ def test_stages_look_through_wrappers(wrap: Any, prefix: str) -> None:
         "classifier.weight",
         "classifier.bias",
     ]
+
+
+class Bracketed(nn.Module):
+    """Module names with glob characters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("a[0]", nn.Linear(2, 2))
+        self.add_module("a0", nn.Linear(2, 2))
+
+
+class BracketedTimm(Bracketed):
+    """The same, grouped the timm way."""
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {"first": r"^a\[0\]", "second": r"^a0"}
+
+
+@pytest.mark.parametrize("matcher", [False, True], ids=["children", "group_matcher"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
+def test_stages_named_with_glob_characters_select_only_themselves(
+    matcher: bool, compiled: bool
+) -> None:
+    # 'a[0]' as a glob also matched 'a0': the stages overlapped (or, wrapped, matched nothing)
+    model = BracketedTimm() if matcher else Bracketed()
+    assert callable(getattr(model, "group_matcher", None)) is matcher
+    top = cast(nn.Module, torch.compile(model, backend="eager")) if compiled else model
+    prefix = "_orig_mod." if compiled else ""
+    st = gg.stages(top)
+    assert [sorted(ps) for ps in st.parameters] == [
+        [f"{prefix}a[0].bias", f"{prefix}a[0].weight"],
+        [f"{prefix}a0.bias", f"{prefix}a0.weight"],
+    ]
+    gg.freeze_to(top, st, 1)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["a0.weight", "a0.bias"]
 
 
 def test_freeze_to_everything_warns() -> None:

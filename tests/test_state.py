@@ -242,17 +242,6 @@ def test_a_schedule_step_with_rows_reads_the_model_again_after_reshaping_it() ->
     assert not any(p is model.embed.weight for g in opt.param_groups for p in g["params"])
 
 
-@pytest.fixture
-def one_rank(tmp_path: Path) -> Any:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_wrap_and_rewrap_read_the_model_once(one_rank: None) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))

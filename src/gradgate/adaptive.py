@@ -166,6 +166,52 @@ def _dot(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a, b)
 
 
+def _refuse_hidden_ddp(model: nn.Module) -> None:
+    """Refuse a DDP wrapper AutoFreeze could not rebuild after a freeze.
+
+    A plain ``DistributedDataParallel`` (or a ``gg.distributed.wrap`` wrapper
+    inside ``torch.compile``) would keep reducing the frozen parameters, and
+    the first step after a freeze would fail inside DDP, maybe hours in.
+    """
+    top = model
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel) and not (
+            model is top and isinstance(model, GatedDDP)
+        ):
+            where = "" if model is top else f" inside {type(top).__name__}"
+            raise InvalidArgumentError(
+                f"AutoFreeze got a {type(model).__name__}{where}, which it cannot rebuild "
+                "when stages freeze (DDP would fail at the next step); pass "
+                "gg.distributed.wrap(model) itself as model (compile inside it: "
+                "gg.distributed.wrap(torch.compile(model)))"
+            )
+        inner, prefix = schedules.looked_through(model)
+        if inner is model:
+            return
+        model = getattr(model, prefix.split(".")[0])
+
+
+def _prefix_hint(saved: object, names: list[str]) -> str:
+    """Where saved and current stage names differ only by a wrapper's prefix, say so."""
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(names) or not names:
+        return ""
+    pairs = [(str(a), b) for a, b in zip(saved, names, strict=True)]
+    for longer, shorter, how in ((0, 1, "saved"), (1, 0, "loaded")):
+        heads = {p[longer][: len(p[longer]) - len(p[shorter])] for p in pairs
+                 if p[longer].endswith(p[shorter])}  # fmt: skip
+        if (
+            len(heads) == 1
+            and (head := heads.pop())
+            and sum(p[longer].endswith(p[shorter]) for p in pairs) == len(pairs)
+        ):
+            return (
+                f" (they differ only by the prefix {head!r}, which the model it was {how} on "
+                "has from a wrapper: torch.compile adds '_orig_mod.', DataParallel 'module.'; "
+                "wrap the model the same way on both sides)"
+            )
+    return ""
+
+
 def _like(
     kept: list[torch.Tensor] | None, params: Sequence[torch.Tensor]
 ) -> list[torch.Tensor] | None:
@@ -457,6 +503,7 @@ class AutoFreeze:
         patience: int | None = None,
         ratio: float = 0.7,
     ) -> None:
+        _refuse_hidden_ddp(model)
         self.wrapper: GatedDDP | None = model if isinstance(model, GatedDDP) else None
         inner = model.module if isinstance(model, GatedDDP) else model
         self.model: nn.Module = inner
@@ -549,7 +596,7 @@ class AutoFreeze:
         if value is None:
             inner, prefix = schedules.looked_through(model)
             children = [
-                prefix + name
+                schedules.path_selector(prefix + name)
                 for name, child in inner.named_children()
                 if any(p.requires_grad for p in child.parameters())
             ]
@@ -958,7 +1005,7 @@ class AutoFreeze:
         if not isinstance(saved, (list, tuple)) or list(saved) != names:
             raise InvalidArgumentError(
                 f"this AutoFreeze state was saved for stages {saved}, but these "
-                f"are {names}; build AutoFreeze with the same stages"
+                f"are {names}; build AutoFreeze with the same stages{_prefix_hint(saved, names)}"
             )
         every = _check_int("every", state.get("every"), 1)
         legacy = "rule" not in state

@@ -89,11 +89,27 @@ def stages(model: nn.Module, *selectors: Selector) -> Stages:
         if callable(matcher):
             groups = _timm_groups(inner, matcher(coarse=False))
             selectors = tuple(
-                prefix + g[0] if len(g) == 1 else [prefix + n for n in g] for g in groups
+                path_selector(prefix + g[0])
+                if len(g) == 1
+                else [path_selector(prefix + n) for n in g]
+                for g in groups
             )
         else:
-            selectors = tuple(prefix + name for name, _ in inner.named_children())
+            selectors = tuple(path_selector(prefix + name) for name, _ in inner.named_children())
     return Stages(model, selectors)
+
+
+def path_selector(path: str) -> str:
+    """A selector matching exactly the module path or parameter name ``path``.
+
+    A name with glob characters (a ``ModuleDict`` key like ``a[0]``) becomes an
+    escaped ``re:`` pattern, so it selects itself and nothing else.
+
+    Example:
+        >>> print(path_selector("blocks.0"), path_selector("heads.a[0]"))
+        blocks.0 re:heads\\.a\\[0\\]
+    """
+    return path if not re.search(r"[*?\[\]]", path) else "re:" + re.escape(path)
 
 
 def looked_through(model: nn.Module) -> tuple[nn.Module, str]:
@@ -162,15 +178,7 @@ def _timm_groups(model: nn.Module, spec: Any) -> list[list[str]]:
             groups[-1] += keys[key]
         else:
             groups.append(list(keys[key]))
-    return [_cover(index, g) for g in groups]
-
-
-def _cover(index: ModelIndex, names: list[str]) -> list[str]:
-    """The fewest module paths (or parameter names) that select exactly ``names``, as selectors."""
-    return [
-        p if not re.search(r"[*?\[\]]", p) else "re:" + re.escape(p)
-        for p in covering_paths(index, names)
-    ]
+    return [covering_paths(index, g) for g in groups]
 
 
 def _is_step(value: object) -> bool:
@@ -276,7 +284,9 @@ def split_sequential(
 
     The stages must be named by the Sequential's children (``gg.stages`` of a
     Sequential names them so); ProgressiveFreeze and AutoFreeze hand the
-    prefix to a ``FeatureCache`` through this.
+    prefix to a ``FeatureCache`` through this. A Sequential inside a
+    ``torch.compile`` or ``DataParallel`` wrapper is split too (stages
+    ``_orig_mod.0``, ...): the parts are the wrapped Sequential's, uncompiled.
 
     Example:
         >>> import torch, gradgate as gg
@@ -285,14 +295,16 @@ def split_sequential(
         >>> len(head), len(rest)
         (2, 1)
     """
-    if not isinstance(model, nn.Sequential):
+    inner, prefix = looked_through(model)
+    if not isinstance(inner, nn.Sequential):
         raise InvalidArgumentError(
             f"split() needs an nn.Sequential whose children are the stages; got "
-            f"{type(model).__name__}. Build the model as nn.Sequential(stage0, stage1, ...)"
+            f"{type(inner).__name__}. Build the model as nn.Sequential(stage0, stage1, ...)"
         )
+    model = inner
     if boundary == 0:
         return cast(nn.Sequential, model[:0]), model
-    children = [name for name, _ in model.named_children()]
+    children = [prefix + name for name, _ in model.named_children()]
     last = stages.names[boundary - 1]
     if last not in children:
         raise InvalidArgumentError(
@@ -535,8 +547,9 @@ class ProgressiveFreeze:
         """Freeze what is due at ``t``; return the stages frozen now."""
         return self._freeze_to(self.due(t))
 
-    def split(self, model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
-        """``(frozen head, rest)`` of a Sequential whose stages are its leading children."""
+    def split(self, model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
+        """``(frozen head, rest)`` of a Sequential whose stages are its leading children
+        (one inside a ``torch.compile`` or ``DataParallel`` wrapper too)."""
         return split_sequential(model, self.stages, self.boundary)
 
     def state_dict(self) -> dict[str, Any]:

@@ -625,6 +625,7 @@ def test_a_process_killed_while_creating_the_folder_leaves_nothing_after_the_nex
         f".{OWN}.more.tmp/.{OWN}": (tmp_path / left[0] / f".{OWN}").read_bytes(),
         f".{OWN}.more.tmp/notes.txt": b"mine",
         f".{OWN}.other.tmp/.{OWN}": b"not gradgate's marker",
+        f".{OWN}.long.tmp/.{OWN}": (tmp_path / left[0] / f".{OWN}").read_bytes() + b"x" * 10**6,
         f".{OWN}.named.tmp/data.bin": b"mine too",
     }
     for name, raw in theirs.items():

@@ -320,9 +320,10 @@ class DiskStore:
     rename them into place under an exclusive lock; ``meta.json`` holds the
     key and the checksums and is written last. Whoever holds the lock removes
     those temporary files left by a killed build, since no other build can be
-    running, and a ``.gradgate-feature-cache.*.tmp`` folder in ``path`` that
-    holds nothing but the marker (what a process killed while creating the
-    subfolder leaves); no other file is ever removed.
+    running, and a ``.gradgate-feature-cache.*.tmp`` folder in ``path`` that is
+    empty or holds nothing but the marker, whole or partly written (what a
+    process killed while creating the subfolder leaves); no other file is ever
+    removed.
 
     Example:
         >>> import tempfile
@@ -414,8 +415,8 @@ class DiskStore:
         """Remove the temporary folders a creator killed before its rename left in ``path``.
 
         Only a folder named like ``_create_own``'s (``.gradgate-feature-cache.*.tmp``)
-        that holds nothing but a (possibly partly written) marker is removed: that
-        is exactly what a killed creator leaves. Anything else of that name is the
+        that is empty or holds nothing but a (possibly partly written) marker is
+        removed: that is exactly what a killed creator leaves. Anything else of that name is the
         user's and is kept. Called under the lock, so the store's folder exists and
         a creator running now fails its rename whether or not its folder is removed.
         """
@@ -426,12 +427,15 @@ class DiskStore:
                 entries = list(tmp.iterdir())
                 if any(e.name != MARKER or e.is_symlink() or not e.is_file() for e in entries):
                     continue
-                if entries and not _MARK.startswith(entries[0].read_text()):
-                    continue
+                if entries:
+                    with entries[0].open("rb") as f:
+                        head = f.read(len(_MARK.encode()) + 1)  # a large file is not read
+                    if not _MARK.encode().startswith(head):
+                        continue
                 for e in entries:
                     e.unlink()
                 tmp.rmdir()
-            except (OSError, UnicodeDecodeError):
+            except OSError:
                 continue  # gone meanwhile, not readable, or not removable: left as it is
 
     def _check_own(self) -> None:
