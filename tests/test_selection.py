@@ -105,6 +105,20 @@ def test_no_match_names_closest() -> None:
     assert isinstance(info.value, LookupError)
 
 
+def test_a_misspelt_pattern_tail_is_suggested_fixed_and_nothing_changes() -> None:
+    agent = Agent()
+    before = {n: p.requires_grad for n, p in agent.named_parameters()}
+    with pytest.raises(gg.NoMatchError) as info:
+        gg.freeze(agent, "**.biass")
+    msg = str(info.value)
+    assert "'**.biass'" in msg and "no name ends in 'biass': did you mean '**.bias'?" in msg
+    assert {n: p.requires_grad for n, p in agent.named_parameters()} == before
+    # the suggestion selects what it says
+    assert len(gg.select(agent, "**.bias")) == sum(
+        1 for n, _ in before.items() if n.endswith("bias")
+    )
+
+
 def test_foreign_objects_do_not_match() -> None:
     agent = Agent()
     with pytest.raises(gg.NoMatchError):

@@ -279,6 +279,10 @@ def describe_selectors(selectors: Sequence[object]) -> str:
     return ", ".join(_describe(s) for s in selectors) if selectors else "(whole model)"
 
 
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
 def _suggest(index: ModelIndex, selector: object) -> str:
     names = index.all_names()
     if isinstance(selector, str):
@@ -289,6 +293,14 @@ def _suggest(index: ModelIndex, selector: object) -> str:
                 f"; names are anchored at the root: did you mean '**.{text}' "
                 f"(matches {tails[0]!r})?"
             )
+        head, _, last = text.rpartition(".")
+        if not selector.startswith("re:") and head and _is_glob(head) and not _is_glob(last):
+            # a pattern whose last part is misspelt ('**.biass'): suggest the pattern fixed
+            lasts = sorted({n.rpartition(".")[2] for n in names})
+            near = difflib.get_close_matches(last, lasts, n=3, cutoff=0.6)
+            if near:
+                fixed = ", ".join(repr(f"{head}.{n}") for n in near)
+                return f"; no name ends in {last!r}: did you mean {fixed}?"
         pool = names if len(names) <= 20000 else [n for n in names if "." not in n]
         close = difflib.get_close_matches(text, pool, n=5, cutoff=0.5)
         if close:

@@ -87,10 +87,18 @@ def test_a_missed_floor_exits_1_naming_the_stage(
 ) -> None:
     # no adaptation at all: the title direction stays at its shifted accuracy
     code, data = _run(tmp_path, *TINY, "--adapt-epochs", "0", "--backend-floor", "0")
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 1 and not data["passed"]
     assert "gradgate demo: front-end stage failed: held-out accuracy" in err
     assert "< floor 0.90" in err and "back-end stage failed" not in err
+    # the last line says so too, with the number that missed
+    missed = next(c for c in data["checks"] if c["stage"] == "front-end" and c["floor"])
+    assert captured.out.splitlines()[-1] == (
+        f"result: 3 of 4 checks held; held-out accuracy back-end "
+        f"{data['backend'][-1]['accuracy']:.3f} >= 0.00, front-end {missed['value']:.3f} < 0.90 "
+        "(floors); frozen half bit-identical in 2 of 2 directions"
+    )
 
 
 def test_a_changed_frozen_part_exits_1_naming_the_stage(
@@ -167,6 +175,7 @@ def test_piped_output_has_no_carriage_return_and_one_line_per_epoch(tmp_path: Pa
     )
     assert "\r" not in done.stdout and "\r" not in done.stderr
     data = json.loads(out.read_text())
+    assert done.stdout.splitlines()[-1].startswith("result: 4 of 4 checks held;")
     lines: dict[str, list[float]] = {"back-end": [], "front-end": []}
     for m in EPOCH_LINE.finditer(done.stdout):
         lines[m.group(1)].append(float(m.group(2)))

@@ -31,6 +31,19 @@ from .output import add_json_argument, write_json
 __all__ = ["build_parser", "main"]
 
 
+def _models_in(module: object) -> list[str]:
+    """Public names in ``module`` that could build a model: models, model classes, functions."""
+    found = []
+    for name in dir(module):
+        value = getattr(module, name, None)
+        if name.startswith("_"):
+            continue
+        is_model_class = isinstance(value, type) and issubclass(value, nn.Module)
+        if isinstance(value, nn.Module) or is_model_class or inspect.isfunction(value):
+            found.append(name)
+    return found
+
+
 def _load_factory(spec: str) -> nn.Module:
     """Build a model from ``"package.module:factory"``."""
     mod_name, sep, attr = spec.partition(":")
@@ -47,8 +60,10 @@ def _load_factory(spec: str) -> nn.Module:
     try:
         factory = getattr(module, attr)
     except AttributeError as e:
-        names = ", ".join(n for n in dir(module) if not n.startswith("_"))[:200]
-        raise InvalidArgumentError(f"{mod_name!r} has no {attr!r}; it has: {names}") from e
+        names = ", ".join(_models_in(module))[:200]
+        raise InvalidArgumentError(
+            f"{mod_name!r} has no {attr!r}; its models and factories: {names or '(none)'}"
+        ) from e
     if isinstance(factory, nn.Module):
         return factory
     if not callable(factory):
@@ -192,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the seed's story on real digits, both directions, with checks",
+        help="freeze a front-end, then a back-end, on real digits, with checks",
         description="Pre-train a front-end, then train only the back-end on cached features "
         "and adapt only the front-end to inverted digits; checks accuracy floors and that the "
         "frozen part stays bit-identical. Exits 1 naming the stage when a check fails.",
