@@ -175,7 +175,7 @@ def _advance(streak: list[int], settled: list[bool], boundary: int, keep: int,
 def replay_contribution(
     steps: list[list[float]], every: int, low: float, evidence: float, patience: int = 1,
     windows: int = 4, keep: int = 1, bound: float | None = None, early: bool = False,
-    peak: bool = False,
+    peak: bool = False, own: float | None = None, limit: int | None = None,
 ) -> list[Any]:  # fmt: skip
     """AutoFreeze's contribution rule on per-step contributions ``g_t . update_{t-1}``
     (negative: the update reduced the loss): the ``(step, frozen stages)`` moves.
@@ -187,9 +187,13 @@ def replay_contribution(
     30 steps are pooled (step 32 at 16-step windows; the first step has no slope)
     instead of after ``windows`` windows. With ``peak`` (tried, not kept) the bound is
     measured against the largest top mean seen while some stage had t >= ``evidence``,
-    and decisions go on after the evidence is gone."""
+    and decisions go on after the evidence is gone. With ``own`` (tried, not kept) a
+    stage is also settled when its upper bound is below ``own`` times the largest
+    mean it showed itself while its own t was >= ``evidence``; with ``limit`` (tried,
+    not kept) at most ``limit`` more stages freeze per decision."""
     n, boundary, streak, moves = len(steps[0]), 0, [0] * len(steps[0]), []
     best: float | None = None
+    mine: list[float | None] = [None] * n
     for end in range((2 if early else windows) * every, len(steps) + 1, every):
         seg = torch.tensor(steps[max(1 if early else 0, end - windows * every) : end],
                            dtype=torch.float64).neg()  # fmt: skip
@@ -200,14 +204,24 @@ def replay_contribution(
         top = float(mean[boundary:].max())
         if max(t[boundary:]) >= evidence:
             best = top if best is None else max(best, top)
-        if max(t[boundary:]) < evidence and not (peak and best is not None):
+        for i in range(n):
+            if t[i] >= evidence:
+                mine[i] = max(float(mean[i]), mine[i] or float(mean[i]))
+        upper = (mean + 2 * se).tolist()
+        live = max(t[boundary:]) >= evidence
+        if not live and not (peak and best is not None) and own is None:
             streak = [0] * n
             continue
         if peak and best is not None:
             top = best
-        upper = (mean + 2 * se).tolist()
-        settled = [t[i] < low if bound is None else upper[i] < bound * top for i in range(n)]
+        settled = [
+            ((live or peak) and (t[i] < low if bound is None else upper[i] < bound * top))
+            or (own is not None and (m := mine[i]) is not None and upper[i] < own * m)
+            for i in range(n)
+        ]
         k = _advance(streak, settled, boundary, keep, patience)
+        if limit is not None:
+            k = min(k, boundary + limit)
         if k > boundary:
             moves.append((end, k))
             boundary = k
@@ -216,7 +230,7 @@ def replay_contribution(
 
 def noise_rate(
     stages: int, evidence: float, low: float, patience: int, runs: int = 200,
-    bound: float | None = None, early: bool = False, peak: bool = False,
+    bound: float | None = None, early: bool = False, peak: bool = False, **more: Any,
 ) -> int:  # fmt: skip
     """In how many of ``runs`` synthetic runs of pure noise (640 steps) the rule freezes."""
     g = torch.Generator().manual_seed(0)
@@ -224,7 +238,7 @@ def noise_rate(
     for _ in range(runs):
         steps = torch.randn(640, stages, generator=g).tolist()
         fired += bool(replay_contribution(steps, 16, low, evidence, patience, bound=bound,
-                                          early=early, peak=peak))  # fmt: skip
+                                          early=early, peak=peak, **more))  # fmt: skip
     return fired
 
 
@@ -252,6 +266,15 @@ def replays(trace: dict[str, Any]) -> dict[str, Any]:
             )
             rate = noise_rate(len(trace["stages"]), 5.0, 0.0, 1, bound=0.1, early=True, peak=peak)
             name = f"progress {label}: evidence 5.0, bound 0.1"
+            out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
+        for limit in (None, 1):  # tried, not kept
+            moves = replay_contribution(trace["disp_steps"], trace["every"], 0.0, 5.0,
+                                        bound=0.1, early=True, own=0.2, limit=limit)  # fmt: skip
+            rate = noise_rate(len(trace["stages"]), 5.0, 0.0, 1, bound=0.1, early=True,
+                              own=0.2, limit=limit)  # fmt: skip
+            name = "progress, also below 0.2 of the stage's own peak" + (
+                ", at most one more stage per decision" if limit else ""
+            )
             out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
     return out
 
