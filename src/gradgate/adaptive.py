@@ -72,6 +72,8 @@ class Decision:
             quantity as a share of the largest stage mean; the measured
             rules' signal (settled below 0.1). ``None`` where
             ``contribution`` is, or when no stage's mean is positive.
+        paced: whether ``froze`` was frozen by ``pace`` (the model had
+            stopped learning measurably) rather than shown negligible.
 
     Example:
         >>> Decision(50, [1.0], [None], [], []).to_dict()["step"]
@@ -87,6 +89,7 @@ class Decision:
     decay: list[float | None] = field(default_factory=list)
     contribution: list[float | None] = field(default_factory=list)
     bound: list[float | None] = field(default_factory=list)
+    paced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the record."""
@@ -327,6 +330,7 @@ EVIDENCE_T = 5.0  # decide only while some trainable stage's contribution has t 
 BOUND_Z = 2.0  # a stage's contribution is at most its mean + BOUND_Z standard errors ...
 NEGLIGIBLE = 0.1  # ... and it is settled when that is below this share of the top stage's mean
 MIN_SAMPLES = 30  # pooled steps per stage before deciding (t = 5 from 2 samples is luck)
+LEARNED = 2  # decisions in a row with t >= EVIDENCE_T before ``pace`` counts the model as learned
 CHUNK = 1 << 17  # elements per slice of the progress rule's difference (stays in cache)
 T_CAP = 1e9  # the t-statistic of a constant, non-zero contribution (zero variance)
 
@@ -342,6 +346,16 @@ def _check_threshold(value: object) -> float:
             f"threshold must be a finite number >= 0 (0 never freezes); got {value!r}"
         )
     return float(value)
+
+
+def _check_pace(value: object, rule: str) -> int:
+    pace = _check_int("pace", value, 0)
+    if pace and rule not in MEASURED:
+        raise InvalidArgumentError(
+            f"pace={pace} applies to the measured rules {list(MEASURED)} only (it acts when "
+            f"their evidence that the model learns has gone); rule={rule!r}"
+        )
+    return pace
 
 
 def _resolve_rule(rule: object, threshold: object) -> tuple[str, float | None]:
@@ -426,6 +440,17 @@ class AutoFreeze:
       is below ``threshold``; ``patience`` is 1 unless given. ``threshold=0``
       never freezes.
 
+    ``pace`` (the measured rules only; 0, the default, turns it off): once
+    the model has learned measurably (some stage at t >= ``EVIDENCE_T`` in
+    ``LEARNED`` (2) decisions in a row) and then stopped (no stage there in
+    ``patience`` decisions in a row), each decision freezes ``pace`` more
+    leading stages, front to back as ``ProgressiveFreeze`` would, until the
+    evidence returns or ``min_trainable`` stages are left. First-order
+    measures cannot see the slow gains a fine-tune can still make then
+    (docs/adaptive.md): ``pace`` bets that the front stages make the least
+    of them, and says so in ``Decision.paced``. Pure noise never starts it:
+    the model never learned measurably.
+
     Every rule freezes a prefix only (never a stage behind a trainable
     one), never leaves fewer than ``min_trainable`` stages training and never
     unfreezes. A window where some trainable stage had a finite, non-zero
@@ -464,14 +489,16 @@ class AutoFreeze:
             2 under the rank rule, 1 under the others).
         ratio: the rank rule's margin: settled means a decay below ``ratio``
             times the median decay.
+        pace: stages to freeze per decision once the model has stopped
+            learning measurably (measured rules; 0: never).
 
     Raises:
         InvalidArgumentError: a bad ``every``/``threshold``/``min_trainable``/
-            ``rule``/``patience``/``ratio``, ``threshold`` with
-            ``rule="rank"``, stages that do not partition the trainable
-            parameters, an optimizer that lacks some of them, or (under
-            ``rule="progress"``) one that takes no step pre-hook. Nothing is
-            changed then.
+            ``rule``/``patience``/``ratio``/``pace``, ``threshold`` with
+            ``rule="rank"``, ``pace`` with a rule that is not measured,
+            stages that do not partition the trainable parameters, an
+            optimizer that lacks some of them, or (under ``rule="progress"``)
+            one that takes no step pre-hook. Nothing is changed then.
 
     Example:
         >>> import torch, gradgate as gg
@@ -502,6 +529,7 @@ class AutoFreeze:
         rule: str | None = None,
         patience: int | None = None,
         ratio: float = 0.7,
+        pace: int = 0,
     ) -> None:
         _refuse_hidden_ddp(model)
         self.wrapper: GatedDDP | None = model if isinstance(model, GatedDDP) else None
@@ -514,6 +542,7 @@ class AutoFreeze:
             "patience", default_patience if patience is None else patience, 1
         )
         self.ratio = _check_ratio(ratio)
+        self.pace = _check_pace(pace, self.rule)
         self.stages = self._partition(stages)
         self.min_trainable = _check_int("min_trainable", min_trainable, 1, len(self.stages))
         self._check_optimizer(optimizer)
@@ -552,6 +581,9 @@ class AutoFreeze:
         # this step's slope per stage, measured in optimizer.step(), kept by af.step() only
         # when the step's gradient is usable (finite, non-zero norm), as for the norms
         self._pending: list[torch.Tensor | None] = [None] * len(self.stages)
+        # ``pace``: decisions in a row with (``_evidence``) and, once the model has learned
+        # measurably (``_learned``), without (``_quiet``) a stage at t >= EVIDENCE_T
+        self._evidence, self._learned, self._quiet = 0, False, 0
         self._hooked: torch.optim.Optimizer | None = None
         self._register(optimizer)
 
@@ -792,22 +824,23 @@ class AutoFreeze:
 
     def _measured_rule(
         self,
-    ) -> tuple[list[float | None], list[float | None], list[bool] | None]:
+    ) -> tuple[list[float | None], list[float | None], list[bool] | None, bool | None]:
         """The progress and contribution rules' decision. Per trainable stage, over the pooled
         windows: the t-statistic of its measured values (progress or contribution), the upper
         bound of their mean as a share of the top stage's mean, and whether it is settled
-        (``None``: nothing to decide from yet)."""
+        (``None``: nothing to decide from yet); and whether some stage shows the model
+        learning (t >= EVIDENCE_T; ``None``: too few pooled steps to tell)."""
         n_stages = len(self.stages)
         t: list[float | None] = [None] * n_stages
         bound: list[float | None] = [None] * n_stages
         if self.rule == "contribution" and len(self._recent) < _pool(self.every):
-            return t, bound, None
+            return t, bound, None, None
         means: dict[int, tuple[float, float]] = {}
         pooled = math.inf  # the fewest pooled steps of any trainable stage
         for i in range(self.boundary, n_stages):
             total, squares, n = (sum(w[k][i] for w in self._recent) for k in range(3))
             if n < 2:
-                return [None] * n_stages, bound, None
+                return [None] * n_stages, bound, None, None
             pooled = min(pooled, n)
             mean = total / n
             se = math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1) / n)
@@ -820,9 +853,11 @@ class AutoFreeze:
         if top > 0:
             for i, (mean, se) in means.items():
                 bound[i] = (mean + BOUND_Z * se) / top
-        if pooled < MIN_SAMPLES or max(v for v in t if v is not None) < EVIDENCE_T:
-            return t, bound, [False] * n_stages  # too few samples, or no stage learns
-        return t, bound, [b is not None and b < NEGLIGIBLE for b in bound]
+        if pooled < MIN_SAMPLES:
+            return t, bound, [False] * n_stages, None  # too few samples
+        if max(v for v in t if v is not None) < EVIDENCE_T:
+            return t, bound, [False] * n_stages, False  # no stage learns measurably
+        return t, bound, [b is not None and b < NEGLIGIBLE for b in bound], True
 
     def _settled_now(
         self, change: list[float | None], decay: list[float | None]
@@ -856,6 +891,7 @@ class AutoFreeze:
         skipped: str | None = None
         froze: list[str] = []
         means: list[float] | None = None
+        paced = False
         if short:
             skipped = (
                 f"stages {_shorten(short)} had a finite, non-zero gradient norm in fewer "
@@ -863,6 +899,7 @@ class AutoFreeze:
             )
             self._settled = [0] * n
             self._recent = []  # the contribution rule pools only consecutive usable windows
+            self._evidence = self._quiet = 0
             log.warning("AutoFreeze step %d: window not used: %s", self.steps, skipped)
         else:
             means = [sums[i] / valid[i] if i in live else 0.0 for i in range(n)]
@@ -872,9 +909,11 @@ class AutoFreeze:
             if self._base_windows >= BASE_WINDOWS:
                 for i in live:
                     decay[i] = means[i] * self._base_windows / self._base[i]
+            learns: bool | None = None
             if self.rule in MEASURED:
                 self._recent = [*self._recent, c][-_pool(self.every) :]
-                contribution, bound, settled = self._measured_rule()
+                contribution, bound, settled, learns = self._measured_rule()
+                self._count_evidence(learns)
             else:
                 settled = self._settled_now(change, decay)
             if settled is not None:
@@ -883,6 +922,11 @@ class AutoFreeze:
                 cut = self.boundary
                 while cut < n - self.min_trainable and self._settled[cut] >= self.patience:
                     cut += 1
+                if learns is False and self.pace and self._quiet >= self.patience:
+                    # the model learned measurably and has stopped: freeze ``pace`` more
+                    settled_cut = cut
+                    cut = max(cut, min(self.boundary + self.pace, n - self.min_trainable))
+                    paced = cut > settled_cut
                 froze = list(self.stages.names[self.boundary : cut])
                 if froze:
                     self._freeze_to(cut)
@@ -906,12 +950,24 @@ class AutoFreeze:
                 decay,
                 contribution,
                 bound,
+                paced,
             )
         )
         self._previous = means
         self._sums, self._valid, self._count = self._zeros(), self._zeros(), 0
         self._c = [self._zeros(), self._zeros(), self._zeros()]
         return froze
+
+    def _count_evidence(self, learns: bool | None) -> None:
+        """Count decisions in a row with and without evidence that the model learns."""
+        if learns is None:
+            return  # too few pooled steps: neither
+        if learns:
+            self._evidence, self._quiet = self._evidence + 1, 0
+            self._learned = self._learned or self._evidence >= LEARNED
+        else:
+            self._evidence = 0
+            self._quiet = self._quiet + 1 if self._learned else 0
 
     def _freeze_to(self, cut: int) -> None:
         index = ModelIndex(self.model)  # the one walk of this step: freeze, sync, rewrap
@@ -963,6 +1019,7 @@ class AutoFreeze:
             "threshold": self.threshold,
             "patience": self.patience,
             "ratio": self.ratio,
+            "pace": self.pace,
             "min_trainable": self.min_trainable,
             "steps": self.steps,
             "boundary": self.boundary,
@@ -975,6 +1032,7 @@ class AutoFreeze:
             "base_windows": self._base_windows,
             "contribution": [[float(v) for v in row] for row in self._c],
             "recent": [[list(row) for row in w] for w in self._recent],
+            "evidence": [self._evidence, int(self._learned), self._quiet],
             # copies, not the live buffers: the state is one moment, like its numbers
             "last": _cloned(self._last, self._params),
             "update": _cloned(self._update, self._params),
@@ -1014,6 +1072,11 @@ class AutoFreeze:
         )
         patience = _check_int("patience", state.get("patience", 1 if legacy else None), 1)
         ratio = _check_ratio(state.get("ratio", 0.7))
+        pace = _check_pace(state.get("pace", 0), rule)
+        evidence = [
+            _check_int("evidence", v, 0)
+            for v in _seq("evidence", state.get("evidence", [0] * 3), 3)
+        ]
         min_trainable = _check_int("min_trainable", state.get("min_trainable"), 1, n)
         boundary = _check_int("boundary", state.get("boundary"), 0)
         if boundary > n - min_trainable:
@@ -1063,6 +1126,8 @@ class AutoFreeze:
         # everything is checked: from here on nothing can fail half-way
         self.every, self.rule, self.threshold = every, rule, threshold
         self.patience, self.ratio, self.min_trainable = patience, ratio, min_trainable
+        self.pace = pace
+        self._evidence, self._learned, self._quiet = evidence[0], bool(evidence[1]), evidence[2]
         if boundary > self.boundary:
             self._freeze_to(boundary)
         self.steps = steps

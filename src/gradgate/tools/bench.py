@@ -152,6 +152,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold", type=float, default=None, help="AutoFreeze threshold (threshold rule)"
     )
     auto.add_argument(
+        "--pace",
+        type=int,
+        default=None,
+        metavar="N",
+        help="AutoFreeze pace: stages frozen per decision once learning stops (default: 0)",
+    )
+    auto.add_argument(
         "--partial",
         default=None,
         metavar="JSON",

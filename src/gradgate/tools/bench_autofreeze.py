@@ -498,6 +498,8 @@ def _rule_of(args: argparse.Namespace) -> dict[str, Any]:
         rule["rule"] = args.rule
     if getattr(args, "threshold", None) is not None:
         rule["threshold"] = args.threshold
+    if getattr(args, "pace", None):
+        rule["pace"] = args.pace
     return rule
 
 
