@@ -175,7 +175,7 @@ def _advance(streak: list[int], settled: list[bool], boundary: int, keep: int,
 def replay_contribution(
     steps: list[list[float]], every: int, low: float, evidence: float, patience: int = 1,
     windows: int = 4, keep: int = 1, bound: float | None = None, early: bool = False,
-    peak: bool = False, own: float | None = None, limit: int | None = None,
+    peak: bool = False, own: float | None = None, limit: int | None = None, pace: int = 0,
 ) -> list[Any]:  # fmt: skip
     """AutoFreeze's contribution rule on per-step contributions ``g_t . update_{t-1}``
     (negative: the update reduced the loss): the ``(step, frozen stages)`` moves.
@@ -190,10 +190,14 @@ def replay_contribution(
     and decisions go on after the evidence is gone. With ``own`` (tried, not kept) a
     stage is also settled when its upper bound is below ``own`` times the largest
     mean it showed itself while its own t was >= ``evidence``; with ``limit`` (tried,
-    not kept) at most ``limit`` more stages freeze per decision."""
+    not kept) at most ``limit`` more stages freeze per decision. With ``pace`` (what
+    ``gg.AutoFreeze(pace=...)`` does) ``pace`` more stages freeze per decision once some
+    stage had t >= ``evidence`` in 2 decisions in a row and then none has in ``patience``."""
     n, boundary, streak, moves = len(steps[0]), 0, [0] * len(steps[0]), []
     best: float | None = None
     mine: list[float | None] = [None] * n
+    run = quiet = 0
+    learned = False
     for end in range((2 if early else windows) * every, len(steps) + 1, every):
         seg = torch.tensor(steps[max(1 if early else 0, end - windows * every) : end],
                            dtype=torch.float64).neg()  # fmt: skip
@@ -209,8 +213,13 @@ def replay_contribution(
                 mine[i] = max(float(mean[i]), mine[i] or float(mean[i]))
         upper = (mean + 2 * se).tolist()
         live = max(t[boundary:]) >= evidence
+        run, quiet = (run + 1, 0) if live else (0, quiet + 1 if learned else 0)
+        learned = learned or run >= 2
         if not live and not (peak and best is not None) and own is None:
             streak = [0] * n
+            if pace and learned and quiet >= patience and boundary < n - keep:
+                boundary = min(boundary + pace, n - keep)
+                moves.append((end, boundary))
             continue
         if peak and best is not None:
             top = best
@@ -276,6 +285,14 @@ def replays(trace: dict[str, Any]) -> dict[str, Any]:
                 ", at most one more stage per decision" if limit else ""
             )
             out[name] = {"moves": moves, "noise_runs_fired_of_200": rate}
+        for pace in (1, 2):
+            moves = replay_contribution(trace["disp_steps"], trace["every"], 0.0, 5.0,
+                                        bound=0.1, early=True, pace=pace)  # fmt: skip
+            rate = noise_rate(len(trace["stages"]), 5.0, 0.0, 1, bound=0.1, early=True, pace=pace)
+            out[f"progress with pace={pace} (gg.AutoFreeze(pace={pace}))"] = {
+                "moves": moves,
+                "noise_runs_fired_of_200": rate,
+            }
     return out
 
 

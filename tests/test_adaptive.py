@@ -513,6 +513,8 @@ BAD_RULES: list[tuple[dict[str, Any], str]] = [
     ({"patience": 0}, r"patience must be a whole number >= 1; got 0"),
     ({"ratio": 0.0}, r"ratio must be a number in \(0, 1\].*got 0.0"),
     ({"ratio": float("nan")}, r"ratio must be a number in \(0, 1\].*got nan"),
+    ({"pace": -1}, r"pace must be a whole number >= 0; got -1"),
+    ({"rule": "rank", "pace": 1}, r"pace=1 applies to the measured rules .* rule='rank'"),
 ]
 
 
@@ -542,6 +544,9 @@ def _state_after_a_freeze() -> dict[str, Any]:
         ({"every": 0}, r"every must be a whole number >= 1; got 0"),
         ({"steps": -3}, r"steps must be a whole number >= 0; got -3"),
         ({"rule": "auto"}, r"rule must be one of"),
+        ({"pace": 2}, r"pace=2 applies to the measured rules .* rule='threshold'"),
+        ({"evidence": [1, -1, 0]}, r"evidence must be a whole number >= 0; got -1"),
+        ({"evidence": [1, 0]}, r"evidence must be a list of 3"),
     ],
 )
 def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(
@@ -763,6 +768,7 @@ def _contribution_run(
     state: dict[str, Any] | None = None,
     start: int = 0,
     rule: str = "contribution",
+    **kwargs: Any,
 ) -> tuple[gg.AutoFreeze, nn.Sequential, torch.optim.Optimizer]:
     """SGD fed gradients ``signal(stage, step) * G_stage + noise`` (noise of norm ~2.5x G).
 
@@ -772,7 +778,7 @@ def _contribution_run(
     """
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    af = gg.AutoFreeze(model, optimizer=opt, every=every, rule=rule)
+    af = gg.AutoFreeze(model, optimizer=opt, every=every, rule=rule, **kwargs)
     if state is not None:
         model.load_state_dict(state["model"])
         af.load_state_dict(state["af"])
@@ -1199,3 +1205,70 @@ def test_a_collected_autofreeze_takes_its_hook_off_the_optimizer() -> None:
     assert len(opt._optimizer_step_pre_hooks) == 0
     af = gg.AutoFreeze(model, optimizer=opt, every=4)
     assert len(opt._optimizer_step_pre_hooks) == 1 and af._hooked is opt
+
+
+# -- pace: freezing on once the model has stopped learning measurably -------------
+
+
+def _learns_until(stop: int) -> Any:
+    return lambda i, s: 1.0 if s < stop else 0.0
+
+
+@pytest.mark.parametrize("rule", MEASURED)
+def test_pace_freezes_front_to_back_once_learning_stops(rule: str) -> None:
+    for seed in range(3):
+        # the same run without pace freezes nothing: after step 100 it is pure noise
+        af, _, _ = _contribution_run(320, _learns_until(100), seed, rule=rule)
+        assert af.frozen == [] and af.pace == 0
+        af, model, _ = _contribution_run(320, _learns_until(100), seed, rule=rule, pace=1)
+        moves = [(d.step, d.froze, d.paced) for d in af.history if d.froze]
+        assert [m[1:] for m in moves] == [(["0"], True), (["2"], True), (["4"], True)], moves
+        # one stage per decision, after the pooled windows no longer show learning
+        steps = [m[0] for m in moves]
+        assert steps == list(range(steps[0], steps[0] + 3 * 8, 8)) and steps[0] > 100
+        for d in af.history:
+            if d.froze:  # each paced decision saw no stage learning measurably
+                assert max(v for v in d.contribution if v is not None) < 5.0
+        _frozen_prefix_holds(model, af)
+        two, model, _ = _contribution_run(
+            320, _learns_until(100), seed, rule=rule, pace=2, min_trainable=2
+        )
+        assert [d.froze for d in two.history if d.froze] == [["0", "2"]]  # 2 keep training
+        _frozen_prefix_holds(model, two)
+
+
+@pytest.mark.parametrize(
+    "signal",
+    [lambda i, s: 0.0, lambda i, s: 1.0],
+    ids=["pure-noise", "all-learning"],
+)
+def test_pace_never_starts_on_noise_or_while_the_model_learns(signal: Any) -> None:
+    for seed in range(4):
+        af, model, _ = _contribution_run(320, signal, seed, rule="progress", pace=3)
+        assert af.frozen == [] and not any(d.paced for d in af.history)
+        assert all(_flags(model).values())
+
+
+def test_pace_resumes_bit_identical_across_a_paced_freeze(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"rule": "progress", "pace": 1}
+    total = 320
+    ref_af, ref_model, _ = _contribution_run(total, _learns_until(100), 1, **kwargs)
+    first = next(d.step for d in ref_af.history if d.froze)
+    stop = first + 3  # after the first paced freeze, before the second
+    af, model, opt = _contribution_run(stop, _learns_until(100), 1, **kwargs)
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "af": af.state_dict()}
+    assert state["af"]["pace"] == 1 and state["af"]["evidence"][1:] == [1, 1]
+    torch.save(state, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed, resumed_model, _ = _contribution_run(
+        total, _learns_until(100), 1, state=loaded, start=stop, **kwargs
+    )
+    assert resumed.history == ref_af.history and resumed.frozen == ["0", "2", "4"]
+    for (name, a), b in zip(ref_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # without the counts it would wait for the evidence again: the record would differ
+    forgot = dict(loaded, af=dict(loaded["af"], evidence=[0, 0, 0]))
+    partial, _, _ = _contribution_run(
+        total, _learns_until(100), 1, state=forgot, start=stop, **kwargs
+    )
+    assert partial.frozen == ["0"]
