@@ -192,7 +192,8 @@ def replay_contribution(
     mean it showed itself while its own t was >= ``evidence``; with ``limit`` (tried,
     not kept) at most ``limit`` more stages freeze per decision. With ``pace`` (what
     ``gg.AutoFreeze(pace=...)`` does) ``pace`` more stages freeze per decision once some
-    stage had t >= ``evidence`` in 2 decisions in a row and then none has in ``patience``."""
+    stage had t >= ``evidence`` in 2 decisions in a row spanning >= 30 steps and then none has
+    in ``patience``."""
     n, boundary, streak, moves = len(steps[0]), 0, [0] * len(steps[0]), []
     best: float | None = None
     mine: list[float | None] = [None] * n
@@ -214,7 +215,7 @@ def replay_contribution(
         upper = (mean + 2 * se).tolist()
         live = max(t[boundary:]) >= evidence
         run, quiet = (run + 1, 0) if live else (0, quiet + 1 if learned else 0)
-        learned = learned or run >= 2
+        learned = learned or (run >= 2 and run * every >= 30)
         if not live and not (peak and best is not None) and own is None:
             streak = [0] * n
             if pace and learned and quiet >= patience and boundary < n - keep:

@@ -546,7 +546,9 @@ def _state_after_a_freeze() -> dict[str, Any]:
         ({"rule": "auto"}, r"rule must be one of"),
         ({"pace": 2}, r"pace=2 applies to the measured rules .* rule='threshold'"),
         ({"evidence": [1, -1, 0]}, r"evidence must be a whole number >= 0; got -1"),
-        ({"evidence": [1, 0]}, r"evidence must be a list of 3"),
+        ({"evidence": [1, 0]}, r"evidence must be \[decisions with evidence in a row, learned"),
+        ({"evidence": [0, 7, 3]}, r"evidence \[0, 7, 3\] cannot come from AutoFreeze"),
+        ({"evidence": [0, 0, 5]}, r"quiet decisions are counted only once the model has learned"),
     ],
 )
 def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(
@@ -1247,6 +1249,28 @@ def test_pace_never_starts_on_noise_or_while_the_model_learns(signal: Any) -> No
         af, model, _ = _contribution_run(320, signal, seed, rule="progress", pace=3)
         assert af.frozen == [] and not any(d.paced for d in af.history)
         assert all(_flags(model).values())
+
+
+def test_pace_never_starts_on_noise_with_windows_of_one_step() -> None:
+    # found by an adversarial probe: at every=1 two decisions share 30 of their 31 pooled
+    # steps, so "t >= 5 twice in a row" was one chance event; the evidence must now hold for
+    # 30 steps in a row (the probe's seeds 34, 134 and 180 froze 3 stages before)
+    for seed in (34, 134, 180):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        af = gg.AutoFreeze(model, optimizer=opt, every=1, pace=2)
+        g = torch.Generator().manual_seed(seed)
+        shapes = [p.shape for p in model.parameters()]
+        for sh in shapes:
+            torch.randn(sh, generator=g)
+        for _ in range(600):
+            for p, sh in zip(model.parameters(), shapes):
+                z = torch.randn(sh, generator=g)
+                p.grad = z if p.requires_grad else None
+            opt.step()
+            af.step()
+        assert af.frozen == [], seed
+        assert max(v for d in af.history for v in d.contribution if v is not None) >= 5.0
 
 
 def test_pace_resumes_bit_identical_across_a_paced_freeze(tmp_path: Path) -> None:

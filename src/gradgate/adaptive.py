@@ -330,7 +330,8 @@ EVIDENCE_T = 5.0  # decide only while some trainable stage's contribution has t 
 BOUND_Z = 2.0  # a stage's contribution is at most its mean + BOUND_Z standard errors ...
 NEGLIGIBLE = 0.1  # ... and it is settled when that is below this share of the top stage's mean
 MIN_SAMPLES = 30  # pooled steps per stage before deciding (t = 5 from 2 samples is luck)
-LEARNED = 2  # decisions in a row with t >= EVIDENCE_T before ``pace`` counts the model as learned
+LEARNED = 2  # decisions in a row with t >= EVIDENCE_T before ``pace`` counts the model as learned,
+# spanning at least MIN_SAMPLES steps (at every=1 two decisions share 30 of 31 pooled steps)
 CHUNK = 1 << 17  # elements per slice of the progress rule's difference (stays in cache)
 T_CAP = 1e9  # the t-statistic of a constant, non-zero contribution (zero variance)
 
@@ -346,6 +347,22 @@ def _check_threshold(value: object) -> float:
             f"threshold must be a finite number >= 0 (0 never freezes); got {value!r}"
         )
     return float(value)
+
+
+def _evidence_counts(value: object) -> list[int]:
+    """A saved ``[decisions with evidence in a row, learned (0/1), quiet decisions]``."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise InvalidArgumentError(
+            "the state's evidence must be [decisions with evidence in a row, learned (0 or 1), "
+            f"quiet decisions]; got {value!r}"
+        )
+    run, learned, quiet = (_check_int("evidence", v, 0) for v in value)
+    if learned > 1 or (quiet and not learned):
+        raise InvalidArgumentError(
+            f"the state's evidence {list(value)} cannot come from AutoFreeze: learned must be 0 "
+            "or 1, and quiet decisions are counted only once the model has learned"
+        )
+    return [run, learned, quiet]
 
 
 def _check_pace(value: object, rule: str) -> int:
@@ -442,7 +459,8 @@ class AutoFreeze:
 
     ``pace`` (the measured rules only; 0, the default, turns it off): once
     the model has learned measurably (some stage at t >= ``EVIDENCE_T`` in
-    ``LEARNED`` (2) decisions in a row) and then stopped (no stage there in
+    ``LEARNED`` (2) decisions in a row spanning at least ``MIN_SAMPLES`` (30)
+    steps) and then stopped (no stage there in
     ``patience`` decisions in a row), each decision freezes ``pace`` more
     leading stages, front to back as ``ProgressiveFreeze`` would, until the
     evidence returns or ``min_trainable`` stages are left. First-order
@@ -964,7 +982,8 @@ class AutoFreeze:
             return  # too few pooled steps: neither
         if learns:
             self._evidence, self._quiet = self._evidence + 1, 0
-            self._learned = self._learned or self._evidence >= LEARNED
+            span = self._evidence * self.every  # steps the evidence has held, in a row
+            self._learned = self._learned or (self._evidence >= LEARNED and span >= MIN_SAMPLES)
         else:
             self._evidence = 0
             self._quiet = self._quiet + 1 if self._learned else 0
@@ -1073,10 +1092,7 @@ class AutoFreeze:
         patience = _check_int("patience", state.get("patience", 1 if legacy else None), 1)
         ratio = _check_ratio(state.get("ratio", 0.7))
         pace = _check_pace(state.get("pace", 0), rule)
-        evidence = [
-            _check_int("evidence", v, 0)
-            for v in _seq("evidence", state.get("evidence", [0] * 3), 3)
-        ]
+        evidence = _evidence_counts(state.get("evidence", [0, 0, 0]))
         min_trainable = _check_int("min_trainable", state.get("min_trainable"), 1, n)
         boundary = _check_int("boundary", state.get("boundary"), 0)
         if boundary > n - min_trainable:
