@@ -1256,19 +1256,7 @@ def test_pace_never_starts_on_noise_with_windows_of_one_step() -> None:
     # steps, so "t >= 5 twice in a row" was one chance event; the evidence must now hold for
     # 30 steps in a row (the probe's seeds 34, 134 and 180 froze 3 stages before)
     for seed in (34, 134, 180):
-        model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        af = gg.AutoFreeze(model, optimizer=opt, every=1, pace=2)
-        g = torch.Generator().manual_seed(seed)
-        shapes = [p.shape for p in model.parameters()]
-        for sh in shapes:
-            torch.randn(sh, generator=g)
-        for _ in range(600):
-            for p, sh in zip(model.parameters(), shapes):
-                z = torch.randn(sh, generator=g)
-                p.grad = z if p.requires_grad else None
-            opt.step()
-            af.step()
+        af, _, _ = _contribution_run(600, lambda i, s: 0.0, seed, every=1, rule="progress", pace=2)
         assert af.frozen == [], seed
         assert max(v for d in af.history for v in d.contribution if v is not None) >= 5.0
 

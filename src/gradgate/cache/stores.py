@@ -420,6 +420,7 @@ class DiskStore:
         user's and is kept. Called under the lock, so the store's folder exists and
         a creator running now fails its rename whether or not its folder is removed.
         """
+        mark = _MARK.encode()
         for tmp in self.path.glob(f".{FOLDER}.*{_TMP}"):
             try:
                 if tmp.is_symlink() or not tmp.is_dir():
@@ -429,8 +430,8 @@ class DiskStore:
                     continue
                 if entries:
                     with entries[0].open("rb") as f:
-                        head = f.read(len(_MARK.encode()) + 1)  # a large file is not read
-                    if not _MARK.encode().startswith(head):
+                        head = f.read(len(mark) + 1)  # a large file is not read
+                    if not mark.startswith(head):
                         continue
                 for e in entries:
                     e.unlink()
